@@ -60,14 +60,14 @@ def atomic_dir(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{final.name}-", dir=final.parent))
     try:
         yield tmp
         if final.exists():
             if not replace:
                 shutil.rmtree(tmp)
                 return
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            old = final.with_name(f".old-{os.getpid()}-{final.name}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -78,14 +78,27 @@ def atomic_dir(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temps(folder: str | Path) -> int:
-    """Remove ``.tmp-*`` folders left by killed processes; return how many were removed."""
+    """Remove ``.tmp-<pid>-*`` folders whose process is gone (killed runs); return how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
     for entry in folder.iterdir():
         if entry.name.startswith((".tmp-", ".old-")):
+            pid = entry.name.split("-")[1]
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -74,6 +74,9 @@ class Pass(ABC):
     accepts: ClassVar[tuple[type[Artifact], ...]]
     returns: ClassVar[type[Artifact]]
     description: ClassVar[str] = ""
+    #: what a pass reads from its Context besides its input: "data" (ctx.texts/labels) and/or
+    #: "source" (ctx.source). The pipeline folds their hashes into the step's cache key.
+    uses: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PassConfig | dict | None = None, **options: Any):
         if isinstance(config, PassConfig):
@@ -132,6 +135,9 @@ def describe_validation_error(exc: ValidationError, where: str, cls: type[BaseMo
         return f"{where}: unknown key '{loc}'{hint}"
     if err["type"] == "missing":
         return f"{where}: missing required key '{loc}'"
+    if err["type"] == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {msg}" if loc == "(top level)" else f"{where}: '{loc}': {msg}"
     return f"{where}: '{loc}': {err['msg']} (got {err.get('input')!r})"
 
 

@@ -1,0 +1,21 @@
+"""Options and printing shared by the CLI verbs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+RUNS_DIR = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are written.")
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Step cache (default: $EDGESMITH_CACHE or ~/.cache/edgesmith).")
+JSON_OUT = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))

@@ -1,0 +1,382 @@
+"""Run a recipe: check the chain, run (or reuse) each step, evaluate, gate, profile, compare, report.
+
+Every step is cached under a content-addressed key (see :mod:`edgesmith.cache`); a second run of
+the same recipe reuses every finished step, and a run killed mid-step, started again, finishes with
+the same outputs. The run folder ``runs/<recipe>-<time>/`` holds the artifacts, ``manifest.json``,
+``report.md`` with its plot, the profiles, and ``state.json`` (what the run is doing now).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edgesmith.artifacts import META_FILE, ONNX_FILE, Artifact, load, resolve_model_path
+from edgesmith.cache import StepCache, package_versions
+from edgesmith.compress.base import Context, Pass, get_pass, make_config
+from edgesmith.data import TextData, load_texts
+from edgesmith.errors import BadInput, GateFailed
+from edgesmith.recipe import SOURCE_ID, Recipe
+from edgesmith.storage import link_or_copy_tree, sha256_json, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedStep:
+    id: str
+    pass_cls: type[Pass]
+    config: Any
+    input_kind: str
+    output_kind: str
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    artifacts: dict[str, Artifact]
+    metrics: dict[str, dict[str, float]]
+    profiles: list[Any] = field(default_factory=list)
+    comparison: Any = None
+    deployable: bool = False
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: everything that can be refused is refused before any work starts
+# ---------------------------------------------------------------------------------------------
+
+
+def source_kind(model: str) -> str:
+    """The artifact kind a recipe's model resolves to, read without loading the model."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        return "onnx"
+    meta = path / META_FILE
+    if meta.exists():
+        try:
+            return json.loads(meta.read_text()).get("kind", "torch")
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{meta}: not valid JSON; the artifact folder is damaged, re-create it") from exc
+    if (path / ONNX_FILE).exists():
+        return "onnx"
+    return "torch"
+
+
+def plan(recipe: Recipe) -> list[PlannedStep]:
+    """Resolve every step's pass and config and check that the chain of artifact types fits."""
+    kind = source_kind(recipe.model)
+    planned: list[PlannedStep] = []
+    previous = "the model"
+    for i, step in enumerate(recipe.steps, 1):
+        pass_cls = get_pass(step.pass_name)
+        config = make_config(pass_cls.config_class, step.options, where=f"step {i} ({step.id})")
+        accepted = [a.kind for a in pass_cls.accepts]
+        if kind not in accepted:
+            hint = "; add an export step before it" if kind == "torch" and "onnx" in accepted else ""
+            raise BadInput(f"step {i} ({step.id}): pass '{step.pass_name}' takes {' or '.join(accepted)} models, "
+                           f"but {previous} gives a {kind} model{hint}")
+        out_kind = pass_cls.returns.kind
+        planned.append(PlannedStep(step.id, pass_cls, config, kind, out_kind))
+        kind = out_kind
+        previous = f"step {i} ({step.id})"
+    kinds = {SOURCE_ID: source_kind(recipe.model), **{p.id: p.output_kind for p in planned}}
+    from edgesmith.runtimes.base import get_runtime
+
+    for target in recipe.profile_targets():
+        if target.runtime is not None:
+            runtime = get_runtime(target.runtime)
+            if kinds[target.artifact] not in runtime.kinds:
+                raise BadInput(f"profile: runtime '{target.runtime}' cannot run '{target.artifact}' "
+                               f"(a {kinds[target.artifact]} model); it runs {', '.join(runtime.kinds)} models")
+    if recipe.gates:
+        from edgesmith.evaluate import known_metrics
+
+        for gate in recipe.gates:
+            if gate not in known_metrics():
+                raise BadInput(f"gates: unknown metric '{gate}'; known: {', '.join(known_metrics())}")
+    return planned
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def run(recipe: Recipe | str | Path | dict, *, runs_dir: str | Path = "runs", cache_dir: str | Path | None = None,
+        console: Console | None = None, progress: bool = True) -> RunResult:
+    """Run a recipe end to end and return what it made. Raises GateFailed (exit 3) when a gate fails."""
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_dict(recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    console = console or Console(stderr=True, quiet=not progress)
+    started = time.perf_counter()
+
+    steps = plan(recipe)
+    data = load_texts(recipe.data.path, text_field=recipe.data.text_field, label_field=recipe.data.label_field,
+                      limit=recipe.data.limit, offset=recipe.data.offset)
+    cache = StepCache(cache_dir)
+    run_dir = _new_run_dir(Path(runs_dir), recipe.name)
+    state = _State(run_dir)
+    console.print(f"[bold]edgesmith run[/] {recipe.name} → {run_dir}")
+
+    try:
+        result = _execute(recipe, steps, data, cache, run_dir, state, console)
+    except GateFailed:
+        state.set("gate-failed")
+        raise
+    except BaseException as exc:
+        state.set("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    result.manifest["seconds_total"] = round(time.perf_counter() - started, 2)
+    write_json_atomic(run_dir / "manifest.json", result.manifest)
+    state.set("done")
+    return result
+
+
+class _State:
+    """``state.json`` in the run folder: what the run is doing, for people and for tests."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "state.json"
+        self.set("starting")
+
+    def set(self, status: str, **extra: Any) -> None:
+        write_json_atomic(self.path, {"status": status, "updated": _now(), **extra})
+
+
+def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: StepCache, run_dir: Path,
+             state: _State, console: Console) -> RunResult:
+    source = load(recipe.model, task=recipe.task)
+    source_hash = source.content_hash()
+    data_hash = sha256_json({"texts": data.texts, "labels": data.labels})
+    ctx = Context(source=source, texts=data.texts, labels=data.labels)
+    artifacts: dict[str, Artifact] = {SOURCE_ID: source}
+    step_records: list[dict] = []
+
+    current = source
+    for i, step in enumerate(steps, 1):
+        config_json = step.config.model_dump(mode="json")
+        extra = {}
+        if "data" in step.pass_cls.uses:
+            extra["data"] = data_hash
+        if "source" in step.pass_cls.uses:
+            extra["source"] = source_hash
+        input_hash = current.content_hash()
+        key = cache.key(input_hash, step.pass_cls.name, config_json, extra)
+        label = f"[{i}/{len(steps)}] {step.id}"
+        state.set("running", step=step.id, index=i, cache_key=key)
+        t0 = time.perf_counter()
+        cached = cache.has(key)
+        if cached:
+            out = load(cache.path(key))
+            console.print(f"{label}: reused from cache ({key[:12]})")
+        else:
+            ctx.workdir = cache.steps / f".tmp-{os.getpid()}-scratch-{key[:16]}"
+            try:
+                with console.status(f"{label}: {step.pass_cls.name} …"):
+                    out = step.pass_cls(step.config)(current, ctx)
+                out.save(cache.path(key))
+            finally:
+                shutil.rmtree(ctx.workdir, ignore_errors=True)
+            out = load(cache.path(key))
+            console.print(f"{label}: done in {time.perf_counter() - t0:.1f}s")
+        seconds = time.perf_counter() - t0
+        artifacts[step.id] = out
+        entry = out.lineage[-1] if out.lineage else {}
+        step_records.append({
+            "id": step.id, "pass": step.pass_cls.name, "config": config_json, "cache_key": key, "cached": cached,
+            "seconds": round(seconds, 3), "pass_seconds": entry.get("seconds"), "input_hash": input_hash,
+            "output_hash": out.content_hash(), "kind": out.kind, "report": entry.get("report", {}),
+        })
+        current = out
+
+    state.set("materialising")
+    folders = {}
+    for record in step_records:
+        dest = run_dir / "artifacts" / record["id"]
+        link_or_copy_tree(cache.path(record["cache_key"]), dest)
+        folders[record["id"]] = str(dest)
+
+    metrics: dict[str, dict[str, float]] = {}
+    if recipe.evaluate.enabled:
+        state.set("evaluating")
+        metrics = _evaluate_all(recipe, artifacts, data, cache, console)
+
+    manifest = _manifest(recipe, source, source_hash, step_records, folders, metrics)
+    final_id = steps[-1].id if steps else SOURCE_ID
+    gate_failures: list[dict] = []
+    if recipe.gates:
+        from edgesmith.evaluate import check_gates
+
+        gate_failures = check_gates(metrics.get(final_id, {}), metrics.get(SOURCE_ID, {}), recipe.gates)
+    manifest["gates"] = {"final_artifact": final_id, "rules": recipe.gates, "failures": gate_failures,
+                         "passed": not gate_failures}
+    manifest["deployable"] = not gate_failures
+    manifest["final_artifact"] = final_id
+    if gate_failures:
+        write_json_atomic(run_dir / "manifest.json", manifest)
+        _write_report(run_dir, recipe, manifest, None, metrics)
+        worst = gate_failures[0]
+        raise GateFailed(
+            f"quality gate failed for '{final_id}': {worst['metric']} dropped {worst['drop']:.4f} "
+            f"(from {worst['reference']:.4f} to {worst['value']:.4f}), more than the allowed {worst['max_drop']}; "
+            f"nothing is marked deployable (run folder: {run_dir})", gate_failures)
+
+    profiles, comparison = [], None
+    targets = recipe.profile_targets()
+    if targets:
+        state.set("profiling")
+        profiles, comparison = _profile_all(recipe, artifacts, metrics, run_dir, console)
+        manifest["profiles"] = [
+            {"artifact": t.artifact, "file": f"profiles/{p.label}.json".replace(" ", "_"),
+             "runtime": p.runtime.name, "providers": p.runtime.providers, "stats": p.stats.model_dump()
+             if hasattr(p.stats, "model_dump") else p.stats}
+            for t, p in zip(targets, profiles)]
+        manifest["comparison"] = json.loads(comparison.to_json())
+    _write_report(run_dir, recipe, manifest, comparison, metrics, profiles)
+    return RunResult(run_dir, artifacts, metrics, profiles, comparison, True, manifest)
+
+
+def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData, cache: StepCache,
+                  console: Console) -> dict[str, dict[str, float]]:
+    from edgesmith.evaluate import embed_or_logits, evaluate
+
+    source = artifacts[SOURCE_ID]
+    texts, labels = data.texts, data.labels
+    metrics_dir = cache.root / "metrics"
+    reference = None
+    results: dict[str, dict[str, float]] = {}
+    source_hash = source.content_hash()
+    for art_id, art in artifacts.items():
+        key = sha256_json({"artifact": art.content_hash(), "reference": source_hash,
+                           "texts": sha256_json([texts, labels]), "k": recipe.evaluate.k,
+                           "versions": package_versions()})
+        path = metrics_dir / f"{key}.json"
+        if path.exists():
+            results[art_id] = json.loads(path.read_text())
+            continue
+        with console.status(f"evaluating {art_id} on {len(texts)} texts …"):
+            if reference is None:
+                reference = embed_or_logits(source, texts, batch_size=recipe.evaluate.batch_size)
+            results[art_id] = evaluate(art, source, texts, labels, k=recipe.evaluate.k,
+                                       reference_embeddings=reference, batch_size=recipe.evaluate.batch_size)
+        write_json_atomic(path, results[art_id])
+    return results
+
+
+def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[str, dict[str, float]],
+                 run_dir: Path, console: Console):
+    from edgesmith.profiling import compare, profile
+    from edgesmith.runtimes.base import default_runtime_for
+
+    spec = recipe.profile
+    assert spec is not None
+    profiles = []
+    for target in recipe.profile_targets():
+        art = artifacts[target.artifact]
+        runtime = target.runtime or default_runtime_for(art)
+        precision = _precision(art)
+        label = f"{target.artifact} {runtime} {precision}"
+        console.print(f"profiling {label} (batch {spec.batch}, seq {spec.seq}) …")
+        prof = profile(art, runtime, batch=spec.batch, seq=spec.seq, warmup=spec.warmup, iterations=spec.iterations,
+                       time_budget_s=spec.time_budget_s, threads=spec.threads, provider=target.provider,
+                       target=spec.target, label=label, progress=console.is_terminal and not console.quiet)
+        prof.quality = dict(metrics.get(target.artifact, {}))
+        prof.save(run_dir / "profiles" / f"{label.replace(' ', '_')}.json")
+        profiles.append(prof)
+    comparison = compare(profiles, baseline=0)
+    return profiles, comparison
+
+
+def _precision(art: Artifact) -> str:
+    if art.kind == "onnx":
+        return str(art.meta.get("precision", "fp32"))
+    return "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _new_run_dir(runs_dir: Path, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = runs_dir / f"{name}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = runs_dir / f"{name}-{stamp}-{n}"
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def _manifest(recipe: Recipe, source: Artifact, source_hash: str, steps: list[dict], folders: dict[str, str],
+              metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+    from edgesmith.artifacts import TorchModel
+
+    src = {"model": recipe.model, "kind": source.kind, "name": source.name, "content_hash": source_hash,
+           "task": source.task}
+    if isinstance(source, TorchModel):
+        src["parameters"] = source.parameter_count()
+    return {
+        "schema": 1,
+        "recipe": recipe.to_dict(),
+        "created": _now(),
+        "source": src,
+        "steps": [{**s, "folder": folders.get(s["id"])} for s in steps],
+        "metrics": metrics,
+        "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                        "machine": platform.machine(), "packages": package_versions()},
+    }
+
+
+def _write_report(run_dir: Path, recipe: Recipe, manifest: dict, comparison, metrics: dict[str, dict[str, float]],
+                  profiles: list | None = None) -> None:
+    lines = [f"# edgesmith run: {recipe.name}", "", f"Created {manifest['created']} from model `{recipe.model}`.", ""]
+    gates = manifest.get("gates", {})
+    if gates.get("rules"):
+        verdict = "passed" if gates.get("passed") else "**FAILED**"
+        lines += [f"Quality gates on `{gates['final_artifact']}`: {verdict} "
+                  f"({', '.join(f'{k} drop ≤ {v}' for k, v in gates['rules'].items())}).", ""]
+        for failure in gates.get("failures", []):
+            lines.append(f"- {failure['metric']}: {failure['value']:.4f} vs {failure['reference']:.4f} "
+                         f"(drop {failure['drop']:.4f} > {failure['max_drop']})")
+        lines.append("")
+    lines.append(f"Deployable: **{'yes' if manifest.get('deployable') else 'no'}**")
+    lines.append("")
+    lines += ["## Steps", "", "| step | pass | cached | seconds | output hash |", "|---|---|---|---|---|"]
+    for s in manifest["steps"]:
+        lines.append(f"| {s['id']} | {s['pass']} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} | "
+                     f"`{s['output_hash'][:12]}` |")
+    if metrics:
+        names = sorted({k for m in metrics.values() for k in m})
+        lines += ["", "## Quality against the source model", "", "| artifact | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for art_id, m in metrics.items():
+            lines.append(f"| {art_id} | " + " | ".join(f"{m[n]:.4f}" if n in m else "" for n in names) + " |")
+    if comparison is not None:
+        lines += ["", "## Latency", "", comparison.markdown()]
+        try:
+            from edgesmith.plots import plot_quality_latency
+
+            plot_quality_latency(profiles, run_dir / "quality-vs-latency.png", metric="cosine")
+            lines += ["", "![quality vs latency](quality-vs-latency.png)"]
+        except BadInput as exc:
+            log.info("no plot: %s", exc)
+    write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")

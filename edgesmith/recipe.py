@@ -1,0 +1,180 @@
+"""Recipes: a short, readable list of named steps, validated before anything runs.
+
+    name: minilm-cpu
+    model: minilm
+    data: {path: builtin:wordnet, limit: 512}
+    steps:
+      - prune: {heads: 0.25, ffn: 0.25}
+      - export: {}
+      - quantize: {mode: dynamic}
+    gates: {cosine: 0.05}
+    profile: {artifacts: [source, export, quantize], batch: 1, seq: 128}
+
+Unknown keys are refused with the key's name and the allowed ones; a step is ``{pass_name: options}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgesmith.compress.base import describe_validation_error
+from edgesmith.errors import BadInput
+
+SOURCE_ID = "source"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(Strict):
+    """Local texts (and labels) for evaluation, calibration and training; nothing is downloaded."""
+
+    path: str = "builtin:wordnet"
+    text_field: str = "text"
+    label_field: str | None = None
+    limit: int = Field(512, gt=0, description="rows used for evaluation")
+    offset: int = Field(0, ge=0)
+
+
+class Step(Strict):
+    id: str
+    pass_name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProfileTarget(Strict):
+    artifact: str
+    runtime: str | None = None
+    provider: str = "cpu"
+
+
+class ProfileSpec(Strict):
+    artifacts: list[str | ProfileTarget] | None = Field(
+        None, description="ids to profile (source or a step id); default: the source and every step's output")
+    batch: int = Field(1, gt=0)
+    seq: int = Field(128, gt=0)
+    warmup: int = Field(5, ge=0)
+    iterations: int = Field(50, gt=0)
+    time_budget_s: float | None = Field(15.0, gt=0)
+    threads: int | None = Field(None, gt=0)
+    target: str = "cpu-local"
+
+    def targets(self) -> list[ProfileTarget]:
+        return [a if isinstance(a, ProfileTarget) else ProfileTarget(artifact=a) for a in (self.artifacts or [])]
+
+
+class EvaluateSpec(Strict):
+    enabled: bool = True
+    k: int = Field(10, gt=0, description="neighbours for recall@k")
+    batch_size: int = Field(32, gt=0)
+
+
+class Recipe(Strict):
+    name: str = "recipe"
+    model: str = "minilm"
+    task: str | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    steps: list[Step] = Field(default_factory=list)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    gates: dict[str, float] = Field(default_factory=dict, description="metric -> largest allowed drop vs the source")
+    profile: ProfileSpec | None = Field(default_factory=ProfileSpec)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _parse_steps(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError("steps must be a list of {pass_name: options}")
+        steps, seen = [], {}
+        for i, item in enumerate(value, 1):
+            if isinstance(item, Step):
+                steps.append(item)
+                continue
+            if isinstance(item, str):
+                item = {item: {}}
+            if not isinstance(item, dict) or len(item) != 1:
+                raise ValueError(f"step {i} must be one mapping {{pass_name: {{options}}}}, got {item!r}")
+            (name, options), = item.items()
+            options = dict(options or {})
+            if not isinstance(options, dict):
+                raise ValueError(f"step {i} ({name}): options must be a mapping")
+            step_id = str(options.pop("id", name))
+            seen[step_id] = seen.get(step_id, 0) + 1
+            if seen[step_id] > 1:
+                step_id = f"{step_id}-{seen[step_id]}"
+            steps.append({"id": step_id, "pass_name": str(name), "options": options})
+        return steps
+
+    @model_validator(mode="after")
+    def _check_ids(self) -> Recipe:
+        ids = {SOURCE_ID} | {s.id for s in self.steps}
+        if self.profile is not None:
+            for target in self.profile.targets():
+                if target.artifact not in ids:
+                    raise ValueError(f"profile.artifacts names '{target.artifact}', which is not a step; known: {', '.join(sorted(ids))}")
+        for gate, drop in self.gates.items():
+            if drop < 0:
+                raise ValueError(f"gates.{gate}: a largest allowed drop cannot be negative ({drop})")
+        return self
+
+    def artifact_ids(self) -> list[str]:
+        return [SOURCE_ID] + [s.id for s in self.steps]
+
+    def profile_targets(self) -> list[ProfileTarget]:
+        if self.profile is None:
+            return []
+        targets = self.profile.targets()
+        return targets or [ProfileTarget(artifact=i) for i in self.artifact_ids()]
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, *, where: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise BadInput(f"{where}: a recipe is a mapping of keys (name, model, steps, ...), got {type(data).__name__}")
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise BadInput(describe_validation_error(exc, where, _model_at(cls, exc))) from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.exists():
+            raise BadInput(f"recipe {path} not found; see recipes/ for examples")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark is not None else ""
+            raise BadInput(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        if data is None:
+            raise BadInput(f"{path}: empty recipe; give at least a model and steps")
+        if isinstance(data, dict):
+            data.setdefault("name", path.stem)
+        return cls.from_dict(data, where=str(path))
+
+    def to_dict(self) -> dict:
+        data = self.model_dump(mode="json")
+        data["steps"] = [{s.pass_name: {**({"id": s.id} if s.id != s.pass_name else {}), **s.options}} for s in self.steps]
+        return data
+
+
+def _model_at(root: type[BaseModel], exc: ValidationError) -> type[BaseModel] | None:
+    """The pydantic model at the error's location, so an unknown key lists its siblings."""
+    model: type[BaseModel] | None = root
+    for part in exc.errors()[0]["loc"][:-1]:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return model

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny Hugging Face models saved as folders, and an isolated step cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from edgesmith.artifacts import _load_tokenizer, default_model_path
+
+    return _load_tokenizer(default_model_path())
+
+
+def _tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    values = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=128)
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_tokenizer) -> Path:
+    """A tiny random BertModel saved with save_pretrained, with the MiniLM tokenizer beside it."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    model = BertModel(_tiny_bert_config()).eval()
+    model.save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, minilm_tokenizer) -> Path:
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("tiny-classifier")
+    model = BertForSequenceClassification(_tiny_bert_config(num_labels=3)).eval()
+    model.save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own step cache, so no test sees another's cached steps."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGESMITH_CACHE", str(folder))
+    return folder
