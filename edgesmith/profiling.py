@@ -1,0 +1,559 @@
+"""Latency profiles: the versioned Profile document, measuring one, statistics, and comparing many.
+
+A profile records what was measured (the artifact's hash, kind and size), how (runtime, the
+providers the session really ran on, its options, threads, shapes, warm-up), where (target and
+an environment fingerprint) and every raw per-iteration latency, so that statistics can be
+recomputed and two profiles compared with a bootstrap confidence interval instead of a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from itertools import cycle
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
+from edgesmith.environment import Environment, fingerprint
+from edgesmith.errors import BadInput
+from edgesmith.storage import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+PROFILE_SCHEMA_VERSION = 1
+#: a time budget never stops a profile before this many timed samples
+MIN_SAMPLES = 5
+#: distinct input batches the timed loop cycles through
+INPUT_BATCHES = 4
+CONFIDENCE = 0.95
+
+VERDICT_HEADER = "verdict"
+Verdict = Literal["baseline", "faster", "slower", "within noise", "different shapes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArtifactInfo(_Strict):
+    name: str
+    kind: str
+    hash: str
+    size_bytes: int = Field(description="bytes on disk; for a TorchModel, the bytes of its parameters and buffers")
+    task: str
+
+
+class RuntimeInfo(_Strict):
+    name: str
+    providers: list[str] = Field(description="the providers the session really ran on, read back from it")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Shapes(_Strict):
+    batch: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.seq}"
+
+
+class Stats(_Strict):
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+
+class Profile(_Strict):
+    """One latency profile: an artifact on a runtime, on a target, at fixed shapes."""
+
+    schema_version: int = PROFILE_SCHEMA_VERSION
+    label: str
+    artifact: ArtifactInfo
+    runtime: RuntimeInfo
+    target: str = "cpu-local"
+    environment: Environment
+    shapes: Shapes
+    warmup: int
+    iterations: int = Field(description="timed iterations asked for; stats.n says how many ran")
+    time_budget_s: float | None = None
+    latencies_ms: list[float] = Field(description="raw wall-clock latency of every timed iteration")
+    stats: Stats
+    throughput: float = Field(description="samples per second: batch / median latency")
+    peak_host_memory_mb: float | None = Field(
+        default=None, description="peak resident memory of the whole profiling process (VmHWM), not of the model alone")
+    peak_device_memory_mb: float | None = None
+    quality: dict[str, float] = Field(default_factory=dict)
+    created: str
+
+    @property
+    def provider(self) -> str:
+        """The provider the session ran on first (the one that matters)."""
+        return self.runtime.providers[0] if self.runtime.providers else "unknown"
+
+    def save(self, path: str | Path) -> Path:
+        """Write the profile as JSON, atomically (a temp file renamed into place)."""
+        path = Path(path)
+        write_json_atomic(path, self.model_dump(mode="json"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile; a missing, corrupt or foreign file is a :class:`BadInput` naming it."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise BadInput(f"profile {path} not found; record one with `edgesmith profile MODEL --out {path}`") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"profile {path}: cannot read it ({exc}); give a profile JSON file") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"profile {path}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                           "the file is damaged, record the profile again") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "profile") -> Profile:
+        if not isinstance(data, dict) or "schema_version" not in data:
+            raise BadInput(f"{source}: not an edgesmith profile (no schema_version); give a file written by `edgesmith profile`")
+        version = data["schema_version"]
+        if not isinstance(version, int):
+            raise BadInput(f"{source}: schema_version {version!r} is not a number; the file is damaged")
+        if version > PROFILE_SCHEMA_VERSION:
+            raise BadInput(f"{source}: written by a newer edgesmith (profile schema {version}, this one reads "
+                           f"{PROFILE_SCHEMA_VERSION}); upgrade edgesmith")
+        if version < 1:
+            raise BadInput(f"{source}: unknown profile schema {version}; record the profile again")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise BadInput(f"{source}: not a valid profile ({exc.error_count()} problem(s); first: {where}: "
+                           f"{first['msg']}); record the profile again") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(latencies: Sequence[float]) -> dict[str, float | int]:
+    """p50/p90/p99, mean, std (sample, ddof=1), min, max and n of latencies in milliseconds."""
+    values = np.asarray(latencies, dtype=np.float64)
+    if values.size == 0:
+        raise BadInput("no latencies to summarise; a profile needs at least one timed iteration")
+    if not np.all(np.isfinite(values)):
+        raise BadInput("latencies contain NaN or infinite values")
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "p50": float(p50), "p90": float(p90), "p99": float(p99),
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+        "min": float(values.min()), "max": float(values.max()),
+        "n": int(values.size),
+    }
+
+
+def _bootstrap_medians(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Medians of ``n_boot`` resamples (with replacement), computed in bounded-memory chunks."""
+    n = values.size
+    chunk = max(1, min(n_boot, 4_000_000 // n))
+    out = np.empty(n_boot, dtype=np.float64)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        out[start:stop] = np.median(values[idx], axis=1)
+    return out
+
+
+def bootstrap_speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], n_boot: int = 2000,
+                      seed: int = 0, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Speedup of ``candidate`` over ``baseline`` = median(baseline) / median(candidate), with a
+    percentile bootstrap confidence interval from resampling both samples independently.
+
+    Returns ``(speedup, low, high)``; a speedup above 1 means the candidate is faster.
+    """
+    base = np.asarray(baseline_ms, dtype=np.float64)
+    cand = np.asarray(candidate_ms, dtype=np.float64)
+    if base.size == 0 or cand.size == 0:
+        raise BadInput("bootstrap_speedup needs latencies in both samples")
+    if np.any(base <= 0) or np.any(cand <= 0):
+        raise BadInput("latencies must be positive")
+    if n_boot < 1 or not 0 < confidence < 1:
+        raise BadInput("n_boot must be >= 1 and confidence between 0 and 1")
+    rng = np.random.default_rng(seed)
+    ratios = _bootstrap_medians(base, n_boot, rng) / _bootstrap_medians(cand, n_boot, rng)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(np.median(base) / np.median(cand)), float(low), float(high)
+
+
+def verdict_of(low: float, high: float) -> Verdict:
+    """'faster' / 'slower' only when the whole interval lies on one side of 1.0."""
+    if low > 1.0:
+        return "faster"
+    if high < 1.0:
+        return "slower"
+    return "within noise"
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def artifact_size_bytes(artifact: Artifact) -> int:
+    """Bytes on disk; for a TorchModel (in memory), the bytes of its parameters and buffers."""
+    if isinstance(artifact, TorchModel):
+        tensors = list(artifact.module.parameters()) + list(artifact.module.buffers())
+        return int(sum(t.numel() * t.element_size() for t in tensors))
+    size = getattr(artifact, "size_bytes", None)
+    if callable(size):
+        return int(size())
+    folder = getattr(artifact, "folder", None)
+    if folder is not None:
+        from edgesmith.storage import folder_size
+
+        return int(folder_size(folder))
+    return 0
+
+
+def artifact_info(artifact: Artifact) -> ArtifactInfo:
+    return ArtifactInfo(name=artifact.name, kind=artifact.kind, hash=artifact.content_hash(),
+                        size_bytes=artifact_size_bytes(artifact), task=artifact.task)
+
+
+def tokenizer_of(artifact: Artifact):
+    """The artifact's tokenizer (an attribute on a TorchModel, read from the folder for an OnnxModel)."""
+    if isinstance(artifact, OnnxModel):
+        return artifact.tokenizer()
+    tok = getattr(artifact, "tokenizer", None)
+    if tok is None:
+        return None
+    return tok() if callable(tok) and not hasattr(tok, "model_input_names") else tok
+
+
+def build_feeds(tokenizer, input_names: list[str], *, batch: int, seq: int,
+                texts: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+    """Up to ``INPUT_BATCHES`` distinct batches of real sentences, each padded to exactly ``seq``."""
+    from edgesmith.data import builtin_corpus
+    from edgesmith.inputs import tokenize
+
+    pool = [t for t in (texts if texts is not None else builtin_corpus(limit=batch * INPUT_BATCHES)) if t]
+    if not pool:
+        raise BadInput("no texts to build profiling inputs from; give non-empty texts")
+    count = max(1, min(INPUT_BATCHES, len(pool) // batch))
+    feeds = []
+    for b in range(count):
+        rows = [pool[(b * batch + i) % len(pool)] for i in range(batch)]
+        feeds.append(tokenize(tokenizer, rows, input_names=input_names, seq=seq))
+    return feeds
+
+
+def peak_host_memory_mb() -> float | None:
+    """Peak resident memory of this process (VmHWM), in MiB."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def _on_torch_cuda(session) -> bool:
+    return session.runtime == "torch" and str(getattr(session, "device", "cpu")).startswith("cuda")
+
+
+def _reset_device_memory(session) -> None:
+    if _on_torch_cuda(session):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _device_memory_mb(session) -> float | None:
+    """Peak device memory torch allocated while profiling (weights included); None off torch CUDA."""
+    if not _on_torch_cuda(session):
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def _runtime_options(runtime: str, provider: str, threads: int | None, options: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime's ``load`` takes: torch names its device ``device``, ORT its ``provider``."""
+    options = dict(options)
+    options["threads"] = threads
+    if runtime == "torch":
+        options.setdefault("device", provider)
+    else:
+        options.setdefault("provider", provider)
+    return options
+
+
+def _check_arguments(batch: int, seq: int, warmup: int, iterations: int, time_budget_s: float | None) -> None:
+    if batch < 1 or seq < 1:
+        raise BadInput(f"batch and seq must be at least 1 (got batch={batch}, seq={seq})")
+    if warmup < 0:
+        raise BadInput(f"warmup must be 0 or more (got {warmup})")
+    if iterations < 1:
+        raise BadInput(f"iterations must be at least 1 (got {iterations})")
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise BadInput(f"time budget must be positive seconds (got {time_budget_s})")
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+
+
+def measure(session, feeds: list[dict[str, np.ndarray]], *, warmup: int, iterations: int,
+            time_budget_s: float | None = None, progress: bool = False) -> list[float]:
+    """Run ``warmup`` untimed runs, then timed runs until ``iterations`` or the time budget (which
+    covers the timed runs only) is spent, never fewer than ``MIN_SAMPLES``. Returns milliseconds."""
+    batches = cycle(feeds)
+    for _ in range(warmup):
+        session.run(next(batches))
+    session.synchronize()
+    latencies: list[float] = []
+    bar = _progress(progress, iterations)
+    task = bar.add_task("profile", total=iterations) if bar else None
+    if bar:
+        bar.start()
+    try:
+        started = time.perf_counter()
+        for _ in range(iterations):
+            feed = next(batches)
+            t0 = time.perf_counter()
+            session.run(feed)
+            session.synchronize()
+            t1 = time.perf_counter()
+            latencies.append((t1 - t0) * 1000.0)
+            if bar:
+                bar.advance(task)
+            if time_budget_s is not None and t1 - started >= time_budget_s and len(latencies) >= MIN_SAMPLES:
+                log.info("time budget of %.1f s spent after %d of %d iterations", time_budget_s, len(latencies), iterations)
+                break
+    finally:
+        if bar:
+            bar.stop()
+    return latencies
+
+
+def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, seq: int = 128, warmup: int = 5,
+            iterations: int = 50, time_budget_s: float | None = None, threads: int | None = None,
+            provider: str = "cpu", target: str = "cpu-local", texts: Sequence[str] | None = None,
+            label: str | None = None, progress: bool = False, **runtime_options: Any) -> Profile:
+    """Measure the latency of ``artifact`` on ``runtime`` (default: the one its kind runs on).
+
+    Inputs are real sentences (the built-in corpus, or ``texts``) padded to exactly ``seq`` tokens.
+    The profile records the providers the session reports, never the one asked for.
+    """
+    from edgesmith.runtimes.base import default_runtime_for, get_runtime
+
+    _check_arguments(batch, seq, warmup, iterations, time_budget_s)
+    runtime_name = runtime or default_runtime_for(artifact)
+    options = _runtime_options(runtime_name, provider, threads, runtime_options)
+    info = artifact_info(artifact)
+    session = get_runtime(runtime_name).load(artifact, **options)
+    try:
+        _reset_device_memory(session)
+        feeds = build_feeds(tokenizer_of(artifact), session.input_names, batch=batch, seq=seq, texts=texts)
+        latencies = measure(session, feeds, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s,
+                            progress=progress)
+        providers = list(session.providers)
+        session_options = dict(getattr(session, "options", {}) or {})
+        device_peak = _device_memory_mb(session)
+    finally:
+        session.close()
+    stats = Stats(**summarize(latencies))
+    used_threads = session_options.get("threads", threads)
+    return Profile(
+        label=label or f"{artifact.name} ({runtime_name})",
+        artifact=info,
+        runtime=RuntimeInfo(name=runtime_name, providers=providers, options=session_options),
+        target=target,
+        environment=fingerprint(threads=int(used_threads) if used_threads else None),
+        shapes=Shapes(batch=batch, seq=seq),
+        warmup=warmup,
+        iterations=iterations,
+        time_budget_s=time_budget_s,
+        latencies_ms=latencies,
+        stats=stats,
+        throughput=batch * 1000.0 / stats.p50,
+        peak_host_memory_mb=peak_host_memory_mb(),
+        peak_device_memory_mb=device_peak,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+# ---------------------------------------------------------------------------------------------
+
+
+class ComparisonRow(_Strict):
+    label: str
+    artifact: str
+    runtime: str
+    provider: str
+    shapes: Shapes
+    p50: float
+    p90: float
+    speedup: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    verdict: Verdict
+    quality: dict[str, float] = Field(default_factory=dict)
+    size_mb: float
+
+
+class Comparison(_Strict):
+    """Profiles side by side against a baseline; speedup = median(baseline) / median(this)."""
+
+    baseline: int
+    confidence: float = CONFIDENCE
+    rows: list[ComparisonRow]
+
+    def quality_metrics(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            seen.update(dict.fromkeys(row.quality))
+        return list(seen)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return self.model_dump_json(indent=indent)
+
+    def _cells(self, row: ComparisonRow) -> list[str]:
+        return ([row.label, row.artifact, row.runtime, row.provider.removesuffix("ExecutionProvider"), str(row.shapes),
+                 f"{row.p50:.2f}", f"{row.p90:.2f}", _speedup_text(row), row.verdict]
+                + [_quality_text(row.quality.get(m)) for m in self.quality_metrics()]
+                + [f"{row.size_mb:.1f}"])
+
+    def _headers(self) -> list[str]:
+        return (["label", "artifact", "runtime", "provider", "shapes", "p50 ms", "p90 ms",
+                 f"speedup [{self.confidence:.0%} CI]", VERDICT_HEADER] + self.quality_metrics() + ["size MB"])
+
+    def table(self, title: str | None = "latency comparison"):
+        """A rich Table of the rows (verdicts coloured)."""
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=title)
+        numeric = {"p50 ms", "p90 ms", "size MB", *self.quality_metrics()}
+        for header in self._headers():
+            table.add_column(header, justify="right" if header in numeric else "left")
+        styles = {"faster": "green", "slower": "red", "baseline": "bold", "within noise": "yellow",
+                  "different shapes": "dim"}
+        verdict_column = self._headers().index(VERDICT_HEADER)
+        for row in self.rows:
+            cells = [escape(c) for c in self._cells(row)]
+            cells[verdict_column] = f"[{styles[row.verdict]}]{cells[verdict_column]}[/]"
+            table.add_row(*cells)
+        return table
+
+    def markdown(self) -> str:
+        """A Markdown table for report.md."""
+        headers = self._headers()
+        lines = ["| " + " | ".join(headers) + " |",
+                 "|" + "|".join("---:" if h in {"p50 ms", "p90 ms", "size MB"} else "---" for h in headers) + "|"]
+        for row in self.rows:
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in self._cells(row)) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _speedup_text(row: ComparisonRow) -> str:
+    if row.verdict == "baseline":
+        return "1.00x"
+    if row.speedup is None:
+        return "-"
+    if row.ci_low is None or row.ci_high is None:
+        return f"{row.speedup:.2f}x"
+    return f"{row.speedup:.2f}x [{row.ci_low:.2f}-{row.ci_high:.2f}]"
+
+
+def _quality_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _baseline_index(profiles: list[Profile], baseline: int | str) -> int:
+    if isinstance(baseline, int):
+        if not -len(profiles) <= baseline < len(profiles):
+            raise BadInput(f"baseline index {baseline} is out of range: there are {len(profiles)} profiles")
+        return baseline % len(profiles)
+    for key in ("label", "name"):
+        hits = [i for i, p in enumerate(profiles)
+                if (p.label if key == "label" else p.artifact.name) == baseline]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise BadInput(f"baseline '{baseline}' names {len(hits)} profiles; give its index instead")
+    labels = ", ".join(repr(p.label) for p in profiles)
+    raise BadInput(f"no profile is labelled or named '{baseline}'; labels: {labels}")
+
+
+def _as_profile(item: Profile | str | Path) -> Profile:
+    return item if isinstance(item, Profile) else Profile.load(item)
+
+
+def compare(profiles: Sequence[Profile | str | Path], baseline: int | str = 0, *, n_boot: int = 2000,
+            seed: int = 0) -> Comparison:
+    """Put profiles side by side against ``baseline`` (an index, a label or an artifact name).
+
+    A speedup whose bootstrap confidence interval spans 1.0 is "within noise". A profile measured
+    at other shapes than the baseline is listed with the verdict "different shapes" and no speedup.
+    """
+    loaded = [_as_profile(p) for p in profiles]
+    if not loaded:
+        raise BadInput("nothing to compare: give at least one profile")
+    base_index = _baseline_index(loaded, baseline)
+    base = loaded[base_index]
+    rows = []
+    for i, prof in enumerate(loaded):
+        speedup = low = high = None
+        if i == base_index:
+            verdict: Verdict = "baseline"
+            speedup = 1.0
+        elif prof.shapes != base.shapes:
+            verdict = "different shapes"
+        elif min(len(base.latencies_ms), len(prof.latencies_ms)) < MIN_SAMPLES:
+            # too few samples for an interval: report the ratio of medians, claim nothing
+            speedup = base.stats.p50 / prof.stats.p50
+            verdict = "within noise"
+        else:
+            speedup, low, high = bootstrap_speedup(base.latencies_ms, prof.latencies_ms, n_boot=n_boot, seed=seed)
+            verdict = verdict_of(low, high)
+        rows.append(ComparisonRow(
+            label=prof.label, artifact=prof.artifact.name, runtime=prof.runtime.name, provider=prof.provider,
+            shapes=prof.shapes, p50=prof.stats.p50, p90=prof.stats.p90, speedup=speedup, ci_low=low,
+            ci_high=high, verdict=verdict, quality=dict(prof.quality),
+            size_mb=prof.artifact.size_bytes / 1e6))
+    return Comparison(baseline=base_index, rows=rows)
