@@ -244,13 +244,14 @@ def logits_agreement(reference_logits: np.ndarray, candidate_logits: np.ndarray)
 
 def evaluate(artifact: Artifact, reference: Artifact | None, texts: Sequence[str], labels: Sequence[Any] | None = None,
              *, k: int = 10, reference_embeddings: np.ndarray | None = None,
-             batch_size: int = 32) -> dict[str, float]:
+             candidate_outputs: np.ndarray | None = None, batch_size: int = 32) -> dict[str, float]:
     """Quality of ``artifact`` against ``reference`` (the run's source model) on ``texts``.
 
     Encoders: ``cosine``, ``cosine_min``, ``recall@k``. Classifiers: ``agreement`` and
     ``logits_cosine`` with the reference, plus ``accuracy`` when labels are given.
     ``reference_embeddings`` are the reference's outputs on ``texts`` (embeddings, or logits for
     classifiers) computed once beforehand; then ``reference`` is not run (and may be None).
+    ``candidate_outputs`` likewise spares running ``artifact`` when its outputs are known.
     """
     texts = list(texts)
     if reference is None and reference_embeddings is None:
@@ -258,14 +259,14 @@ def evaluate(artifact: Artifact, reference: Artifact | None, texts: Sequence[str
     if reference is not None and reference.task != artifact.task:
         raise BadInput(f"cannot compare a {artifact.task} model with a {reference.task} reference")
     if artifact.task == "feature-extraction":
-        cand = embed(artifact, texts, batch_size=batch_size)
+        cand = candidate_outputs if candidate_outputs is not None else embed(artifact, texts, batch_size=batch_size)
         ref = reference_embeddings if reference_embeddings is not None else embed(reference, texts, batch_size=batch_size)
         _check_rows(ref, texts)
         metrics = fidelity(ref, cand, k)
         if labels is not None:
             log.info("labels are ignored for a feature-extraction model")
     elif artifact.task == "sequence-classification":
-        cand = logits(artifact, texts, batch_size=batch_size)
+        cand = candidate_outputs if candidate_outputs is not None else logits(artifact, texts, batch_size=batch_size)
         ref = reference_embeddings if reference_embeddings is not None else logits(reference, texts, batch_size=batch_size)
         _check_rows(ref, texts)
         metrics = logits_agreement(ref, cand)
@@ -275,6 +276,15 @@ def evaluate(artifact: Artifact, reference: Artifact | None, texts: Sequence[str
         raise BadInput(f"evaluate measures feature-extraction and sequence-classification models, not {artifact.task}")
     log.info("%s: %s", artifact.name, ", ".join(f"{k_}={v:.4f}" for k_, v in metrics.items()))
     return metrics
+
+
+def reference_outputs(artifact: Artifact, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+    """What :func:`evaluate` compares against: pooled embeddings for encoders, logits for classifiers."""
+    if artifact.task == "sequence-classification":
+        return logits(artifact, texts, batch_size=batch_size)
+    if artifact.task == "feature-extraction":
+        return embed(artifact, texts, batch_size=batch_size)
+    raise BadInput(f"evaluate measures feature-extraction and sequence-classification models, not {artifact.task}")
 
 
 def _check_rows(reference: np.ndarray, texts: Sequence[str]) -> None:

@@ -7,8 +7,6 @@ from typing import Any
 
 from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
 
-HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads")
-FFN_INPUT_SUFFIXES = ("intermediate.dense", "mlp.up_proj", "mlp.c_fc", "ffn.lin1", "mlp.fc1")
 
 
 def describe(artifact: Artifact) -> dict[str, Any]:
@@ -24,28 +22,13 @@ def describe(artifact: Artifact) -> dict[str, Any]:
 
 
 def _describe_torch(model: TorchModel) -> dict[str, Any]:
-    import torch
-
     module = model.module
     params = sum(p.numel() for p in module.parameters())
     size = sum(p.numel() * p.element_size() for p in module.parameters()) + \
         sum(b.numel() * b.element_size() for b in module.buffers())
     zeros = sum(int((p == 0).sum()) for p in module.parameters() if p.dim() == 2)
     matrix = sum(p.numel() for p in module.parameters() if p.dim() == 2)
-    layers = []
-    for name, sub in module.named_modules():
-        for attr in HEAD_ATTRS:
-            value = getattr(sub, attr, None)
-            if isinstance(value, int) and not isinstance(sub, torch.nn.Linear) and sub is not module \
-                    and not hasattr(sub, "config"):
-                layers.append({"module": name, "heads": value})
-                break
-    ffn = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.Linear) and name.endswith(FFN_INPUT_SUFFIXES):
-            ffn.append({"module": name, "ffn": sub.out_features})
-        elif type(sub).__name__ == "Conv1D" and name.endswith(FFN_INPUT_SUFFIXES):
-            ffn.append({"module": name, "ffn": int(sub.weight.shape[1])})
+    layers, ffn = _layer_shapes(module)
     config = model.config
     return {
         "architecture": type(module).__name__,
@@ -59,6 +42,22 @@ def _describe_torch(model: TorchModel) -> dict[str, Any]:
         "format": "edgesmith structure (reload with edgesmith.load)" if model.structure
         else "Hugging Face (stock from_pretrained reloads it)",
     }
+
+
+def _layer_shapes(module) -> tuple[list[dict], list[dict]]:
+    """Heads and FFN width per layer, for the architectures edgesmith knows (see compress/pruning.py)."""
+    from edgesmith.compress.pruning import arch_spec, layer_parts
+    from edgesmith.errors import BadInput
+
+    try:
+        spec = arch_spec(module)
+    except BadInput:
+        return [], []
+    names = {id(m): n for n, m in module.named_modules()}
+    parts = layer_parts(module, spec)
+    heads = [{"module": names[id(p.attention)], "heads": int(getattr(p.attention, spec.heads_attr))} for p in parts]
+    ffn = [{"module": names[id(p.ffn_in)], "ffn": int(p.ffn_in.out_features)} for p in parts]
+    return heads, ffn
 
 
 def _describe_onnx(model: OnnxModel) -> dict[str, Any]:

@@ -100,10 +100,10 @@ def plan(recipe: Recipe) -> list[PlannedStep]:
                 raise BadInput(f"profile: runtime '{target.runtime}' cannot run '{target.artifact}' "
                                f"(a {kinds[target.artifact]} model); it runs {', '.join(runtime.kinds)} models")
     if recipe.gates:
-        from edgesmith.evaluate import known_metrics
+        from edgesmith.evaluate import is_known_metric, known_metrics
 
         for gate in recipe.gates:
-            if gate not in known_metrics():
+            if not is_known_metric(gate):
                 raise BadInput(f"gates: unknown metric '{gate}'; known: {', '.join(known_metrics())}")
     return planned
 
@@ -251,7 +251,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
 
 def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData, cache: StepCache,
                   console: Console) -> dict[str, dict[str, float]]:
-    from edgesmith.evaluate import embed_or_logits, evaluate
+    from edgesmith.evaluate import evaluate, reference_outputs
 
     source = artifacts[SOURCE_ID]
     texts, labels = data.texts, data.labels
@@ -269,9 +269,10 @@ def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData
             continue
         with console.status(f"evaluating {art_id} on {len(texts)} texts …"):
             if reference is None:
-                reference = embed_or_logits(source, texts, batch_size=recipe.evaluate.batch_size)
-            results[art_id] = evaluate(art, source, texts, labels, k=recipe.evaluate.k,
-                                       reference_embeddings=reference, batch_size=recipe.evaluate.batch_size)
+                reference = reference_outputs(source, texts, batch_size=recipe.evaluate.batch_size)
+            results[art_id] = evaluate(art, source, texts, labels, k=recipe.evaluate.k, reference_embeddings=reference,
+                                       candidate_outputs=reference if art is source else None,
+                                       batch_size=recipe.evaluate.batch_size)
         write_json_atomic(path, results[art_id])
     return results
 

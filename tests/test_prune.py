@@ -15,7 +15,7 @@ from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassificati
 import edgesmith as es
 from edgesmith.artifacts import TorchModel, default_model_path
 from edgesmith.compress.base import Context, get_pass
-from edgesmith.compress.prune import PruneConfig, PrunePass, supported_architectures
+from edgesmith.compress.pruning import PruneConfig, PrunePass, supported_architectures
 
 VOCAB = 30522
 

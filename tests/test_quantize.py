@@ -14,7 +14,7 @@ import torch
 
 from edgesmith.artifacts import OnnxModel, TorchModel, default_model_path
 from edgesmith.compress.base import Context
-from edgesmith.compress.quantize import QuantizeConfig, QuantizePass
+from edgesmith.compress.quantization import QuantizeConfig, QuantizePass
 from edgesmith.errors import BadInput, ValidationFailed
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522)

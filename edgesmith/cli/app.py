@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -38,10 +37,18 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks a
         for noisy in ("transformers", "torch", "onnxscript", "onnx_ir", "torch.onnx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: edgesmith shows its own progress
 
 
 def _register_commands() -> None:
-    from edgesmith.cli import doctor, models, passes, profiles, run  # noqa: F401
+    from edgesmith.cli import devices, distill, doctor, models, passes, profiles, run  # noqa: F401
+
+
+def _is_a(exc: BaseException, class_name: str) -> bool:
+    return any(cls.__name__ == class_name for cls in type(exc).__mro__)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,12 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         rv = app(args=args, prog_name="edgesmith", standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        exc.show()
-        sys.exit(EXIT_BAD_INPUT)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(EXIT_INTERNAL)
     except EdgesmithError as exc:
         if debug:
             err_console.print_exception()
@@ -66,6 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # an internal fault: say so, keep the traceback for --debug
+        if _is_a(exc, "UsageError"):  # typer carries its own copy of click: match by class name
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(EXIT_BAD_INPUT)
+        if _is_a(exc, "Abort"):
+            err_console.print("aborted")
+            sys.exit(EXIT_INTERNAL)
         if debug:
             err_console.print_exception()
         first = str(exc).splitlines()[0] if str(exc) else ""
