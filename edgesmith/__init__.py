@@ -41,7 +41,7 @@ def __getattr__(name: str):
 
         return compare
     if name == "evaluate":
-        from edgesmith.evaluate import evaluate
+        from edgesmith.quality import evaluate
 
         return evaluate
     raise AttributeError(f"module 'edgesmith' has no attribute {name!r}")

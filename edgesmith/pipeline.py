@@ -100,7 +100,7 @@ def plan(recipe: Recipe) -> list[PlannedStep]:
                 raise BadInput(f"profile: runtime '{target.runtime}' cannot run '{target.artifact}' "
                                f"(a {kinds[target.artifact]} model); it runs {', '.join(runtime.kinds)} models")
     if recipe.gates:
-        from edgesmith.evaluate import is_known_metric, known_metrics
+        from edgesmith.quality import is_known_metric, known_metrics
 
         for gate in recipe.gates:
             if not is_known_metric(gate):
@@ -218,7 +218,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
     final_id = steps[-1].id if steps else SOURCE_ID
     gate_failures: list[dict] = []
     if recipe.gates:
-        from edgesmith.evaluate import check_gates
+        from edgesmith.quality import check_gates
 
         gate_failures = check_gates(metrics.get(final_id, {}), metrics.get(SOURCE_ID, {}), recipe.gates)
     manifest["gates"] = {"final_artifact": final_id, "rules": recipe.gates, "failures": gate_failures,
@@ -251,7 +251,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
 
 def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData, cache: StepCache,
                   console: Console) -> dict[str, dict[str, float]]:
-    from edgesmith.evaluate import evaluate, reference_outputs
+    from edgesmith.quality import evaluate, reference_outputs
 
     source = artifacts[SOURCE_ID]
     texts, labels = data.texts, data.labels

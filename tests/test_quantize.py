@@ -235,7 +235,7 @@ def test_minilm_int8_keeps_cosine(tmp_path):
     (with float tables the file is ~59 MB)."""
     from edgesmith.artifacts import load
     from edgesmith.data import builtin_corpus
-    from edgesmith.evaluate import embed, fidelity
+    from edgesmith.quality import embed, fidelity
     from edgesmith.export.onnx import ExportPass
 
     ctx = Context(workdir=tmp_path)

@@ -301,7 +301,7 @@ def classify_nodes(before: dict[str, str], after) -> dict[str, dict[str, str]]:
 def measure_fidelity(parent: OnnxModel, quantized: OnnxModel, ctx: Context) -> dict[str, Any]:
     """compare_outputs on probe batches (max/mean abs diff, min cosine of pooled rows), plus mean
     cosine and neighbour recall (encoders) or prediction agreement (classifiers) on corpus texts."""
-    from edgesmith.evaluate import evaluate
+    from edgesmith.quality import evaluate
     from edgesmith.export.onnx import compare_outputs
 
     probe = compare_outputs(parent, quantized, texts=ctx.corpus(PROBE_POOL))

@@ -8,7 +8,7 @@ import torch
 
 from edgesmith.artifacts import TorchModel, default_model_path
 from edgesmith.errors import BadInput
-from edgesmith.evaluate import (accuracy, check_gates, embed, evaluate, fidelity, logits, neighbour_recall,
+from edgesmith.quality import (accuracy, check_gates, embed, evaluate, fidelity, logits, neighbour_recall,
                                 row_cosines)
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522)
