@@ -52,6 +52,13 @@ class Environment(BaseModel):
     python: str
     libraries: dict[str, str | None]
     gpu: GpuInfo | None = None
+    # recorded for devices profiled over SSH (None where unknown; absent from older profiles)
+    host: str | None = None
+    uname: str | None = None
+    memory_mb: float | None = None
+    l4t_release: str | None = None  # Jetson: first line of /etc/nv_tegra_release
+    power_mode: str | None = None  # Jetson: `nvpmodel -q`
+    clocks: str | None = None  # Jetson: `jetson_clocks --show`
 
 
 def cpu_model() -> str:

@@ -37,7 +37,10 @@ INPUT_BATCHES = 4
 CONFIDENCE = 0.95
 
 VERDICT_HEADER = "verdict"
-Verdict = Literal["baseline", "faster", "slower", "within noise", "different shapes"]
+Verdict = Literal["baseline", "faster", "slower", "within noise", "different shapes", "estimate"]
+ProfileKind = Literal["measured", "estimate"]
+#: per-op deltas listed per compared profile (the largest absolute changes)
+OP_DELTA_ROWS = 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,10 +85,38 @@ class Stats(_Strict):
     n: int
 
 
+class OpTime(_Strict):
+    """Mean time of one graph node (ONNX Runtime) or engine layer (TensorRT) per run."""
+
+    name: str
+    op_type: str
+    ms: float
+    calls: int = 1
+    provider: str | None = None
+
+
+class RooflineEstimate(_Strict):
+    """How an estimate was made: work and weight bytes against a target's published peaks."""
+
+    macs: int
+    weight_bytes: int
+    precision: str = Field(description="the precision whose peak was used")
+    peak_ops_per_s: float
+    memory_bandwidth_bytes_per_s: float
+    compute_ms: float
+    memory_ms: float
+    bound: Literal["compute", "memory"]
+
+
 class Profile(_Strict):
-    """One latency profile: an artifact on a runtime, on a target, at fixed shapes."""
+    """One latency profile: an artifact on a runtime, on a target, at fixed shapes.
+
+    ``kind`` is "measured" for timed runs and "estimate" for a roofline estimate (then
+    ``latencies_ms`` holds the single estimated latency and ``estimate`` says how it was made).
+    """
 
     schema_version: int = PROFILE_SCHEMA_VERSION
+    kind: ProfileKind = "measured"
     label: str
     artifact: ArtifactInfo
     runtime: RuntimeInfo
@@ -102,7 +133,14 @@ class Profile(_Strict):
         default=None, description="peak resident memory of the whole profiling process (VmHWM), not of the model alone")
     peak_device_memory_mb: float | None = None
     quality: dict[str, float] = Field(default_factory=dict)
+    per_op: list[OpTime] | None = Field(default=None, description="per-op (or per-layer) mean ms per run, "
+                                        "from a separate profiler session; absent when not asked for")
+    estimate: RooflineEstimate | None = None
     created: str
+
+    @property
+    def is_estimate(self) -> bool:
+        return self.kind == "estimate"
 
     @property
     def provider(self) -> str:
@@ -371,11 +409,14 @@ def measure(session, feeds: list[dict[str, np.ndarray]], *, warmup: int, iterati
 def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, seq: int = 128, warmup: int = 5,
             iterations: int = 50, time_budget_s: float | None = None, threads: int | None = None,
             provider: str = "cpu", target: str = "cpu-local", texts: Sequence[str] | None = None,
-            label: str | None = None, progress: bool = False, **runtime_options: Any) -> Profile:
+            label: str | None = None, progress: bool = False, per_op: bool = False,
+            per_op_runs: int = 10, **runtime_options: Any) -> Profile:
     """Measure the latency of ``artifact`` on ``runtime`` (default: the one its kind runs on).
 
     Inputs are real sentences (the built-in corpus, or ``texts``) padded to exactly ``seq`` tokens.
-    The profile records the providers the session reports, never the one asked for.
+    The profile records the providers the session reports, never the one asked for. ``per_op``
+    (ONNX Runtime only) adds per-op times from ONNX Runtime's profiler, recorded over
+    ``per_op_runs`` runs in a second session, so the profiler never slows the timed loop.
     """
     from edgesmith.runtimes.base import default_runtime_for, get_runtime
 
@@ -394,6 +435,11 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
         device_peak = _device_memory_mb(session)
     finally:
         session.close()
+    ops = None
+    if per_op:
+        if runtime_name != "onnxruntime":
+            raise BadInput(f"per-op times come from ONNX Runtime's profiler; runtime '{runtime_name}' has none")
+        ops = ort_per_op(artifact, options, feeds, per_op_runs)
     stats = Stats(**summarize(latencies))
     used_threads = session_options.get("threads", threads)
     return Profile(
@@ -411,8 +457,37 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
         throughput=batch * 1000.0 / stats.p50,
         peak_host_memory_mb=peak_host_memory_mb(),
         peak_device_memory_mb=device_peak,
+        per_op=ops,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def ort_per_op(artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],
+               runs: int) -> list[OpTime]:
+    """Per-op mean times from ONNX Runtime's profiler (``enable_profiling``), parsed from its trace."""
+    import os
+    import tempfile
+
+    from edgesmith.runtimes.agent import per_op_from_trace
+    from edgesmith.runtimes.base import get_runtime
+
+    if runs < 1:
+        raise BadInput(f"per-op runs must be at least 1 (got {runs})")
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="edgesmith-ortprof-") as folder:
+        os.chdir(folder)  # ORT writes its trace into the working directory
+        try:
+            events = []
+            for n in (1, runs):  # a first session absorbs first-run allocations; the second is recorded
+                session = get_runtime("onnxruntime").load(artifact, **{**options, "enable_profiling": True})
+                for i in range(n):
+                    session.run(feeds[i % len(feeds)])
+                trace = session.end_profiling()
+                session.close()
+                events = json.loads(Path(trace).read_text(encoding="utf-8"))
+        finally:
+            os.chdir(previous)
+    return [OpTime(**op) for op in per_op_from_trace(events, runs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +495,23 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
 # ---------------------------------------------------------------------------------------------
 
 
+class OpDelta(_Strict):
+    """One op type's (or, where both graphs have it, one node's) time against the baseline's."""
+
+    key: str
+    level: Literal["op_type", "node"]
+    baseline_ms: float
+    ms: float
+
+    @property
+    def delta_ms(self) -> float:
+        return self.ms - self.baseline_ms
+
+
 class ComparisonRow(_Strict):
     label: str
+    target: str = "cpu-local"
+    kind: ProfileKind = "measured"
     artifact: str
     runtime: str
     provider: str
@@ -434,6 +524,7 @@ class ComparisonRow(_Strict):
     verdict: Verdict
     quality: dict[str, float] = Field(default_factory=dict)
     size_mb: float
+    op_deltas: list[OpDelta] | None = None
 
 
 class Comparison(_Strict):
@@ -453,13 +544,15 @@ class Comparison(_Strict):
         return self.model_dump_json(indent=indent)
 
     def _cells(self, row: ComparisonRow) -> list[str]:
-        return ([row.label, row.artifact, row.runtime, row.provider.removesuffix("ExecutionProvider"), str(row.shapes),
+        label = f"{row.label} (estimate)" if row.kind == "estimate" else row.label
+        provider = "roofline estimate" if row.kind == "estimate" else row.provider.removesuffix("ExecutionProvider")
+        return ([label, row.target, row.artifact, row.runtime, provider, str(row.shapes),
                  f"{row.p50:.2f}", f"{row.p90:.2f}", _speedup_text(row), row.verdict]
                 + [_quality_text(row.quality.get(m)) for m in self.quality_metrics()]
                 + [f"{row.size_mb:.1f}"])
 
     def _headers(self) -> list[str]:
-        return (["label", "artifact", "runtime", "provider", "shapes", "p50 ms", "p90 ms",
+        return (["label", "target", "artifact", "runtime", "provider", "shapes", "p50 ms", "p90 ms",
                  f"speedup [{self.confidence:.0%} CI]", VERDICT_HEADER] + self.quality_metrics() + ["size MB"])
 
     def table(self, title: str | None = "latency comparison"):
@@ -472,12 +565,32 @@ class Comparison(_Strict):
         for header in self._headers():
             table.add_column(header, justify="right" if header in numeric else "left")
         styles = {"faster": "green", "slower": "red", "baseline": "bold", "within noise": "yellow",
-                  "different shapes": "dim"}
+                  "different shapes": "dim", "estimate": "magenta"}
         verdict_column = self._headers().index(VERDICT_HEADER)
+        previous = None
         for row in self.rows:
             cells = [escape(c) for c in self._cells(row)]
             cells[verdict_column] = f"[{styles[row.verdict]}]{cells[verdict_column]}[/]"
-            table.add_row(*cells)
+            table.add_row(*cells, end_section=False)
+            if previous is not None and previous != row.target:
+                table.rows[-2].end_section = True
+            previous = row.target
+        return table
+
+    def op_delta_table(self, row: ComparisonRow):
+        """A rich Table of one row's per-op deltas against the baseline (largest changes first)."""
+        from rich.markup import escape
+        from rich.table import Table
+
+        base = self.rows[self.baseline]
+        table = Table(title=f"per-op: {escape(row.label)} vs {escape(base.label)} (ms per run)")
+        for header in ("op", "level", "baseline ms", "ms", "delta ms"):
+            table.add_column(header, justify="left" if header in ("op", "level") else "right")
+        for d in row.op_deltas or []:
+            colour = "green" if d.delta_ms < 0 else "red" if d.delta_ms > 0 else ""
+            delta = f"{d.delta_ms:+.3f}"
+            table.add_row(escape(d.key), d.level, f"{d.baseline_ms:.3f}", f"{d.ms:.3f}",
+                          f"[{colour}]{delta}[/]" if colour else delta)
         return table
 
     def markdown(self) -> str:
@@ -534,12 +647,18 @@ def compare(profiles: Sequence[Profile | str | Path], baseline: int | str = 0, *
     loaded = [_as_profile(p) for p in profiles]
     if not loaded:
         raise BadInput("nothing to compare: give at least one profile")
-    base_index = _baseline_index(loaded, baseline)
+    base_profile = loaded[_baseline_index(loaded, baseline)]
+    loaded = group_by_target(loaded)
+    base_index = next(i for i, p in enumerate(loaded) if p is base_profile)
     base = loaded[base_index]
     rows = []
     for i, prof in enumerate(loaded):
         speedup = low = high = None
-        if i == base_index:
+        if i != base_index and (prof.is_estimate or base.is_estimate):
+            # an estimate is never passed off as a measurement: ratio of medians, verdict "estimate"
+            speedup = base.stats.p50 / prof.stats.p50 if prof.shapes == base.shapes else None
+            verdict = "estimate"
+        elif i == base_index:
             verdict: Verdict = "baseline"
             speedup = 1.0
         elif prof.shapes != base.shapes:
@@ -552,8 +671,41 @@ def compare(profiles: Sequence[Profile | str | Path], baseline: int | str = 0, *
             speedup, low, high = bootstrap_speedup(base.latencies_ms, prof.latencies_ms, n_boot=n_boot, seed=seed)
             verdict = verdict_of(low, high)
         rows.append(ComparisonRow(
-            label=prof.label, artifact=prof.artifact.name, runtime=prof.runtime.name, provider=prof.provider,
-            shapes=prof.shapes, p50=prof.stats.p50, p90=prof.stats.p90, speedup=speedup, ci_low=low,
-            ci_high=high, verdict=verdict, quality=dict(prof.quality),
-            size_mb=prof.artifact.size_bytes / 1e6))
+            label=prof.label, target=prof.target, kind=prof.kind, artifact=prof.artifact.name,
+            runtime=prof.runtime.name, provider=prof.provider, shapes=prof.shapes, p50=prof.stats.p50,
+            p90=prof.stats.p90, speedup=speedup, ci_low=low, ci_high=high, verdict=verdict,
+            quality=dict(prof.quality), size_mb=prof.artifact.size_bytes / 1e6,
+            op_deltas=op_deltas(base, prof) if i != base_index else None))
     return Comparison(baseline=base_index, rows=rows)
+
+
+def group_by_target(profiles: list[Profile]) -> list[Profile]:
+    """Profiles grouped by target (targets in order of first appearance, order kept inside a group)."""
+    order = list(dict.fromkeys(p.target for p in profiles))
+    return sorted(profiles, key=lambda p: order.index(p.target))
+
+
+def _op_type_totals(ops: list[OpTime]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for op in ops:
+        totals[op.op_type] = totals.get(op.op_type, 0.0) + op.ms
+    return totals
+
+
+def op_deltas(base: Profile, prof: Profile, limit: int = OP_DELTA_ROWS) -> list[OpDelta] | None:
+    """Per-op deltas of ``prof`` against ``base`` where both have per-op times (None otherwise).
+
+    Rows per op type (a quantized graph swaps MatMul for MatMulInteger: both show, one at zero);
+    then the nodes both graphs share by name, largest absolute changes first, ``limit`` of each.
+    """
+    if not base.per_op or not prof.per_op:
+        return None
+    b_types, p_types = _op_type_totals(base.per_op), _op_type_totals(prof.per_op)
+    by_type = [OpDelta(key=k, level="op_type", baseline_ms=b_types.get(k, 0.0), ms=p_types.get(k, 0.0))
+               for k in dict.fromkeys([*b_types, *p_types])]
+    b_nodes = {op.name: op.ms for op in base.per_op}
+    by_node = [OpDelta(key=op.name, level="node", baseline_ms=b_nodes[op.name], ms=op.ms)
+               for op in prof.per_op if op.name in b_nodes]
+    by_type.sort(key=lambda d: -abs(d.delta_ms))
+    by_node.sort(key=lambda d: -abs(d.delta_ms))
+    return by_type[:limit] + by_node[:limit]

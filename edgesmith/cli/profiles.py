@@ -23,27 +23,84 @@ def profile_command(
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     label: str | None = typer.Option(None, "--label", help="Name of this profile in comparisons."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the profile JSON here."),
+    target: str | None = typer.Option(None, "--target", help="A target name (edgesmith targets) or "
+                                      "ssh://user@host:port: profile on that device over ssh."),
+    host: str | None = typer.Option(None, "--host", help="Where the target is: an ~/.ssh/config alias, user@host, "
+                                    "user@host:port, or 'local'."),
+    ssh_config: Path | None = typer.Option(None, "--ssh-config", help="An ssh config file (ssh -F)."),
+    targets_dir: list[Path] = typer.Option([], "--targets-dir", help="Extra folder of target YAML files."),
+    estimate: bool = typer.Option(False, "--estimate", help="No measurement: a roofline estimate from the "
+                                  "target's published peaks (labelled as an estimate)."),
+    per_op: bool = typer.Option(False, "--per-op", help="Also record per-op times (ONNX Runtime's profiler)."),
+    precision: str | None = typer.Option(None, "--precision", help="TensorRT build precision: fp32, fp16, int8."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Longest a device profile may take, seconds."),
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Measure latency of an artifact on a runtime; write a versioned JSON profile."""
+    """Measure latency of an artifact on a runtime, here or on a device over ssh; write a versioned JSON profile."""
     from edgesmith.artifacts import load
-    from edgesmith.profiling import profile
 
-    prof = profile(load(artifact), runtime, batch=batch, seq=seq, warmup=warmup, iterations=iterations,
-                   time_budget_s=time_budget, threads=threads, provider=provider, label=label,
-                   progress=err_console.is_terminal and not as_json)
+    prof = _profile_for(load(artifact), target=target, host=host, ssh_config=ssh_config, targets_dir=targets_dir,
+                        estimate=estimate, runtime=runtime, provider=provider, batch=batch, seq=seq, warmup=warmup,
+                        iterations=iterations, time_budget=time_budget, threads=threads, label=label,
+                        per_op=per_op, precision=precision, timeout=timeout, progress=err_console.is_terminal
+                        and not as_json)
     if output is not None:
         prof.save(output)
     if as_json:
         typer.echo(prof.model_dump_json(indent=2))
         return
     s = prof.stats
-    console.print(f"[bold]{prof.label}[/]  runtime {prof.runtime.name} on {', '.join(prof.runtime.providers)}  "
-                  f"batch {batch} seq {seq}")
+    if prof.is_estimate and prof.estimate is not None:
+        e = prof.estimate
+        console.print(f"[bold magenta]ESTIMATE[/] [bold]{prof.label}[/] on {prof.target}: {s.p50:.3f} ms "
+                      f"({e.bound}-bound: {e.macs / 1e9:.3f} GMAC at {e.peak_ops_per_s / 1e12:g} T{e.precision}-ops/s "
+                      f"= {e.compute_ms:.3f} ms, {e.weight_bytes / 1e6:.1f} MB weights at "
+                      f"{e.memory_bandwidth_bytes_per_s / 1e9:g} GB/s = {e.memory_ms:.3f} ms); a lower bound, "
+                      "not a measurement")
+        if output is not None:
+            console.print(f"profile: {output}")
+        return
+    where = f" on {prof.target}" + (f" ({prof.environment.host})" if prof.environment.host else "")
+    console.print(f"[bold]{prof.label}[/]  runtime {prof.runtime.name} on {', '.join(prof.runtime.providers)}"
+                  f"{where}  batch {batch} seq {seq}")
     console.print(f"p50 {s.p50:.2f} ms  p90 {s.p90:.2f} ms  p99 {s.p99:.2f} ms  mean {s.mean:.2f} ± {s.std:.2f} ms  "
                   f"(n={s.n})  throughput {prof.throughput:.1f}/s")
     if output is not None:
         console.print(f"profile: {output}")
+
+
+def _profile_for(art, *, target: str | None, host: str | None, ssh_config: Path | None, targets_dir: list[Path],
+                 estimate: bool, runtime: str | None, provider: str, batch: int, seq: int, warmup: int,
+                 iterations: int, time_budget: float | None, threads: int | None, label: str | None, per_op: bool,
+                 precision: str | None, timeout: float | None, progress: bool):
+    """Local, remote (over ssh) or estimated, depending on the target and flags."""
+    from edgesmith.errors import BadInput
+    from edgesmith.profiling import profile
+
+    if target is None and (host is not None or estimate or ssh_config is not None):
+        raise BadInput("--host, --ssh-config and --estimate need --target NAME (list them with `edgesmith targets`)")
+    if target is None:
+        return profile(art, runtime, batch=batch, seq=seq, warmup=warmup, iterations=iterations,
+                       time_budget_s=time_budget, threads=threads, provider=provider, label=label,
+                       per_op=per_op, progress=progress)
+    from edgesmith.targets import get_target
+
+    tgt = get_target(target, host=host, extra_dirs=targets_dir)
+    if estimate:
+        from edgesmith.roofline import estimate as roofline
+
+        return roofline(art, tgt, batch=batch, seq=seq, precision=precision, label=label)
+    if tgt.is_local:
+        return profile(art, runtime or None, batch=batch, seq=seq, warmup=warmup, iterations=iterations,
+                       time_budget_s=time_budget, threads=threads if threads is not None else tgt.threads,
+                       provider=tgt.provider if provider == "cpu" else provider, target=tgt.name, label=label,
+                       per_op=per_op, progress=progress)
+    from edgesmith.runtimes.remote import profile_remote
+
+    return profile_remote(art, tgt, ssh_config=ssh_config, batch=batch, seq=seq, warmup=warmup,
+                          iterations=iterations, time_budget_s=time_budget, threads=threads, runtime=runtime,
+                          provider=None if provider == "cpu" and runtime is None else provider,
+                          precision=precision, per_op=per_op, timeout_s=timeout, label=label)
 
 
 @app.command("compare")
@@ -67,5 +124,8 @@ def compare_command(
         print_json(comparison.model_dump(mode="json"))
         return
     console.print(comparison.table())
+    for row in comparison.rows:
+        if row.op_deltas:
+            console.print(comparison.op_delta_table(row))
     if plot is not None:
         console.print(f"plot: {plot}")
