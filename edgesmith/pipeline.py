@@ -240,11 +240,14 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
         state.set("profiling")
         profiles, comparison = _profile_all(recipe, artifacts, metrics, run_dir, console)
         manifest["profiles"] = [
-            {"artifact": t.artifact, "file": f"profiles/{p.label}.json".replace(" ", "_"),
+            {"artifact": t.artifact, "file": f"profiles/{_profile_file(p.label)}",
              "runtime": p.runtime.name, "providers": p.runtime.providers, "stats": p.stats.model_dump()
              if hasattr(p.stats, "model_dump") else p.stats}
             for t, p in zip(targets, profiles)]
         manifest["comparison"] = json.loads(comparison.to_json())
+        manifest["warnings"] = _slower_than_parent(recipe, targets, profiles)
+        for warning in manifest["warnings"]:
+            console.print(f"[yellow]warning:[/] {warning}")
     _write_report(run_dir, recipe, manifest, comparison, metrics, profiles)
     return RunResult(run_dir, artifacts, metrics, profiles, comparison, True, manifest)
 
@@ -289,21 +292,49 @@ def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[s
         art = artifacts[target.artifact]
         runtime = target.runtime or default_runtime_for(art)
         precision = _precision(art)
-        label = f"{target.artifact} {runtime} {precision}"
+        label = f"{target.artifact} ({RUNTIME_SHORT.get(runtime, runtime)} {precision})"
         console.print(f"profiling {label} (batch {spec.batch}, seq {spec.seq}) …")
         prof = profile(art, runtime, batch=spec.batch, seq=spec.seq, warmup=spec.warmup, iterations=spec.iterations,
                        time_budget_s=spec.time_budget_s, threads=spec.threads, provider=target.provider,
                        target=spec.target, label=label, progress=console.is_terminal and not console.quiet)
         prof.quality = dict(metrics.get(target.artifact, {}))
-        prof.save(run_dir / "profiles" / f"{label.replace(' ', '_')}.json")
+        prof.save(run_dir / "profiles" / _profile_file(label))
         profiles.append(prof)
     comparison = compare(profiles, baseline=0)
     return profiles, comparison
 
 
+def _slower_than_parent(recipe: Recipe, targets: list, profiles: list) -> list[str]:
+    """"Compressed but not faster": flag each profiled artifact slower than the nearest profiled ancestor."""
+    from edgesmith.profiling import bootstrap_speedup, verdict_of
+
+    order = recipe.artifact_ids()
+    by_id = {t.artifact: p for t, p in zip(targets, profiles)}
+    warnings = []
+    for art_id, prof in by_id.items():
+        ancestors = [a for a in order[:order.index(art_id)] if a in by_id]
+        if not ancestors:
+            continue
+        parent = by_id[ancestors[-1]]
+        if (parent.shapes.batch, parent.shapes.seq) != (prof.shapes.batch, prof.shapes.seq):
+            continue
+        speedup, low, high = bootstrap_speedup(parent.latencies_ms, prof.latencies_ms)
+        if verdict_of(low, high) == "slower":
+            warnings.append(f"{prof.label} is slower than its parent {parent.label}: {speedup:.2f}x "
+                            f"[{low:.2f}-{high:.2f}] (compressed but not faster)")
+    return warnings
+
+
+RUNTIME_SHORT = {"onnxruntime": "ort", "torch": "torch"}
+
+
+def _profile_file(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in label).strip("_") + ".json"
+
+
 def _precision(art: Artifact) -> str:
     if art.kind == "onnx":
-        return str(art.meta.get("precision", "fp32"))
+        return str(art.meta.get("precision", "fp32")).removesuffix("-dynamic")
     return "fp32"
 
 
@@ -361,6 +392,8 @@ def _write_report(run_dir: Path, recipe: Recipe, manifest: dict, comparison, met
         lines.append("")
     lines.append(f"Deployable: **{'yes' if manifest.get('deployable') else 'no'}**")
     lines.append("")
+    for warning in manifest.get("warnings", []):
+        lines += [f"> **Warning:** {warning}", ""]
     lines += ["## Steps", "", "| step | pass | cached | seconds | output hash |", "|---|---|---|---|---|"]
     for s in manifest["steps"]:
         lines.append(f"| {s['id']} | {s['pass']} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} | "

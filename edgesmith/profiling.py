@@ -37,6 +37,10 @@ INPUT_BATCHES = 4
 CONFIDENCE = 0.95
 
 VERDICT_HEADER = "verdict"
+#: columns the compact table folds into its title when every row has the same value
+COMPACT_DROPPABLE = ("target", "artifact", "runtime", "provider", "shapes")
+#: columns the compact table leaves to the JSON and Markdown outputs
+COMPACT_HIDDEN = ("artifact", "runtime", "cosine_min")
 Verdict = Literal["baseline", "faster", "slower", "within noise", "different shapes", "estimate"]
 ProfileKind = Literal["measured", "estimate"]
 #: per-op deltas listed per compared profile (the largest absolute changes)
@@ -555,21 +559,39 @@ class Comparison(_Strict):
         return (["label", "target", "artifact", "runtime", "provider", "shapes", "p50 ms", "p90 ms",
                  f"speedup [{self.confidence:.0%} CI]", VERDICT_HEADER] + self.quality_metrics() + ["size MB"])
 
-    def table(self, title: str | None = "latency comparison"):
-        """A rich Table of the rows (verdicts coloured)."""
+    def _compact(self) -> tuple[list[str], list[list[str]], list[str]]:
+        """Headers and cells without the columns that say the same on every row (named in a note instead)."""
+        headers, cells = self._headers(), [self._cells(row) for row in self.rows]
+        keep, notes = [], []
+        for i, header in enumerate(headers):
+            values = {c[i] for c in cells}
+            if header in COMPACT_DROPPABLE and len(values) == 1 and len(cells) > 1:
+                notes.append(f"{header} {next(iter(values))}")
+            elif header not in COMPACT_HIDDEN:
+                keep.append(i)
+        return [headers[i] for i in keep], [[c[i] for i in keep] for c in cells], notes
+
+    def table(self, title: str | None = "latency comparison", *, compact: bool = True):
+        """A rich Table of the rows (verdicts coloured); ``compact`` folds columns equal on every row into the title."""
         from rich.markup import escape
         from rich.table import Table
 
+        if compact:
+            headers, rows_cells, notes = self._compact()
+        else:
+            headers, rows_cells, notes = self._headers(), [self._cells(row) for row in self.rows], []
+        if title and notes:
+            title = f"{title} ({', '.join(notes)})"
         table = Table(title=title)
         numeric = {"p50 ms", "p90 ms", "size MB", *self.quality_metrics()}
-        for header in self._headers():
+        for header in headers:
             table.add_column(header, justify="right" if header in numeric else "left")
         styles = {"faster": "green", "slower": "red", "baseline": "bold", "within noise": "yellow",
                   "different shapes": "dim", "estimate": "magenta"}
-        verdict_column = self._headers().index(VERDICT_HEADER)
+        verdict_column = headers.index(VERDICT_HEADER)
         previous = None
-        for row in self.rows:
-            cells = [escape(c) for c in self._cells(row)]
+        for row, row_cells in zip(self.rows, rows_cells):
+            cells = [escape(c) for c in row_cells]
             cells[verdict_column] = f"[{styles[row.verdict]}]{cells[verdict_column]}[/]"
             table.add_row(*cells, end_section=False)
             if previous is not None and previous != row.target:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
-console = Console()
+# piped or logged output (CI, `make demo | tee`) gets room for the comparison table instead of 80 columns
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 RUNS_DIR = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are written.")
