@@ -246,7 +246,97 @@ class OnnxModel(Artifact):
         return folder
 
 
-ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel}
+# ---------------------------------------------------------------------------------------------
+# TensorRT engines
+# ---------------------------------------------------------------------------------------------
+
+ENGINE_FILE = "model.engine"
+#: what every engine's ``meta["tensorrt"]`` records (see edgesmith.export.tensorrt.EngineMeta)
+ENGINE_META_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "profiles", "precision",
+                    "source_onnx_hash")
+
+
+@dataclass
+class TensorRTEngine(Artifact):
+    """A serialised TensorRT engine (``model.engine``) with the tokenizer files of its ONNX source.
+
+    ``meta["tensorrt"]`` says what it was built for: TensorRT version, GPU name and compute
+    capability, optimization profiles, precision and the content hash of the ONNX model. An engine
+    only runs on the GPU model and TensorRT version it was built with; the TensorRT runtime checks
+    this record before it deserialises anything and refuses a mismatch with a clear message.
+    """
+
+    folder: Path | None = None
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    kind: ClassVar[str] = "tensorrt"
+
+    @property
+    def path(self) -> Path:
+        assert self.folder is not None
+        return self.folder / ENGINE_FILE
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
+    @property
+    def engine_meta(self) -> dict[str, Any]:
+        return dict(self.meta.get("tensorrt") or {})
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(sha256_file(self.path).encode())
+        digest.update(self.task.encode())
+        return digest.hexdigest()
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.folder is None or not (self.folder / "tokenizer_config.json").exists():
+            return None
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def _write(self, folder: Path) -> None:
+        import shutil
+
+        for f in self.folder.iterdir():
+            if f.is_file() and f.name != META_FILE:
+                shutil.copy2(f, folder / f.name)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        if self.folder is not None and folder.resolve() == self.folder.resolve():
+            write_json_atomic(folder / META_FILE, self._meta_json())
+            return folder
+        super().save(folder)
+        self.folder = folder
+        return folder
+
+    @classmethod
+    def load_folder(cls, path: Path, meta: dict) -> TensorRTEngine:
+        if not (path / ENGINE_FILE).exists():
+            raise BadInput(f"{path}: edgesmith.json says kind 'tensorrt' but {ENGINE_FILE} is missing; rebuild it "
+                           "with `edgesmith export MODEL.onnx --to tensorrt`")
+        record = (meta.get("meta") or {}).get("tensorrt")
+        missing = [k for k in ENGINE_META_KEYS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise BadInput(f"{path}: the engine's metadata lacks {', '.join(missing)}; it cannot be checked against "
+                           "this GPU, rebuild it with `edgesmith export MODEL.onnx --to tensorrt`")
+        return cls(task=meta.get("task", "feature-extraction"), name=meta.get("name", path.name),
+                   lineage=meta.get("lineage", []), meta=meta.get("meta", {}), folder=path,
+                   inputs=list(meta.get("inputs") or []), outputs=list(meta.get("outputs") or []))
+
+
+ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel, "tensorrt": TensorRTEngine}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +366,11 @@ def load(model: str | Path | None = None, *, task: str | None = None, trust_remo
     artifact folder, or an ``.onnx`` file."""
     path = resolve_model_path(model)
     if path.is_file():
+        if path.suffix in (".engine", ".plan", ".trt") and (path.parent / META_FILE).exists():
+            return load(path.parent, task=task, trust_remote_code=trust_remote_code)
+        if path.suffix in (".engine", ".plan", ".trt"):
+            raise BadInput(f"{path}: a bare TensorRT engine has no record of the GPU and TensorRT version it was built "
+                           "for; build one with `edgesmith export MODEL.onnx --to tensorrt` and give its folder")
         if path.suffix != ".onnx":
             raise BadInput(f"{path}: not a model folder or an .onnx file")
         return _load_onnx_file(path, task)

@@ -331,14 +331,19 @@ def _on_torch_cuda(session) -> bool:
 
 
 def _reset_device_memory(session) -> None:
-    if _on_torch_cuda(session):
+    if str(getattr(session, "device", "cpu")).startswith("cuda"):
         import torch
 
         torch.cuda.reset_peak_memory_stats()
 
 
 def _device_memory_mb(session) -> float | None:
-    """Peak device memory torch allocated while profiling (weights included); None off torch CUDA."""
+    """Peak device memory while profiling: the session's own account where it keeps one (TensorRT:
+    the engine's context memory plus its buffers), else what torch allocated on CUDA (weights
+    included); None off the GPU."""
+    own = getattr(session, "device_memory_mb", None)
+    if callable(own):
+        return own()
     if not _on_torch_cuda(session):
         return None
     import torch
@@ -377,15 +382,27 @@ def _progress(enabled: bool, total: int):
                     transient=True)
 
 
+def _device_timer(session):
+    """A GPU session's own timer (CUDA events, inputs on the device), or None: wall-clock timing."""
+    timer = getattr(session, "time_run", None)
+    return timer if callable(timer) and str(getattr(session, "device", "cpu")).startswith("cuda") else None
+
+
 def measure(session, feeds: list[dict[str, np.ndarray]], *, warmup: int, iterations: int,
             time_budget_s: float | None = None, progress: bool = False) -> list[float]:
     """Run ``warmup`` untimed runs, then timed runs until ``iterations`` or the time budget (which
-    covers the timed runs only) is spent, never fewer than ``MIN_SAMPLES``. Returns milliseconds."""
+    covers the timed runs only) is spent, never fewer than ``MIN_SAMPLES``. Returns milliseconds.
+
+    A session on a CUDA device that has ``time_run`` (torch CUDA, TensorRT, ONNX Runtime's GPU
+    providers) is timed by it: CUDA events or IOBinding, inputs already on the device, after
+    synchronisation. Others: wall-clock around ``run`` and ``synchronize``."""
     batches = cycle(feeds)
+    warm = _device_timer(session) or session.run
     for _ in range(warmup):
-        session.run(next(batches))
+        warm(next(batches))
     session.synchronize()
     latencies: list[float] = []
+    device_timer = _device_timer(session)
     bar = _progress(progress, iterations)
     task = bar.add_task("profile", total=iterations) if bar else None
     if bar:
@@ -395,10 +412,14 @@ def measure(session, feeds: list[dict[str, np.ndarray]], *, warmup: int, iterati
         for _ in range(iterations):
             feed = next(batches)
             t0 = time.perf_counter()
-            session.run(feed)
-            session.synchronize()
-            t1 = time.perf_counter()
-            latencies.append((t1 - t0) * 1000.0)
+            if device_timer is not None:
+                latencies.append(device_timer(feed))
+                t1 = time.perf_counter()
+            else:
+                session.run(feed)
+                session.synchronize()
+                t1 = time.perf_counter()
+                latencies.append((t1 - t0) * 1000.0)
             if bar:
                 bar.advance(task)
             if time_budget_s is not None and t1 - started >= time_budget_s and len(latencies) >= MIN_SAMPLES:
@@ -419,7 +440,7 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
 
     Inputs are real sentences (the built-in corpus, or ``texts``) padded to exactly ``seq`` tokens.
     The profile records the providers the session reports, never the one asked for. ``per_op``
-    (ONNX Runtime only) adds per-op times from ONNX Runtime's profiler, recorded over
+    (ONNX Runtime, TensorRT) adds per-op (per-layer) times from their profilers, recorded over
     ``per_op_runs`` runs in a second session, so the profiler never slows the timed loop.
     """
     from edgesmith.runtimes.base import default_runtime_for, get_runtime
@@ -441,9 +462,13 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
         session.close()
     ops = None
     if per_op:
-        if runtime_name != "onnxruntime":
-            raise BadInput(f"per-op times come from ONNX Runtime's profiler; runtime '{runtime_name}' has none")
-        ops = ort_per_op(artifact, options, feeds, per_op_runs)
+        if runtime_name == "tensorrt":
+            ops = tensorrt_per_layer(artifact, options, feeds, per_op_runs)
+        elif runtime_name != "onnxruntime":
+            raise BadInput(f"per-op times come from ONNX Runtime's or TensorRT's profiler; runtime '{runtime_name}' "
+                           "has none")
+        else:
+            ops = ort_per_op(artifact, options, feeds, per_op_runs)
     stats = Stats(**summarize(latencies))
     used_threads = session_options.get("threads", threads)
     return Profile(
@@ -464,6 +489,18 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
         per_op=ops,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def tensorrt_per_layer(artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],
+                       runs: int) -> list[OpTime]:
+    """Per-layer mean times of a TensorRT engine through TensorRT's IProfiler, in a separate session."""
+    from edgesmith.runtimes.base import get_runtime
+
+    session = get_runtime("tensorrt").load(artifact, **options)
+    try:
+        return [OpTime(**layer) for layer in session.per_layer(feeds, runs)]
+    finally:
+        session.close()
 
 
 def ort_per_op(artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],

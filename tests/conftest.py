@@ -55,3 +55,23 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv("EDGESMITH_CACHE", str(folder))
     return folder
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests where no CUDA device is present, and tests marked `tensorrt` where
+    TensorRT's Python package is missing, each with the reason."""
+    cuda = torch.cuda.is_available()
+    tensorrt = _tensorrt_importable()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        elif "tensorrt" in item.keywords and not tensorrt:
+            item.add_marker(pytest.mark.skip(reason="tensorrt is not installed (NVIDIA's package index)"))

@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.logging import RichHandler
 
 from edgesmith.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EdgesmithError
@@ -45,6 +46,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks a
 
 def _register_commands() -> None:
     from edgesmith.cli import devices, distill, doctor, models, passes, profiles, run  # noqa: F401
+    from edgesmith.cli import sweep  # noqa: F401
 
 
 def _is_a(exc: BaseException, class_name: str) -> bool:
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     except EdgesmithError as exc:
         if debug:
             err_console.print_exception()
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -48,17 +48,55 @@ def inspect_command(
 
 @app.command("export")
 def export_command(
-    model: str = typer.Argument("minilm", help="Model folder or 'minilm'."),
-    to: str = typer.Option("onnx", "--to", help="Target format: onnx."),
+    model: str = typer.Argument("minilm", help="Model folder or 'minilm' (--to onnx); an ONNX model (--to tensorrt)."),
+    to: str = typer.Option("onnx", "--to", help="Target format: onnx or tensorrt."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
-    atol: float = typer.Option(1e-3, "--atol", help="Largest allowed max abs difference in validation."),
+    atol: float | None = typer.Option(None, "--atol", help="Largest allowed max abs difference in validation "
+                                      "(default: 1e-3 for onnx; per precision for tensorrt)."),
+    precision: str = typer.Option("fp16", "--precision", help="tensorrt: fp32, fp16, bf16, int8 (Q/DQ graph), "
+                                  "fp8 (FP8 Q/DQ graph)."),
+    shapes: list[str] = typer.Option([], "--shapes", help="tensorrt: an optimization profile, e.g. "
+                                     "batch=1:8:32,seq=16:128:256 (MIN:OPT:MAX; repeat for several profiles)."),
+    workspace: int = typer.Option(4096, "--workspace", help="tensorrt: builder workspace limit, MiB."),
+    opt_level: int = typer.Option(3, "--opt-level", help="tensorrt: builder optimization level 0-5."),
+    backend: str = typer.Option("auto", "--backend", help="tensorrt: python (TensorRT's builder API), trtexec, "
+                                "or auto (python when installed, else trtexec)."),
+    trtexec: str = typer.Option("trtexec", "--trtexec", help="tensorrt: path of the trtexec tool."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Copy the exported folder here."),
     runs_dir: Path = RUNS_DIR,
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Export to ONNX (dynamic batch and sequence), validated against the source on probe inputs."""
-    if to != "onnx":
-        raise BadInput(f"--to {to}: only 'onnx' is supported by this version")
-    options = {"atol": atol, **({"opset": opset} if opset else {})}
-    run_one_pass(model, "export", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
+    """Export to ONNX (dynamic batch and sequence) or build a TensorRT engine from an ONNX model,
+    validated against its source on probe inputs."""
+    if to == "onnx":
+        options = {**({"atol": atol} if atol is not None else {}), **({"opset": opset} if opset else {})}
+        run_one_pass(model, "export", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
+        return
+    if to != "tensorrt":
+        raise BadInput(f"--to {to}: only 'onnx' and 'tensorrt' are supported")
+    options = {"precision": precision, "workspace_mib": workspace, "optimization_level": opt_level,
+               "backend": backend, "trtexec": trtexec, **({"shapes": shapes} if shapes else {}),
+               **({"atol": atol} if atol is not None else {})}
+    _check_tensorrt_ready(model, options)
+    run_one_pass(model, "tensorrt", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
+
+
+def _check_tensorrt_ready(model: str, options: dict) -> None:
+    """Refuse (exit 2) before any run folder is made: bad options, a model that is not ONNX, or no
+    TensorRT / GPU here."""
+    from edgesmith.artifacts import resolve_model_path
+    from edgesmith.compress.base import make_config
+    from edgesmith.export.tensorrt import TensorRTConfig, resolve_backend
+    from edgesmith.runtimes.tensorrt import gpu_identity
+
+    cfg = make_config(TensorRTConfig, options, where="export --to tensorrt")
+    path = resolve_model_path(model)
+    is_onnx = path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").exists())
+    if not is_onnx:
+        raise BadInput(f"--to tensorrt builds from an ONNX model; '{model}' is not one: "
+                       f"export it first (edgesmith export {model} --to onnx -o model-onnx)")
+    resolve_backend(cfg.backend, cfg.trtexec)
+    if gpu_identity()[0] is None:
+        raise BadInput("--to tensorrt needs a CUDA GPU: engines are built on the GPU they will run on, and none is "
+                       "visible here")

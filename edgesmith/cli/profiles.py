@@ -13,8 +13,16 @@ from edgesmith.cli.common import JSON_OUT, console, err_console, print_json
 @app.command("profile")
 def profile_command(
     artifact: str = typer.Argument(..., help="Model folder, .onnx file, or 'minilm'."),
-    runtime: str | None = typer.Option(None, "--runtime", help="torch or onnxruntime (default: the artifact's own)."),
+    runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime or tensorrt (default: the "
+                                       "artifact's own)."),
     provider: str = typer.Option("cpu", "--provider", help="Execution provider / device: cpu, cuda, tensorrt."),
+    device: str | None = typer.Option(None, "--device", help="torch device: cpu, cuda or cuda:N (same as --provider "
+                                      "for --runtime torch)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="torch: fp32, fp16 or bf16."),
+    compile_: bool = typer.Option(False, "--compile", help="torch: run through torch.compile."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="torch on CUDA: replay CUDA graphs."),
+    provider_option: list[str] = typer.Option([], "--provider-option", help="ONNX Runtime provider option "
+                                              "KEY=VALUE (repeatable), e.g. trt_fp16_enable=True."),
     batch: int = typer.Option(1, "--batch", help="Batch size."),
     seq: int = typer.Option(128, "--seq", help="Sequence length (inputs are real sentences padded to it)."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed warm-up iterations."),
@@ -39,11 +47,18 @@ def profile_command(
     """Measure latency of an artifact on a runtime, here or on a device over ssh; write a versioned JSON profile."""
     from edgesmith.artifacts import load
 
-    prof = _profile_for(load(artifact), target=target, host=host, ssh_config=ssh_config, targets_dir=targets_dir,
+    art = load(artifact)
+    provider, extra = _gpu_options(art, runtime, provider, device, dtype, compile_, cuda_graphs, provider_option)
+    if extra and target is not None:
+        from edgesmith.errors import BadInput
+
+        raise BadInput("--device, --dtype, --compile, --cuda-graphs and --provider-option apply to local profiles; "
+                       "leave out --target")
+    prof = _profile_for(art, target=target, host=host, ssh_config=ssh_config, targets_dir=targets_dir,
                         estimate=estimate, runtime=runtime, provider=provider, batch=batch, seq=seq, warmup=warmup,
                         iterations=iterations, time_budget=time_budget, threads=threads, label=label,
                         per_op=per_op, precision=precision, timeout=timeout, progress=err_console.is_terminal
-                        and not as_json)
+                        and not as_json, **extra)
     if output is not None:
         prof.save(output)
     if as_json:
@@ -69,10 +84,38 @@ def profile_command(
         console.print(f"profile: {output}")
 
 
+def _gpu_options(art, runtime: str | None, provider: str, device: str | None, dtype: str | None, compile_: bool,
+                 cuda_graphs: bool, provider_option: list[str]) -> tuple[str, dict]:
+    """The provider and the runtime options the GPU flags stand for; flags that do not fit the
+    runtime are refused (exit 2), never ignored."""
+    from edgesmith.errors import BadInput
+    from edgesmith.runtimes.base import default_runtime_for
+
+    name = runtime or default_runtime_for(art)
+    extra: dict = {}
+    torch_flags = [f for f, v in (("--dtype", dtype), ("--compile", compile_), ("--cuda-graphs", cuda_graphs),
+                                  ("--device", device)) if v]
+    if name != "torch" and torch_flags:
+        raise BadInput(f"{', '.join(torch_flags)} appl{'y' if len(torch_flags) > 1 else 'ies'} to --runtime torch, "
+                       f"not {name}")
+    if name == "torch":
+        if device is not None:
+            provider = device
+        extra = {k: v for k, v in (("dtype", dtype), ("compile", compile_ or None),
+                                   ("cuda_graphs", cuda_graphs or None)) if v is not None}
+    if provider_option:
+        if name != "onnxruntime":
+            raise BadInput(f"--provider-option applies to --runtime onnxruntime, not {name}")
+        from edgesmith.runtimes.onnxruntime import parse_provider_options
+
+        extra["provider_options"] = parse_provider_options(provider_option)
+    return provider, extra
+
+
 def _profile_for(art, *, target: str | None, host: str | None, ssh_config: Path | None, targets_dir: list[Path],
                  estimate: bool, runtime: str | None, provider: str, batch: int, seq: int, warmup: int,
                  iterations: int, time_budget: float | None, threads: int | None, label: str | None, per_op: bool,
-                 precision: str | None, timeout: float | None, progress: bool):
+                 precision: str | None, timeout: float | None, progress: bool, **runtime_options):
     """Local, remote (over ssh) or estimated, depending on the target and flags."""
     from edgesmith.errors import BadInput
     from edgesmith.profiling import profile
@@ -82,7 +125,7 @@ def _profile_for(art, *, target: str | None, host: str | None, ssh_config: Path 
     if target is None:
         return profile(art, runtime, batch=batch, seq=seq, warmup=warmup, iterations=iterations,
                        time_budget_s=time_budget, threads=threads, provider=provider, label=label,
-                       per_op=per_op, progress=progress)
+                       per_op=per_op, progress=progress, **runtime_options)
     from edgesmith.targets import get_target
 
     tgt = get_target(target, host=host, extra_dirs=targets_dir)
@@ -105,7 +148,8 @@ def _profile_for(art, *, target: str | None, host: str | None, ssh_config: Path 
 
 @app.command("compare")
 def compare_command(
-    profiles: list[Path] = typer.Argument(..., help="Profile JSON files; the first is the baseline unless --baseline."),
+    profiles: list[Path] = typer.Argument(..., help="Profile JSON files, or a sweep's pareto.json (its front's "
+                                          "profiles); the first is the baseline unless --baseline."),
     baseline: str = typer.Option("0", "--baseline", help="Index, label or artifact name of the baseline."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a quality-vs-latency PNG here (needs quality)."),
     metric: str = typer.Option("cosine", "--metric", help="Quality metric for --plot."),
@@ -113,7 +157,9 @@ def compare_command(
 ) -> None:
     """Profiles side by side: speedups with bootstrap 95 % intervals; noise is called noise."""
     from edgesmith.profiling import compare
+    from edgesmith.sweep import is_pareto_file, profiles_of_front
 
+    profiles = [p for path in profiles for p in (profiles_of_front(path) if is_pareto_file(path) else [path])]
     base: int | str = int(baseline) if baseline.isdigit() else baseline
     comparison = compare(profiles, baseline=base)
     if plot is not None:

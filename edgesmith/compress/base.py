@@ -163,6 +163,7 @@ def _load_builtin() -> None:
     import edgesmith.compress.pruning  # noqa: F401
     import edgesmith.compress.quantization  # noqa: F401
     import edgesmith.export.onnx  # noqa: F401
+    import edgesmith.export.tensorrt  # noqa: F401
 
 
 def _load_entry_points() -> None:

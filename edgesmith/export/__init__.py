@@ -1,4 +1,5 @@
-"""Exporters: ``to_onnx`` (TorchModel -> OnnxModel, validated against its source)."""
+"""Exporters: ``to_onnx`` (TorchModel -> OnnxModel) and ``to_tensorrt`` (OnnxModel -> TensorRTEngine),
+each validated against its source."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from edgesmith.artifacts import Artifact
 
-__all__ = ["to_onnx"]
+__all__ = ["to_onnx", "to_tensorrt"]
 
 
 def to_onnx(model: Artifact, ctx=None, **options: Any) -> Artifact:
@@ -14,3 +15,10 @@ def to_onnx(model: Artifact, ctx=None, **options: Any) -> Artifact:
     from edgesmith.compress.base import get_pass
 
     return get_pass("export")(**options)(model, ctx)
+
+
+def to_tensorrt(model: Artifact, ctx=None, **options: Any) -> Artifact:
+    """Build a TensorRT engine from an OnnxModel on this GPU and validate it (see ``TensorRTConfig``)."""
+    from edgesmith.compress.base import get_pass
+
+    return get_pass("tensorrt")(**options)(model, ctx)

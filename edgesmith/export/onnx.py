@@ -26,7 +26,7 @@ import logging
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -369,12 +369,14 @@ def measure(ref: np.ndarray, cand: np.ndarray, mask: np.ndarray) -> dict[str, fl
 
 def compare_outputs(reference: Artifact, candidate: Artifact, *, texts: list[str] | None = None,
                     batches: Sequence[int] = DEFAULT_BATCHES, seq_lengths: Sequence[int] = DEFAULT_SEQ_LENGTHS,
-                    left_padding: bool | None = None, tokenizer: Any = None, threads: int | None = None) -> dict:
+                    left_padding: bool | None = None, tokenizer: Any = None, threads: int | None = None,
+                    accept: Callable[[dict], bool] | None = None) -> dict:
     """Run both artifacts on the same probe inputs and measure how far the candidate is.
 
     Each artifact runs on its default runtime (torch for a TorchModel, ONNX Runtime for an
     OnnxModel). ``texts`` default to the shipped WordNet corpus; ``left_padding`` defaults to
-    True for text-generation. Returns ``max_abs`` and ``mean_abs`` over non-padded positions,
+    True for text-generation. ``accept`` (given a probe's description: batch, seq, padding) keeps
+    only the probes a candidate can run, such as the shapes a TensorRT engine was built for. Returns ``max_abs`` and ``mean_abs`` over non-padded positions,
     ``min_cosine`` of mask-mean-pooled rows, the output compared, and the same per probe.
     """
     from edgesmith.runtimes.base import default_runtime_for, get_runtime
@@ -393,6 +395,10 @@ def compare_outputs(reference: Artifact, candidate: Artifact, *, texts: list[str
     output = reference.output_names[0]
     probes = probe_feeds(tokenizer, texts, names, batches=batches, seq_lengths=seq_lengths,
                          left_padding=left_padding)
+    if accept is not None:
+        probes = [(desc, feeds) for desc, feeds in probes if accept(desc)]
+        if not probes:
+            raise BadInput(f"no probe input of {candidate.name} lies within the shapes it accepts; widen its shapes")
     ref_session = get_runtime(default_runtime_for(reference)).load(reference, threads=threads)
     cand_session = get_runtime(default_runtime_for(candidate)).load(candidate, threads=threads)
     results = []

@@ -89,6 +89,7 @@ def register_runtime(cls: type[Runtime]) -> type[Runtime]:
 
 def available_runtimes() -> dict[str, type[Runtime]]:
     import edgesmith.runtimes.onnxruntime  # noqa: F401
+    import edgesmith.runtimes.tensorrt  # noqa: F401
     import edgesmith.runtimes.torch  # noqa: F401
 
     return dict(_RUNTIMES)
@@ -102,4 +103,4 @@ def get_runtime(name: str) -> Runtime:
 
 
 def default_runtime_for(artifact: Artifact) -> str:
-    return {"torch": "torch", "onnx": "onnxruntime"}.get(artifact.kind, "onnxruntime")
+    return {"torch": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}.get(artifact.kind, "onnxruntime")

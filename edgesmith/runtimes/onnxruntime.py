@@ -62,8 +62,11 @@ class OrtSession(Session):
         so.enable_profiling = enable_profiling
         so.log_severity_level = 3
         chain = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+        provider_options = dict(provider_options or {})
+        if provider == "tensorrt":
+            provider_options = tensorrt_ep_options(model, provider_options)
         if provider_options:
-            providers_arg = [(wanted, dict(provider_options))] + chain[1:]
+            providers_arg = [(wanted, provider_options)] + chain[1:]
         else:
             providers_arg = chain
         try:
@@ -76,8 +79,13 @@ class OrtSession(Session):
                            "(CUDA/TensorRT libraries not loadable); fix the GPU install or use --provider cpu")
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.model = model
+        self._ort = ort
+        self._bound: dict[int, Any] = {}
+        effective = self.session.get_provider_options().get(wanted, {}) if provider != "cpu" else {}
         self.options = {"provider": provider, "threads": threads, "graph_optimization": graph_optimization,
-                        "provider_options": provider_options or {}}
+                        "provider_options": dict(effective) or provider_options}
+        if provider != "cpu":
+            self.options["timing"] = "wall-clock around run_with_iobinding; inputs and outputs on the device"
         self._inputs = [i.name for i in self.session.get_inputs()]
         self._outputs = [o.name for o in self.session.get_outputs()]
 
@@ -92,11 +100,77 @@ class OrtSession(Session):
         outs = self.session.run(self._outputs, {n: feeds[n] for n in self._inputs})
         return dict(zip(self._outputs, outs))
 
+    def time_run(self, feeds: dict[str, np.ndarray]) -> float:
+        """One run on the GPU provider (ms) with inputs and outputs bound on the device (IOBinding),
+        so host copies are not timed; ``run_with_iobinding`` returns when the work is done."""
+        import time
+
+        if self.device == "cpu":
+            raise BadInput("time_run times GPU providers; on the CPU, time session.run")
+        binding = self._bound.get(id(feeds))
+        if binding is None:
+            missing = [n for n in self._inputs if n not in feeds]
+            if missing:
+                raise BadInput(f"the ONNX model needs input(s) {', '.join(missing)}")
+            binding = self.session.io_binding()
+            for name in self._inputs:
+                value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[name]), "cuda", 0)
+                binding.bind_ortvalue_input(name, value)
+            for name in self._outputs:
+                binding.bind_output(name, "cuda")
+            self._bound[id(feeds)] = binding
+        binding.synchronize_inputs()
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return (time.perf_counter() - t0) * 1000.0
+
     def end_profiling(self) -> str:
         return self.session.end_profiling()
 
     def close(self) -> None:
+        self._bound.clear()
         self.session = None
+
+
+#: TensorRT provider defaults: engines and timing caches kept (in edgesmith's cache, under a key)
+TENSORRT_EP_DEFAULTS = {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
+
+
+def tensorrt_ep_options(model: OnnxModel, options: dict[str, Any], cache_root: str | None = None) -> dict[str, Any]:
+    """The TensorRT provider's options: the user's, over :data:`TENSORRT_EP_DEFAULTS`, with its
+    engine cache placed in edgesmith's cache under a key of the ONNX hash, these options, the
+    TensorRT version and the GPU (so a change in any of them gets a fresh folder, and nothing stale
+    is reused), and its timing cache per TensorRT version and GPU."""
+    from edgesmith.export.tensorrt import (
+        ort_engine_cache_dir,
+        tensorrt_cache_root,
+        timing_cache_key,
+    )
+    from edgesmith.runtimes.tensorrt import device_identity
+
+    merged = {**TENSORRT_EP_DEFAULTS, **{k: v for k, v in options.items()}}
+    identity = device_identity()
+    if "trt_engine_cache_path" not in merged:
+        folder = ort_engine_cache_dir(model.content_hash(), merged, identity, cache_root)
+        folder.mkdir(parents=True, exist_ok=True)
+        merged["trt_engine_cache_path"] = str(folder)
+    if "trt_timing_cache_path" not in merged:
+        timing = tensorrt_cache_root(cache_root) / "ort-ep-timing" / timing_cache_key(identity)
+        timing.mkdir(parents=True, exist_ok=True)
+        merged["trt_timing_cache_path"] = str(timing)
+    return merged
+
+
+def parse_provider_options(items: list[str] | None) -> dict[str, str]:
+    """``["key=value", ...]`` (the CLI's repeated --provider-option) -> dict; ONNX Runtime takes strings."""
+    options: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--provider-option '{item}' is not KEY=VALUE (example: trt_fp16_enable=True)")
+        options[key.strip()] = value.strip()
+    return options
 
 
 @register_runtime

@@ -376,23 +376,51 @@ def _shape_spec(input_names: Sequence[str], batch: int, seq: int) -> str:
     return ",".join(f"{name}:{batch}x{seq}" for name in input_names)
 
 
-def trtexec_build_argv(trtexec: str, onnx_path: str, engine_path: str, *, input_names: Sequence[str],
-                       batch: int, seq: int, precision: str = "fp16", workspace_mib: int = 1024,
-                       timing_cache: str | None = None) -> list[str]:
-    """``trtexec`` build of a static-shape engine from an ONNX graph (engines are device-specific).
+#: trtexec's precision flags (TensorRT 10): int8 and fp8 also allow fp16 for the layers a Q/DQ graph
+#: leaves in float. fp8 is not offered here: FP8 needs Hopper-class GPUs (compute capability >= 8.9),
+#: where the Python builder is available; trtexec builds serve Jetson devices (Orin: 8.7).
+TRTEXEC_PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "int8": ["--int8", "--fp16"]}
 
-    Precision flags: fp16 → ``--fp16``; int8 → ``--int8 --fp16`` (explicit Q/DQ graphs keep their
-    INT8 layers, the rest may run in FP16); fp32 → none. ``--skipInference``: build only.
+ShapeTriple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def trtexec_build_argv(trtexec: str, onnx_path: str, engine_path: str, *, input_names: Sequence[str],
+                       batch: int | None = None, seq: int | None = None, precision: str = "fp16",
+                       workspace_mib: int = 1024, timing_cache: str | None = None,
+                       profiles: Sequence[dict[str, ShapeTriple]] | None = None,
+                       optimization_level: int | None = None) -> list[str]:
+    """``trtexec`` build of an engine from an ONNX graph (engines are device-specific).
+
+    Shapes: ``profiles`` (one dict per optimization profile: input name -> (min, opt, max) shapes;
+    trtexec takes one ``--minShapes/--optShapes/--maxShapes`` triple per profile, in order), or a
+    single static ``batch`` x ``seq`` profile for every input. Precision flags: see
+    :data:`TRTEXEC_PRECISION_FLAGS`. ``--memPoolSize=workspace:N`` is in MiB,
+    ``--builderOptimizationLevel`` 0-5, ``--skipInference``: build only.
     """
-    if precision not in ("fp32", "fp16", "int8"):
-        raise BadInput(f"trtexec precision must be fp32, fp16 or int8 (got {precision})")
-    if batch < 1 or seq < 1:
-        raise BadInput(f"batch and seq must be at least 1 (got batch={batch}, seq={seq})")
-    spec = _shape_spec(input_names, batch, seq)
-    argv = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-            f"--minShapes={spec}", f"--optShapes={spec}", f"--maxShapes={spec}",
-            f"--memPoolSize=workspace:{int(workspace_mib)}", "--skipInference"]
-    argv += {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}[precision]
+    if precision not in TRTEXEC_PRECISION_FLAGS:
+        raise BadInput(f"trtexec precision must be one of {', '.join(TRTEXEC_PRECISION_FLAGS)} (got {precision})")
+    if not profiles:
+        if batch is None or seq is None or batch < 1 or seq < 1:
+            raise BadInput(f"batch and seq must be at least 1 (got batch={batch}, seq={seq})")
+        static = (batch, seq)
+        profiles = [{name: (static, static, static) for name in input_names}]
+    argv = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    for profile in profiles:
+        missing = [n for n in input_names if n not in profile]
+        if missing:
+            raise BadInput(f"trtexec profile has no shapes for input(s) {', '.join(missing)}")
+        for i, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
+            argv.append(f"{flag}=" + ",".join(f"{n}:{_dims(profile[n][i])}" for n in input_names))
+    argv += [f"--memPoolSize=workspace:{int(workspace_mib)}", "--skipInference"]
+    argv += TRTEXEC_PRECISION_FLAGS[precision]
+    if optimization_level is not None:
+        if not 0 <= int(optimization_level) <= 5:
+            raise BadInput(f"builder optimization level must be 0-5 (got {optimization_level})")
+        argv.append(f"--builderOptimizationLevel={int(optimization_level)}")
     if timing_cache:
         argv.append(f"--timingCacheFile={timing_cache}")
     return argv
