@@ -168,7 +168,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
     current = source
     for i, step in enumerate(steps, 1):
         config_json = step.config.model_dump(mode="json")
-        extra = {}
+        extra = dict(step.pass_cls.environment_key())
         if "data" in step.pass_cls.uses:
             extra["data"] = data_hash
         if "source" in step.pass_cls.uses:
@@ -333,7 +333,7 @@ def _profile_file(label: str) -> str:
 
 
 def _precision(art: Artifact) -> str:
-    if art.kind == "onnx":
+    if art.kind in ("onnx", "tensorrt"):
         return str(art.meta.get("precision", "fp32")).removesuffix("-dynamic")
     return "fp32"
 

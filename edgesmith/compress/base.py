@@ -78,6 +78,12 @@ class Pass(ABC):
     #: "source" (ctx.source). The pipeline folds their hashes into the step's cache key.
     uses: ClassVar[frozenset[str]] = frozenset()
 
+    @classmethod
+    def environment_key(cls) -> dict[str, Any]:
+        """What of this machine shapes the pass's output beyond library versions (a GPU, a TensorRT
+        release); the pipeline folds it into the step's cache key so nothing stale is reused."""
+        return {}
+
     def __init__(self, config: PassConfig | dict | None = None, **options: Any):
         if isinstance(config, PassConfig):
             if options:

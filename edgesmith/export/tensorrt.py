@@ -551,6 +551,17 @@ class TensorRTPass(Pass):
     returns = TensorRTEngine
     description = "build a TensorRT engine (fp32/fp16/bf16, int8/fp8 from Q/DQ) and validate it against the ONNX model"
 
+    @classmethod
+    def environment_key(cls) -> dict[str, Any]:
+        # an engine is specific to the TensorRT release and the GPU: a cached step from another
+        # machine must never be reused here
+        from edgesmith.runtimes.tensorrt import device_identity
+
+        try:
+            return device_identity().as_dict()
+        except Exception as exc:  # no CUDA / no TensorRT: the build itself will refuse with the reason
+            return {"device": f"unavailable: {type(exc).__name__}"}
+
     def apply(self, artifact: Artifact, ctx: Context) -> Artifact:
         from edgesmith.export.onnx import PROBE_POOL, validate
 
