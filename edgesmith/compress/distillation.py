@@ -34,7 +34,14 @@ from torch import nn
 from edgesmith.artifacts import TorchModel
 from edgesmith.compress.base import Context, Pass, PassConfig, register
 from edgesmith.errors import BadInput
-from edgesmith.training import TextBatches, TrainSettings, padded_batches, rank_zero_remove, train, world
+from edgesmith.training import (
+    TextBatches,
+    TrainSettings,
+    padded_batches,
+    rank_zero_remove,
+    train,
+    world,
+)
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +470,7 @@ class Validation:
 
     def fidelity(self) -> dict[str, float]:
         """Cosine (mean, worst) and, for embeddings, neighbour recall@10 of the student now."""
-        from edgesmith.evaluate import fidelity, row_cosines
+        from edgesmith.quality import fidelity, row_cosines
 
         with torch.no_grad():
             cand = self._collect(student=True).numpy().astype(np.float64)
@@ -535,7 +542,7 @@ class DistillPass(Pass):
         train_texts, train_labels, held = split_holdout(texts, labels, config.eval_texts)
         losses = resolve_losses(config, artifact.task, train_labels is not None)
         if "task" in losses and artifact.task == "sequence-classification":
-            from edgesmith.evaluate import label_ids
+            from edgesmith.quality import label_ids
 
             train_labels = label_ids(student, train_labels, int(student.config.num_labels)).tolist()
         pairs = layer_pairs(config, student_layers, teacher_layers, kept) if "hidden_mse" in losses else []
