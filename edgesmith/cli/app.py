@@ -47,6 +47,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks a
 def _register_commands() -> None:
     from edgesmith.cli import devices, distill, doctor, models, passes, profiles, run  # noqa: F401
     from edgesmith.cli import sweep  # noqa: F401
+    from edgesmith.cli import early_exit  # noqa: F401
 
 
 def _is_a(exc: BaseException, class_name: str) -> bool:

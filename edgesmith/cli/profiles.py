@@ -80,6 +80,12 @@ def profile_command(
                   f"{where}  batch {batch} seq {seq}")
     console.print(f"p50 {s.p50:.2f} ms  p90 {s.p90:.2f} ms  p99 {s.p99:.2f} ms  mean {s.mean:.2f} ± {s.std:.2f} ms  "
                   f"(n={s.n})  throughput {prof.throughput:.1f}/s")
+    if prof.early_exit is not None:
+        ex = prof.early_exit
+        expected = f"{ex.expected_ms:.2f} ms" if ex.expected_ms is not None else "-"
+        console.print(f"early exit: {ex.mean_layers or 0:.2f} of {ex.total_layers} layers on average, exits "
+                      f"{ex.histogram}; expected from the calibration histogram {expected} vs measured mean "
+                      f"{s.mean:.2f} ms")
     if output is not None:
         console.print(f"profile: {output}")
 

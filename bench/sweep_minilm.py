@@ -1,0 +1,118 @@
+"""The MiniLM sweep (bench/sweep_minilm.yaml, 12 variants) with 1 and with 2 local workers.
+
+Each run starts from an empty step cache of its own, so both do all the work. Writes the wall
+times, the machine's load and the Pareto front to bench/results/sweep.md.
+
+    .venv/bin/python bench/sweep_minilm.py [--workers 1 2] [--out /tmp/edgesmith-sweep-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE / "sweep_minilm.yaml"
+RESULTS = HERE / "results" / "sweep.md"
+EDGESMITH = Path(sys.executable).with_name("edgesmith")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_once(workers: int, out: Path) -> dict:
+    folder, cache = out / f"workers-{workers}", out / f"cache-{workers}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    command = [str(EDGESMITH), "sweep", str(RECIPE), "--parallel", str(workers), "--out", str(folder),
+               "--cache-dir", str(cache)]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    seconds = time.perf_counter() - started
+    summary = json.loads((folder / "pareto.json").read_text())
+    return {"workers": workers, "seconds": seconds, "load_before": load_before, "load_after": os.getloadavg(),
+            "summary": summary, "folder": folder, "command": " ".join(command[1:])}
+
+
+def front_table(summary: dict) -> list[str]:
+    metrics = ["cosine", "recall@10", "latency_p50", "latency_p90", "size"]
+    lines = ["| trial | variant | cosine | recall@10 | p50 ms | p90 ms | size MB |", "|---|---|---|---|---|---|---|"]
+    from edgesmith.sweep import describe_params
+
+    for r in summary["front"]:
+        m = r["measured"]
+        cells = [f"{m[k]:.4f}" if k in ("cosine", "recall@10") else f"{m[k] / 1e6:.1f}" if k == "size"
+                 else f"{m[k]:.2f}" for k in metrics]
+        lines.append(f"| t{r['trial']} | {describe_params(r['params'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def all_table(summary: dict) -> list[str]:
+    from edgesmith.sweep import describe_params
+
+    lines = ["| trial | variant | cosine | p50 ms | size MB | note |", "|---|---|---|---|---|---|"]
+    front = {r["trial"] for r in summary["front"]}
+    for r in summary["trials"]:
+        m = r["measured"]
+        if r["state"] != "COMPLETE":
+            lines.append(f"| t{r['trial']} | {describe_params(r['params'])} | | | | {r['state'].lower()}: "
+                         f"{(r['failure'] or '').replace('|', '/')} |")
+            continue
+        note = "front" if r["trial"] in front else ("cosine < 0.9" if m["cosine"] < 0.9 else "")
+        lines.append(f"| t{r['trial']} | {describe_params(r['params'])} | {m['cosine']:.4f} | {m['latency_p50']:.2f} | "
+                     f"{m['size'] / 1e6:.1f} | {note} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/edgesmith-sweep-bench"))
+    args = parser.parse_args()
+    runs = [run_once(w, args.out) for w in args.workers]
+    lines = ["# Sweep: 12 variants of the packaged MiniLM", "",
+             (f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+              "The machine was shared with other jobs while this ran: the load averages below say how busy it was."),
+             ("Recipe: `bench/sweep_minilm.yaml` (prune off / ffn 0.25 / ffn 0.5 x quantize off / dynamic per-channel / "
+              "dynamic per-tensor / static; grid sampler; objectives max cosine, min latency_p50 (b1 s128, ORT, "
+              "2 threads), min size; constraint cosine >= 0.9). Command: `.venv/bin/python bench/sweep_minilm.py`."), "",
+             "| workers | wall time | trials completed | failed | load (1/5/15 min) before | after |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        c = r["summary"]["counts"]
+        lb, la = r["load_before"], r["load_after"]
+        lines.append(f"| {r['workers']} | {r['seconds'] / 60:.1f} min ({r['seconds']:.0f} s) | {c['complete']} | {c['failed']} | "
+                     f"{lb[0]:.1f} / {lb[1]:.1f} / {lb[2]:.1f} | {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} |")
+    lines += ["", ("Each run started with an empty step cache (`--cache-dir` of its own). With 2 workers the builds "
+                   "(prune, export, quantize, evaluate) of two trials overlap; profiles still run one at a time with "
+                   "no build beside them."), ""]
+    last = runs[-1]
+    lines += [f"## Pareto front ({last['workers']} worker run: `edgesmith {last['command']}`)", ""] + front_table(last["summary"])
+    lines += ["", "## Every trial", ""] + all_table(last["summary"])
+    if len(runs) > 1:
+        fronts = [sorted(json.dumps(r["params"], sort_keys=True) for r in run["summary"]["front"]) for run in runs]
+        same = all(f == fronts[0] for f in fronts)
+        lines += ["", f"Same front (variants) in every run: {'yes' if same else 'no (latencies differ run to run)'}."]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print(RESULTS.read_text())
+
+
+if __name__ == "__main__":
+    main()
