@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The side-by-side benchmark (edgesmith vs PyTorch vs Optimum): rewrites BENCHMARKS.md and
+# profiles/bench/. Creates bench/.venv-optimum on first use (then runs offline). ~15 min on 2 cores.
+bench: $(STAMP)
+	$(BIN)/python bench/harness.py
 
 clean:
 	rm -rf runs .pytest_cache
