@@ -137,7 +137,10 @@ class TorchModel(Artifact):
         digest = hashlib.sha256()
         state = self.module.state_dict()
         for key in sorted(state):
-            tensor = state[key].detach().cpu().contiguous()
+            tensor = state[key].detach().cpu()
+            if type(tensor) is not __import__("torch").Tensor and hasattr(tensor, "dequantize"):
+                tensor = tensor.dequantize()  # quantized tensor subclasses (torchao) have no byte view
+            tensor = tensor.contiguous()
             digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
             digest.update(tensor.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
         if self.config is not None:
@@ -336,7 +339,106 @@ class TensorRTEngine(Artifact):
                    inputs=list(meta.get("inputs") or []), outputs=list(meta.get("outputs") or []))
 
 
-ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel, "tensorrt": TensorRTEngine}
+# ---------------------------------------------------------------------------------------------
+# Early-exit models
+# ---------------------------------------------------------------------------------------------
+
+EXIT_POLICY_FILE = "policy.json"
+EXIT_TORCH_DIR = "torch"
+
+
+@dataclass
+class EarlyExitModel(Artifact):
+    """A network cut into consecutive ONNX segments (``segment-NN.onnx``: embeddings + the first
+    block + its exit head, then each next block + its exit head) with ``policy.json`` (the exit
+    policy, its calibrated threshold, and each segment's file, layers, inputs and outputs), the
+    tokenizer and config files, and ``torch/`` (the PyTorch weights and exit heads, for the torch
+    runtime). ONNX Runtime and torch sessions run it through an exit controller
+    (:mod:`edgesmith.runtimes.early_exit`)."""
+
+    folder: Path | None = None
+
+    kind: ClassVar[str] = "early-exit"
+
+    @property
+    def policy_data(self) -> dict[str, Any]:
+        assert self.folder is not None
+        path = self.folder / EXIT_POLICY_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadInput(f"{path}: cannot read the exit policy ({exc}); re-create the early-exit model") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("segments"), list) or not data["segments"]:
+            raise BadInput(f"{path}: no segments listed; re-create the early-exit model")
+        return data
+
+    @property
+    def segment_paths(self) -> list[Path]:
+        assert self.folder is not None
+        return [self.folder / seg["file"] for seg in self.policy_data["segments"]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.policy_data.get("inputs") or ["input_ids", "attention_mask"])
+
+    @property
+    def output_names(self) -> list[str]:
+        return [output_name(self.task), "exit_layer"]
+
+    @property
+    def tokenizer(self):
+        """The tokenizer saved beside the segments (loaded once)."""
+        cached = self.__dict__.get("_tokenizer")
+        if cached is None and self.folder is not None:
+            cached = _load_tokenizer(self.folder)
+            self.__dict__["_tokenizer"] = cached
+        return cached
+
+    def _files(self) -> list[Path]:
+        assert self.folder is not None
+        return sorted(f for f in self.folder.rglob("*") if f.is_file() and f.name != META_FILE)
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for f in self._files():
+            digest.update(str(f.relative_to(self.folder)).encode())
+            digest.update(sha256_file(f).encode())
+        digest.update(self.task.encode())
+        return digest.hexdigest()
+
+    def size_bytes(self) -> int:
+        """Bytes of the ONNX segments (what is deployed)."""
+        return sum(p.stat().st_size for p in self.segment_paths)
+
+    def _write(self, folder: Path) -> None:
+        import shutil
+
+        for f in self._files():
+            target = folder / f.relative_to(self.folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        if self.folder is not None and folder.resolve() == self.folder.resolve():
+            write_json_atomic(folder / META_FILE, self._meta_json())
+            return folder
+        super().save(folder)
+        self.folder = folder
+        return folder
+
+    @classmethod
+    def load_folder(cls, path: Path, meta: dict) -> EarlyExitModel:
+        model = cls(task=meta.get("task", "sequence-classification"), name=meta.get("name", path.name),
+                    lineage=meta.get("lineage", []), meta=meta.get("meta", {}), folder=path)
+        missing = [p.name for p in model.segment_paths if not p.exists()]
+        if missing:
+            raise BadInput(f"{path}: segment file(s) {', '.join(missing)} missing; re-create the early-exit model")
+        return model
+
+
+ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel, "tensorrt": TensorRTEngine,
+                                             "early-exit": EarlyExitModel}
 
 
 # ---------------------------------------------------------------------------------------------

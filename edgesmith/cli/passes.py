@@ -9,6 +9,8 @@ import typer
 from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR
 from edgesmith.cli.shortcut import run_one_pass
+from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput
 
 OUTPUT = typer.Option(None, "--output", "-o", help="Copy the result to this folder.")
 
@@ -16,30 +18,84 @@ OUTPUT = typer.Option(None, "--output", "-o", help="Copy the result to this fold
 @app.command("prune")
 def prune_command(
     model: str = typer.Argument("minilm", help="Model folder, or 'minilm' for the packaged default."),
-    heads: float = typer.Option(0.0, "--heads", help="Fraction of attention heads removed in each layer."),
+    heads: float = typer.Option(0.0, "--heads", help="Fraction of attention (query) heads removed in each layer."),
     ffn: float = typer.Option(0.0, "--ffn", help="Fraction of FFN channels removed in each layer."),
-    importance: str = typer.Option("l2", "--importance", help="Importance criterion: l1, l2, random."),
+    layers: float = typer.Option(0.0, "--layers", help="Fraction of whole layers removed (depth pruning)."),
+    importance: str = typer.Option("l2", "--importance", help="Importance criterion: l1, l2, taylor (needs --data), random."),
+    allocation: str = typer.Option("uniform", "--allocation",
+                                   help="uniform (same ratio in every layer) or global (ranked across layers)."),
+    budget: str | None = typer.Option(None, "--budget",
+                                      help="Keep at most this fraction: params=0.5 or macs=0.5 (searches the ratio)."),
+    budget_prunes: str = typer.Option("heads,ffn", "--budget-prunes",
+                                      help="What a budget may prune, comma-separated: heads, ffn, layers."),
+    sparsity: float = typer.Option(0.0, "--sparsity", help="Unstructured sparsity: fraction of layer weights zeroed."),
+    pattern: str | None = typer.Option(None, "--pattern", help="Semi-structured sparsity pattern: 2:4."),
     round_to: int = typer.Option(8, "--round-to", help="Round pruned FFN sizes to a multiple of this."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random importance and Taylor projections."),
+    data: str | None = typer.Option(None, "--data", help="Text file (jsonl, csv, parquet) for Taylor importance."),
+    text_field: str = typer.Option("text", "--text-field", help="Field of --data that holds the text."),
+    check_latency: bool = typer.Option(True, "--latency-check/--no-latency-check",
+                                       help="Time parent and pruned model in torch and warn when pruned is slower."),
     output: Path | None = OUTPUT,
     runs_dir: Path = RUNS_DIR,
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Structured pruning of attention heads and FFN channels (torch-pruning DepGraph)."""
-    run_one_pass(model, "prune", {"heads": heads, "ffn": ffn, "importance": importance, "round_to": round_to},
-                 output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
+    """Prune heads, FFN channels and layers (torch-pruning DepGraph), or add unstructured / 2:4 sparsity."""
+    if importance == "taylor" and data is None:
+        raise BadInput("prune: --importance taylor needs data to compute gradients on: add --data FILE "
+                       "(jsonl/csv/parquet with a 'text' field; --text-field names another)")
+    options = {"heads": heads, "ffn": ffn, "layers": layers, "importance": importance, "allocation": allocation,
+               "budget": budget, "budget_prunes": [p.strip() for p in budget_prunes.split(",") if p.strip()],
+               "sparsity": sparsity, "pattern": pattern, "round_to": round_to, "seed": seed,
+               "check_latency": check_latency}
+    run_one_pass(model, "prune", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json,
+                 data=data, data_options={"text_field": text_field} if data else None)
 
 
 @app.command("quantize")
 def quantize_command(
     model: str = typer.Argument(..., help="ONNX model: an .onnx file or an edgesmith ONNX folder."),
-    mode: str = typer.Option("dynamic", "--mode", help="Quantization mode: dynamic."),
-    per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Per-channel weight scales (default)."),
+    mode: str = typer.Option("dynamic", "--mode", help="dynamic | static (calibrated QDQ) | fp16."),
+    per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor",
+                                            help="Per-channel weight scales (INT8 default: per channel)."),
+    calibration: str | None = typer.Option(None, "--calibration",
+                                           help="Static: texts to calibrate on (jsonl/csv/parquet/txt, streamed)."),
+    method: str | None = typer.Option(None, "--method", help="Static calibration: minmax | entropy | percentile."),
+    samples: int | None = typer.Option(None, "--samples", help="Static: number of calibration texts (256)."),
+    max_drop: list[str] = typer.Option([], "--max-drop",
+                                       help="Accuracy-aware gate METRIC=DROP, e.g. cosine=0.01 (repeatable)."),
+    optimize: bool = typer.Option(False, "--optimize", help="Run ORT's transformer optimizer first (validated)."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="Dynamic: 8-bit embedding tables too."),
+    speed_check: bool = typer.Option(False, "--speed-check", help="Time against the parent; flag if slower."),
+    data: str | None = typer.Option(None, "--data", help="Texts for fidelity and gates (default: built-in corpus)."),
     output: Path | None = OUTPUT,
     runs_dir: Path = RUNS_DIR,
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """INT8 quantization of an ONNX model with ONNX Runtime's quantizer."""
-    run_one_pass(model, "quantize", {"mode": mode, "per_channel": per_channel}, output=output, runs_dir=runs_dir,
-                 cache_dir=cache_dir, as_json=as_json)
+    """Quantize an ONNX model: INT8 dynamic or static (QDQ), or FP16; accuracy-aware with --max-drop."""
+    options: dict = {"mode": mode}
+    given = {"per_channel": per_channel, "calibration": calibration, "method": method, "calibration_samples": samples}
+    options.update({key: value for key, value in given.items() if value is not None})
+    if max_drop:
+        options["max_drop"] = parse_gates(max_drop)
+    for key, flag in (("optimize", optimize), ("quantize_embeddings", embeddings), ("speed_check", speed_check)):
+        if flag:
+            options[key] = True
+    run_one_pass(model, "quantize", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json,
+                 data=data)
+
+
+def parse_gates(values: list[str]) -> dict[str, float]:
+    """``["cosine=0.01", "recall@10=0.05"]`` -> {"cosine": 0.01, "recall@10": 0.05}."""
+    gates: dict[str, float] = {}
+    for value in values:
+        name, sep, drop = value.partition("=")
+        try:
+            gates[name.strip()] = float(drop)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise BadInput(f"--max-drop {value!r}: write METRIC=DROP, e.g. --max-drop cosine=0.01")
+    return gates

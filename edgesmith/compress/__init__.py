@@ -7,7 +7,7 @@ from typing import Any
 from edgesmith.artifacts import Artifact
 from edgesmith.compress.base import Context, Pass, PassConfig, available_passes, get_pass, register
 
-__all__ = ["Context", "Pass", "PassConfig", "available_passes", "distill", "get_pass", "prune", "quantize", "register"]
+__all__ = ["Context", "Pass", "PassConfig", "available_passes", "distill", "early_exit", "get_pass", "prune", "quantize", "register"]
 
 
 def _apply(name: str, artifact: Artifact, ctx: Context | None, options: dict[str, Any]) -> Artifact:
@@ -20,10 +20,17 @@ def prune(model: Artifact, ctx: Context | None = None, **options: Any) -> Artifa
 
 
 def quantize(model: Artifact, ctx: Context | None = None, **options: Any) -> Artifact:
-    """ONNX Runtime INT8 quantization of an ONNX model (see ``QuantizeConfig``)."""
+    """Quantize an ONNX model with ONNX Runtime: INT8 dynamic or static (QDQ), or FP16; accuracy-aware with
+    ``max_drop`` (see ``QuantizeConfig``)."""
     return _apply("quantize", model, ctx, options)
 
 
 def distill(model: Artifact, ctx: Context | None = None, **options: Any) -> Artifact:
     """Knowledge distillation from a teacher (default: ``ctx.source``) into ``model`` (see ``DistillConfig``)."""
     return _apply("distill", model, ctx, options)
+
+
+def early_exit(model: Artifact, ctx: Context | None = None, **options: Any) -> Artifact:
+    """Exit heads, self-distillation, a calibrated exit policy and ONNX segments: an EarlyExitModel
+    (see ``EarlyExitConfig``; e.g. ``early_exit(m, data="builtin:wordnet", budget="accuracy=0.01")``)."""
+    return _apply("early-exit", model, ctx, options)
