@@ -169,6 +169,9 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
     for i, step in enumerate(steps, 1):
         config_json = step.config.model_dump(mode="json")
         extra = dict(step.pass_cls.environment_key())
+        files = referenced_files_key(config_json)
+        if files:
+            extra["files"] = files  # a data or teacher file edited in place must not reuse a stale step
         if "data" in step.pass_cls.uses:
             extra["data"] = data_hash
         if "source" in step.pass_cls.uses:
@@ -250,6 +253,34 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
             console.print(f"[yellow]warning:[/] {warning}")
     _write_report(run_dir, recipe, manifest, comparison, metrics, profiles)
     return RunResult(run_dir, artifacts, metrics, profiles, comparison, True, manifest)
+
+
+def referenced_files_key(config: Any) -> dict[str, str]:
+    """Content hashes of the local files and folders a step's options name (data, calibration, teacher)."""
+    from edgesmith.storage import sha256_file
+
+    found: dict[str, str] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str) and value and not value.startswith("builtin:") and len(value) < 4096:
+            path = Path(value).expanduser()
+            try:
+                if path.is_file():
+                    found[value] = sha256_file(path)
+                elif path.is_dir():
+                    found[value] = sha256_json({str(f.relative_to(path)): sha256_file(f)
+                                                for f in sorted(path.rglob("*")) if f.is_file()})
+            except OSError:
+                return
+
+    visit(config)
+    return found
 
 
 def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData, cache: StepCache,

@@ -142,3 +142,15 @@ def test_compressed_but_not_faster_is_flagged(tiny_bert_dir):
     assert len(warnings) == 1
     assert warnings[0].startswith("quantize (ort int8) is slower than its parent export (ort fp32): 0.6")
     assert _slower_than_parent(recipe, recipe.profile_targets(), [slow, fast]) == []
+
+
+def test_a_data_file_edited_in_place_changes_the_step_key(tmp_path):
+    from edgesmith.pipeline import referenced_files_key
+
+    data = tmp_path / "calib.txt"
+    data.write_text("one sentence\n")
+    first = referenced_files_key({"calibration": str(data), "method": "minmax", "nested": [{"x": "builtin:wordnet"}]})
+    assert list(first) == [str(data)]
+    data.write_text("another sentence\n")
+    assert referenced_files_key({"calibration": str(data)}) != first
+    assert referenced_files_key({"mode": "dynamic", "data": None}) == {}

@@ -71,6 +71,8 @@ class DistillConfig(PassConfig):
     text_field: str = "text"
     label_field: str | None = None
     limit: int | None = Field(None, gt=0, description="use at most this many rows of data")
+    offset: int = Field(0, ge=0, description="skip this many rows of `data` first (keep training text apart "
+                                             "from the recipe's evaluation rows)")
     eval_texts: int = Field(256, ge=2, description="rows held out for validation (at most a fifth of the data)")
     steps: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -410,7 +412,7 @@ def training_texts(config: DistillConfig, ctx: Context) -> tuple[list[str], list
         from edgesmith.data import load_texts
 
         data = load_texts(config.data, text_field=config.text_field, label_field=config.label_field,
-                          limit=config.limit)
+                          limit=config.limit, offset=config.offset)
         return data.texts, data.labels
     if not ctx.texts:
         raise BadInput("distill needs training texts: give data=<file or builtin:wordnet> "
