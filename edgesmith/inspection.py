@@ -8,7 +8,6 @@ from typing import Any
 from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
 
 
-
 def describe(artifact: Artifact) -> dict[str, Any]:
     info: dict[str, Any] = {"kind": artifact.kind, "name": artifact.name, "task": artifact.task,
                             "content_hash": artifact.content_hash(), "inputs": artifact.input_names,
@@ -45,19 +44,44 @@ def _describe_torch(model: TorchModel) -> dict[str, Any]:
 
 
 def _layer_shapes(module) -> tuple[list[dict], list[dict]]:
-    """Heads and FFN width per layer, for the architectures edgesmith knows (see compress/pruning.py)."""
-    from edgesmith.compress.pruning import arch_spec, layer_parts
+    """Heads, FFN width and weight sparsity per layer, for the architectures edgesmith knows
+    (see compress/pruning.py). ``sparsity`` is the fraction of zeros in the layer's Linear weights;
+    ``pattern_2_4`` whether all of them hold two zeros in every four along the input dimension."""
+    from edgesmith.compress.pruning import (
+        arch_spec,
+        ffn_width_of,
+        head_dim_of,
+        heads_of,
+        kv_heads_of,
+        layer_parts,
+        sparsity_report,
+    )
     from edgesmith.errors import BadInput
 
     try:
         spec = arch_spec(module)
+        parts = layer_parts(module, spec)
     except BadInput:
         return [], []
     names = {id(m): n for n, m in module.named_modules()}
-    parts = layer_parts(module, spec)
-    heads = [{"module": names[id(p.attention)], "heads": int(getattr(p.attention, spec.heads_attr))} for p in parts]
-    ffn = [{"module": names[id(p.ffn_in)], "ffn": int(p.ffn_in.out_features)} for p in parts]
+    sparsity = sparsity_report(module, spec)
+    per_module = sparsity["sparsity_per_module"]
+    heads = []
+    ffn = []
+    for part, layer_sparsity in zip(parts, sparsity["sparsity_per_layer"]):
+        layer_modules = [names[id(m)] for m in part.layer.modules() if id(m) in names and names[id(m)] in per_module]
+        heads.append({"module": names[id(part.attention)], "heads": heads_of(part, spec),
+                      "kv_heads": kv_heads_of(part, spec), "head_dim": head_dim_of(part, spec),
+                      "sparsity": layer_sparsity,
+                      "pattern_2_4": all(_is_2_4_module(module, n) for n in layer_modules)})
+        ffn.append({"module": names[id(part.ffn_in[0])], "ffn": ffn_width_of(part)})
     return heads, ffn
+
+
+def _is_2_4_module(module, name: str) -> bool:
+    from edgesmith.compress.pruning import is_2_4, linear_weight
+
+    return is_2_4(linear_weight(module.get_submodule(name)).detach())
 
 
 def _describe_onnx(model: OnnxModel) -> dict[str, Any]:

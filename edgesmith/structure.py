@@ -66,6 +66,11 @@ def _resized(old: nn.Module, shapes: dict[str, torch.Size], dtype: torch.dtype) 
         shape = shapes.get("weight", shapes.get("bias"))
         return nn.LayerNorm(tuple(shape), eps=old.eps, elementwise_affine=old.elementwise_affine,
                             bias=old.bias is not None, dtype=dtype)
+    if type(old).__name__ == "Conv1D":  # transformers' GPT-2 Conv1D: weight (in, out)
+        from transformers.pytorch_utils import Conv1D
+
+        in_features, out_features = shapes["weight"]
+        return Conv1D(out_features, in_features).to(dtype)
     if isinstance(old, nn.Embedding):
         num, dim = shapes["weight"]
         return nn.Embedding(num, dim, padding_idx=old.padding_idx, dtype=dtype)

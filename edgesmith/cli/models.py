@@ -38,6 +38,8 @@ def inspect_command(
     table.add_row("outputs", ", ".join(info["outputs"]))
     if info.get("attention"):
         table.add_row("heads per layer", " ".join(str(a["heads"]) for a in info["attention"]))
+        table.add_row("sparsity per layer", " ".join(f"{a['sparsity']:.2f}" + (" (2:4)" if a["pattern_2_4"] else "")
+                                                     for a in info["attention"]))
     if info.get("ffn"):
         table.add_row("FFN per layer", " ".join(str(f["ffn"]) for f in info["ffn"]))
     if info.get("op_types"):

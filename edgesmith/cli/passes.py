@@ -10,7 +10,6 @@ from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR
 from edgesmith.cli.shortcut import run_one_pass
 from edgesmith.errors import BadInput
-from edgesmith.errors import BadInput
 
 OUTPUT = typer.Option(None, "--output", "-o", help="Copy the result to this folder.")
 
