@@ -364,7 +364,7 @@ def _profile_file(label: str) -> str:
 
 
 def _precision(art: Artifact) -> str:
-    if art.kind in ("onnx", "tensorrt"):
+    if art.kind in ("onnx", "tensorrt", "early-exit"):
         return str(art.meta.get("precision", "fp32")).removesuffix("-dynamic")
     return "fp32"
 

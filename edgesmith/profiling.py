@@ -34,6 +34,9 @@ PROFILE_SCHEMA_VERSION = 1
 MIN_SAMPLES = 5
 #: distinct input batches the timed loop cycles through
 INPUT_BATCHES = 4
+#: distinct input batches for an early-exit model: its latency depends on the inputs, so one
+#: repeated input (or four) would say nothing about the exit mix
+EARLY_EXIT_INPUT_BATCHES = 64
 CONFIDENCE = 0.95
 
 VERDICT_HEADER = "verdict"
@@ -112,6 +115,25 @@ class RooflineEstimate(_Strict):
     bound: Literal["compute", "memory"]
 
 
+class EarlyExitStats(_Strict):
+    """What an early-exit model did while profiled: samples per exit (layers executed), time per
+    segment, and the latency the calibration's exit histogram predicts from those segment times."""
+
+    exit_layers: list[int]
+    histogram: dict[str, int] = Field(description="timed samples that left at each exit (key: layers executed)")
+    samples: int
+    mean_layers: float | None
+    total_layers: int
+    segment_runs: list[int] = Field(description="times each segment ran during the timed loop")
+    segment_rows: list[int] = Field(description="rows each segment processed during the timed loop")
+    segment_ms: list[float | None] = Field(description="mean ms per run of each segment (None: never ran)")
+    expected_histogram: dict[str, int] = Field(default_factory=dict,
+                                               description="the calibration's exit histogram (validation data)")
+    expected_ms: float | None = Field(default=None, description=(
+        "sum over segments of P(the segment runs) x its mean ms, P from the calibration histogram: "
+        "1 - (1 - reach)^batch, reach = share of samples that get to the segment"))
+
+
 class Profile(_Strict):
     """One latency profile: an artifact on a runtime, on a target, at fixed shapes.
 
@@ -140,6 +162,8 @@ class Profile(_Strict):
     per_op: list[OpTime] | None = Field(default=None, description="per-op (or per-layer) mean ms per run, "
                                         "from a separate profiler session; absent when not asked for")
     estimate: RooflineEstimate | None = None
+    early_exit: EarlyExitStats | None = Field(default=None, description="exit histogram and per-segment latency "
+                                              "of an early-exit model; absent for other models")
     created: str
 
     @property
@@ -297,15 +321,15 @@ def tokenizer_of(artifact: Artifact):
 
 
 def build_feeds(tokenizer, input_names: list[str], *, batch: int, seq: int,
-                texts: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
-    """Up to ``INPUT_BATCHES`` distinct batches of real sentences, each padded to exactly ``seq``."""
+                texts: Sequence[str] | None = None, batches: int = INPUT_BATCHES) -> list[dict[str, np.ndarray]]:
+    """Up to ``batches`` distinct batches of real sentences, each padded to exactly ``seq``."""
     from edgesmith.data import builtin_corpus
     from edgesmith.inputs import tokenize
 
-    pool = [t for t in (texts if texts is not None else builtin_corpus(limit=batch * INPUT_BATCHES)) if t]
+    pool = [t for t in (texts if texts is not None else builtin_corpus(limit=batch * batches)) if t]
     if not pool:
         raise BadInput("no texts to build profiling inputs from; give non-empty texts")
-    count = max(1, min(INPUT_BATCHES, len(pool) // batch))
+    count = max(1, min(batches, len(pool) // batch))
     feeds = []
     for b in range(count):
         rows = [pool[(b * batch + i) % len(pool)] for i in range(batch)]
@@ -401,6 +425,9 @@ def measure(session, feeds: list[dict[str, np.ndarray]], *, warmup: int, iterati
     for _ in range(warmup):
         warm(next(batches))
     session.synchronize()
+    reset = getattr(session, "reset_stats", None)
+    if callable(reset):  # an early-exit session counts exits and segment times: the timed runs only
+        reset()
     latencies: list[float] = []
     device_timer = _device_timer(session)
     bar = _progress(progress, iterations)
@@ -452,9 +479,12 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
     session = get_runtime(runtime_name).load(artifact, **options)
     try:
         _reset_device_memory(session)
-        feeds = build_feeds(tokenizer_of(artifact), session.input_names, batch=batch, seq=seq, texts=texts)
+        distinct = EARLY_EXIT_INPUT_BATCHES if artifact.kind == "early-exit" else INPUT_BATCHES
+        feeds = build_feeds(tokenizer_of(artifact), session.input_names, batch=batch, seq=seq, texts=texts,
+                            batches=distinct)
         latencies = measure(session, feeds, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s,
                             progress=progress)
+        exit_stats = early_exit_stats(session, batch)
         providers = list(session.providers)
         session_options = dict(getattr(session, "options", {}) or {})
         device_peak = _device_memory_mb(session)
@@ -487,8 +517,36 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
         peak_host_memory_mb=peak_host_memory_mb(),
         peak_device_memory_mb=device_peak,
         per_op=ops,
+        early_exit=exit_stats,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def early_exit_stats(session, batch: int) -> EarlyExitStats | None:
+    """The exit histogram and segment times an early-exit session counted, with the latency its
+    calibration histogram predicts from those segment times (None for other sessions)."""
+    stats_of = getattr(session, "exit_stats", None)
+    if not callable(stats_of):
+        return None
+    stats = stats_of()
+    layers = stats["exit_layers"]
+    policy = getattr(session, "policy", None)
+    expected_hist = {str(k): int(v) for k, v in ((policy.calibration or {}).get("histogram") or {}).items()} \
+        if policy is not None else {}
+    expected_ms = None
+    counts = [expected_hist.get(str(layer), 0) for layer in layers]
+    total = sum(counts)
+    if total and all(ms is not None for ms in stats["segment_ms"]):
+        left = total
+        expected_ms = 0.0
+        for count, ms in zip(counts, stats["segment_ms"]):
+            reach = left / total
+            expected_ms += (1.0 - (1.0 - reach) ** batch) * ms
+            left -= count
+    return EarlyExitStats(exit_layers=layers, histogram=stats["histogram"], samples=stats["samples"],
+                          mean_layers=stats["mean_layers"], total_layers=layers[-1], segment_runs=stats["segment_runs"],
+                          segment_rows=stats["segment_rows"], segment_ms=stats["segment_ms"],
+                          expected_histogram=expected_hist, expected_ms=expected_ms)
 
 
 def tensorrt_per_layer(artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],

@@ -192,7 +192,7 @@ def label_map(artifact: Artifact) -> dict[str, int]:
         mapping = dict(getattr(artifact.config, "label2id", None) or {})
         if not mapping and getattr(artifact.config, "id2label", None):
             mapping = {str(v): int(k) for k, v in artifact.config.id2label.items()}
-    elif isinstance(artifact, OnnxModel) and artifact.folder is not None and (artifact.folder / "config.json").exists():
+    elif getattr(artifact, "folder", None) is not None and (artifact.folder / "config.json").exists():
         config = json.loads((artifact.folder / "config.json").read_text())
         mapping = dict(config.get("label2id") or {})
         if not mapping and config.get("id2label"):

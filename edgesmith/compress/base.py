@@ -166,6 +166,7 @@ def register(cls: type[Pass]) -> type[Pass]:
 def _load_builtin() -> None:
     # importing the modules registers their passes
     import edgesmith.compress.distillation  # noqa: F401
+    import edgesmith.compress.exits  # noqa: F401
     import edgesmith.compress.pruning  # noqa: F401
     import edgesmith.compress.quantization  # noqa: F401
     import edgesmith.export.onnx  # noqa: F401

@@ -176,7 +176,7 @@ def parse_provider_options(items: list[str] | None) -> dict[str, str]:
 @register_runtime
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
-    kinds = ("onnx",)
+    kinds = ("onnx", "early-exit")
 
     def availability(self) -> Availability:
         dists = installed_distributions()
@@ -193,6 +193,10 @@ class OnnxRuntime(Runtime):
     def load(self, artifact: Artifact, **options: Any) -> OrtSession:
         self.check(artifact)
         options = {k: v for k, v in options.items() if v is not None}
+        if artifact.kind == "early-exit":  # segments behind an exit controller
+            from edgesmith.runtimes.early_exit import ort_session
+
+            return ort_session(artifact, **options)  # type: ignore[return-value]
         known = {"provider", "threads", "provider_options", "enable_profiling", "graph_optimization"}
         unknown = set(options) - known
         if unknown:

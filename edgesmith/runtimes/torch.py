@@ -179,7 +179,7 @@ class TorchSession(Session):
 @register_runtime
 class TorchRuntime(Runtime):
     name = "torch"
-    kinds = ("torch",)
+    kinds = ("torch", "early-exit")
     OPTIONS = ("device", "threads", "dtype", "compile", "cuda_graphs")
 
     def availability(self) -> Availability:
@@ -191,6 +191,10 @@ class TorchRuntime(Runtime):
     def load(self, artifact: Artifact, **options: Any) -> TorchSession:
         self.check(artifact)
         options = {k: v for k, v in options.items() if v is not None}
+        if artifact.kind == "early-exit":  # the PyTorch network, segment by segment, behind an exit controller
+            from edgesmith.runtimes.early_exit import torch_session
+
+            return torch_session(artifact, **options)  # type: ignore[return-value]
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise BadInput(f"torch runtime: unknown option(s) {', '.join(sorted(unknown))}; "
