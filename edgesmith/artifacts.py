@@ -179,15 +179,54 @@ def output_name(task: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Artifacts that live in a folder of files (ONNX models, TensorRT engines, early-exit models)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FolderArtifact(Artifact):
+    """An artifact whose content is the files of ``folder`` (never modified once made)."""
+
+    folder: Path | None = None
+
+    def _files(self) -> list[Path]:
+        assert self.folder is not None
+        return sorted(f for f in self.folder.rglob("*") if f.is_file() and f.name != META_FILE)
+
+    def tokenizer(self):
+        """The tokenizer saved beside the model, or None."""
+        from transformers import AutoTokenizer
+
+        if self.folder is None or not (self.folder / "tokenizer_config.json").exists():
+            return None
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
+    def _write(self, folder: Path) -> None:
+        import shutil
+
+        for f in self._files():
+            target = folder / f.relative_to(self.folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        if self.folder is not None and folder.resolve() == self.folder.resolve():
+            write_json_atomic(folder / META_FILE, self._meta_json())
+            return folder
+        super().save(folder)
+        self.folder = folder
+        return folder
+
+
+# ---------------------------------------------------------------------------------------------
 # ONNX models
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class OnnxModel(Artifact):
+class OnnxModel(FolderArtifact):
     """An ONNX graph in a folder (``model.onnx`` plus tokenizer and config files)."""
-
-    folder: Path | None = None
 
     kind: ClassVar[str] = "onnx"
 
@@ -220,33 +259,11 @@ class OnnxModel(Artifact):
         digest.update(self.task.encode())
         return digest.hexdigest()
 
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        if self.folder is None or not (self.folder / "tokenizer_config.json").exists():
-            return None
-        return AutoTokenizer.from_pretrained(str(self.folder))
-
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir()
                    if f.is_file() and f.name != META_FILE and (f.suffix in (".onnx", ".data")
                                                                or f.name.endswith(".onnx_data")))
 
-    def _write(self, folder: Path) -> None:
-        import shutil
-
-        for f in self.folder.iterdir():
-            if f.is_file() and f.name != META_FILE:
-                shutil.copy2(f, folder / f.name)
-
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        if self.folder is not None and folder.resolve() == self.folder.resolve():
-            write_json_atomic(folder / META_FILE, self._meta_json())
-            return folder
-        super().save(folder)
-        self.folder = folder
-        return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +277,7 @@ ENGINE_META_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "profi
 
 
 @dataclass
-class TensorRTEngine(Artifact):
+class TensorRTEngine(FolderArtifact):
     """A serialised TensorRT engine (``model.engine``) with the tokenizer files of its ONNX source.
 
     ``meta["tensorrt"]`` says what it was built for: TensorRT version, GPU name and compute
@@ -269,7 +286,6 @@ class TensorRTEngine(Artifact):
     this record before it deserialises anything and refuses a mismatch with a clear message.
     """
 
-    folder: Path | None = None
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
 
@@ -298,31 +314,9 @@ class TensorRTEngine(Artifact):
         digest.update(self.task.encode())
         return digest.hexdigest()
 
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        if self.folder is None or not (self.folder / "tokenizer_config.json").exists():
-            return None
-        return AutoTokenizer.from_pretrained(str(self.folder))
-
     def size_bytes(self) -> int:
         return self.path.stat().st_size
 
-    def _write(self, folder: Path) -> None:
-        import shutil
-
-        for f in self.folder.iterdir():
-            if f.is_file() and f.name != META_FILE:
-                shutil.copy2(f, folder / f.name)
-
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        if self.folder is not None and folder.resolve() == self.folder.resolve():
-            write_json_atomic(folder / META_FILE, self._meta_json())
-            return folder
-        super().save(folder)
-        self.folder = folder
-        return folder
 
     @classmethod
     def load_folder(cls, path: Path, meta: dict) -> TensorRTEngine:
@@ -348,15 +342,13 @@ EXIT_TORCH_DIR = "torch"
 
 
 @dataclass
-class EarlyExitModel(Artifact):
+class EarlyExitModel(FolderArtifact):
     """A network cut into consecutive ONNX segments (``segment-NN.onnx``: embeddings + the first
     block + its exit head, then each next block + its exit head) with ``policy.json`` (the exit
     policy, its calibrated threshold, and each segment's file, layers, inputs and outputs), the
     tokenizer and config files, and ``torch/`` (the PyTorch weights and exit heads, for the torch
     runtime). ONNX Runtime and torch sessions run it through an exit controller
     (:mod:`edgesmith.runtimes.early_exit`)."""
-
-    folder: Path | None = None
 
     kind: ClassVar[str] = "early-exit"
 
@@ -394,10 +386,6 @@ class EarlyExitModel(Artifact):
             self.__dict__["_tokenizer"] = cached
         return cached
 
-    def _files(self) -> list[Path]:
-        assert self.folder is not None
-        return sorted(f for f in self.folder.rglob("*") if f.is_file() and f.name != META_FILE)
-
     def content_hash(self) -> str:
         digest = hashlib.sha256()
         for f in self._files():
@@ -410,22 +398,6 @@ class EarlyExitModel(Artifact):
         """Bytes of the ONNX segments (what is deployed)."""
         return sum(p.stat().st_size for p in self.segment_paths)
 
-    def _write(self, folder: Path) -> None:
-        import shutil
-
-        for f in self._files():
-            target = folder / f.relative_to(self.folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, target)
-
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        if self.folder is not None and folder.resolve() == self.folder.resolve():
-            write_json_atomic(folder / META_FILE, self._meta_json())
-            return folder
-        super().save(folder)
-        self.folder = folder
-        return folder
 
     @classmethod
     def load_folder(cls, path: Path, meta: dict) -> EarlyExitModel:
