@@ -169,3 +169,17 @@ def _datasets_folder(path: Path):
         ds = ds[next(iter(ds))]
     for i, rec in enumerate(ds, 1):
         yield i, rec
+
+
+def pass_texts(ctx_texts: list[str] | None, ctx_labels: list[Any] | None, *, data: str | None, text_field: str,
+               label_field: str | None, limit: int | None, offset: int, needed_by: str) -> tuple[list[str], list[Any] | None]:
+    """The texts (and labels) a training pass uses: its own ``data`` file when given, else the run's data."""
+    if data is not None:
+        loaded = load_texts(data, text_field=text_field, label_field=label_field, limit=limit, offset=offset)
+        return loaded.texts, loaded.labels
+    if not ctx_texts:
+        raise BadInput(f"{needed_by} needs texts: give data=<file or builtin:wordnet> "
+                       f"(edgesmith {needed_by} MODEL --data FILE), or a recipe with data")
+    texts = list(ctx_texts[:limit] if limit else ctx_texts)
+    labels = list(ctx_labels[: len(texts)]) if ctx_labels else None
+    return texts, labels

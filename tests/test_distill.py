@@ -315,7 +315,7 @@ def test_ddp_two_processes_finish_with_identical_weights(minilm_tokenizer, texts
 
 def test_bad_inputs_raise_bad_input(minilm_tokenizer, texts):
     teacher, student = bert(minilm_tokenizer, seed=0), bert(minilm_tokenizer, seed=1)
-    with pytest.raises(BadInput, match="needs training texts"):
+    with pytest.raises(BadInput, match="distill needs texts"):
         es.compress.distill(student, Context(source=teacher, progress=False), **QUICK)
     wide = bert(minilm_tokenizer, seed=2, hidden=64)
     with pytest.raises(BadInput, match="wider than the teacher"):

@@ -408,18 +408,10 @@ def layer_pairs(config: DistillConfig, student_layers: int, teacher_layers: int,
 
 
 def training_texts(config: DistillConfig, ctx: Context) -> tuple[list[str], list[Any] | None]:
-    if config.data is not None:
-        from edgesmith.data import load_texts
+    from edgesmith.data import pass_texts
 
-        data = load_texts(config.data, text_field=config.text_field, label_field=config.label_field,
-                          limit=config.limit, offset=config.offset)
-        return data.texts, data.labels
-    if not ctx.texts:
-        raise BadInput("distill needs training texts: give data=<file or builtin:wordnet> "
-                       "(edgesmith distill --data FILE), or a recipe with data")
-    texts = list(ctx.texts[: config.limit] if config.limit else ctx.texts)
-    labels = list(ctx.labels[: len(texts)]) if ctx.labels else None
-    return texts, labels
+    return pass_texts(ctx.texts, ctx.labels, data=config.data, text_field=config.text_field,
+                      label_field=config.label_field, limit=config.limit, offset=config.offset, needed_by="distill")
 
 
 def split_holdout(texts: list[str], labels: list[Any] | None, eval_texts: int

@@ -321,18 +321,10 @@ def validate_segments(net: ExitNetwork, folder: Path, segments: list[dict[str, A
 
 
 def exit_data(config: EarlyExitConfig, ctx: Context) -> tuple[list[str], list[Any] | None]:
-    if config.data is not None:
-        from edgesmith.data import load_texts
+    from edgesmith.data import pass_texts
 
-        data = load_texts(config.data, text_field=config.text_field, label_field=config.label_field,
-                          limit=config.limit, offset=config.offset)
-        return data.texts, data.labels
-    if not ctx.texts:
-        raise BadInput("early-exit needs texts to train and calibrate on: give data=<file or builtin:wordnet> "
-                       "(edgesmith early-exit MODEL --data FILE), or a recipe with data")
-    texts = list(ctx.texts[: config.limit] if config.limit else ctx.texts)
-    labels = list(ctx.labels[: len(texts)]) if ctx.labels else None
-    return texts, labels
+    return pass_texts(ctx.texts, ctx.labels, data=config.data, text_field=config.text_field,
+                      label_field=config.label_field, limit=config.limit, offset=config.offset, needed_by="early-exit")
 
 
 def split_rows(texts: list[str], labels: list[Any] | None, validation: int
