@@ -126,7 +126,11 @@ def edgesmith_rows(*, quick: bool, prune_heads: float, prune_ffn: float, distill
                      [{"prune": {"heads": prune_heads, "ffn": prune_ffn}}, {"distill": distill}, export, dynamic],
                      None if {"prune", "distill"} <= names else "no 'distill' pass yet"),
         EdgesmithRow("es-early-exit-int8", "edgesmith early exit + INT8",
-                     [{"early-exit": {}}, export, dynamic],
+                     # encoder exits (agreement of consecutive exit embeddings) calibrated to cosine >= 0.99,
+                     # then every segment INT8; trained on rows kept apart from the evaluation rows
+                     [{"early-exit": {"data": "builtin:wordnet", "offset": 1000, "limit": 6000, "budget": "cosine=0.99",
+                                      "steps": 300, "max_length": 64}},
+                      {"quantize-segments": {}}],
                      None if "early-exit" in names else "no 'early-exit' pass yet"),
     ]
     return rows
