@@ -43,6 +43,8 @@ from edgesmith.artifacts import Artifact, OnnxModel
 from edgesmith.errors import BadInput
 
 log = logging.getLogger(__name__)
+#: mktemp's template suffix (six random characters)
+MKTEMP_SUFFIX = "X" * 6
 
 AGENT_PATH = Path(__file__).with_name("agent.py")
 SSH = "ssh"
@@ -279,7 +281,7 @@ class RemoteDevice:
         script = (f"set -e; mkdir -p {qparent}; "
                   f"find {qparent} -maxdepth 1 -name '.partial-*' -mmin +120 -exec rm -rf {{}} + 2>/dev/null || true; "
                   f"if [ -e {qfinal} ]; then cat >/dev/null; exit 0; fi; "
-                  f"tmp=$(mktemp -d {qparent}/.partial-XXXXXX); trap 'rm -rf \"$tmp\"' EXIT HUP INT TERM PIPE; "
+                  f"tmp=$(mktemp -d {qparent}/.partial-{MKTEMP_SUFFIX}); trap 'rm -rf \"$tmp\"' EXIT HUP INT TERM PIPE; "
                   f"tar -xf - -C \"$tmp\"; if [ -e {qfinal} ]; then exit 0; fi; mv \"$tmp\" {qfinal}")
 
         def _write(stream: IO[bytes]) -> None:
