@@ -1,0 +1,83 @@
+"""Sparsity in the Linear weights of the layers: unstructured (a fraction, per layer or global) and
+2:4 semi-structured zeros, the check of the 2:4 pattern, and the sparsity achieved."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from edgesmith.compress.pruning_architectures import ArchSpec, is_linear, layers_of, linear_weight
+from edgesmith.compress.pruning_importance import element_scores
+
+if TYPE_CHECKING:
+    from edgesmith.compress.pruning import PruneConfig
+
+
+def _layer_linears(module: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in module.named_modules()}
+    return [(names[id(m)], m) for layer in layers_of(module, spec) for m in layer.modules() if is_linear(m)]
+
+
+def apply_sparsity(module: nn.Module, spec: ArchSpec, config: PruneConfig) -> dict[str, Any]:
+    """Zero weights of the layers' Linears (Linear form: weights are (out, in))."""
+    generator = torch.Generator().manual_seed(config.seed)
+    targets = _layer_linears(module, spec)
+    skipped: list[str] = []
+    with torch.no_grad():
+        if config.pattern == "2:4":
+            for name, m in targets:
+                if m.in_features % 4:
+                    skipped.append(name)
+                    continue
+                scores = element_scores(m.weight, config.importance, generator)
+                groups = scores.reshape(m.out_features, -1, 4)
+                lowest = groups.topk(2, dim=-1, largest=False).indices
+                mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, lowest, False)
+                m.weight.mul_(mask.reshape(m.weight.shape))
+        elif config.sparsity > 0:
+            scores = {name: element_scores(m.weight, config.importance, generator) for name, m in targets}
+            if config.allocation == "global":
+                flat = torch.cat([s.reshape(-1) for s in scores.values()])
+                k = int(round(config.sparsity * flat.numel()))
+                threshold = flat.kthvalue(k).values if k > 0 else None
+                for name, m in targets:
+                    if threshold is not None:
+                        m.weight.masked_fill_(scores[name] <= threshold, 0.0)
+            else:
+                for name, m in targets:
+                    k = int(round(config.sparsity * m.weight.numel()))
+                    if k:
+                        lowest = scores[name].reshape(-1).topk(k, largest=False).indices
+                        m.weight.view(-1)[lowest] = 0.0
+    return {"sparsity_skipped": skipped} if skipped else {}
+
+
+def is_2_4(weight_out_in: torch.Tensor) -> bool:
+    """True when every four consecutive weights along the input dimension hold at least two zeros."""
+    out, inp = weight_out_in.shape
+    if inp % 4:
+        return False
+    return bool(((weight_out_in.reshape(out, -1, 4) == 0).sum(-1) >= 2).all())
+
+
+def sparsity_report(module: nn.Module, spec: ArchSpec) -> dict[str, Any]:
+    """Achieved sparsity per module and per layer of the layers' Linear weights, and whether all of
+    them follow the 2:4 pattern."""
+    per_module: dict[str, float] = {}
+    per_layer: list[float] = []
+    all_2_4 = True
+    names = {id(m): n for n, m in module.named_modules()}
+    for layer in layers_of(module, spec):
+        zeros = total = 0
+        for m in layer.modules():
+            if not is_linear(m):
+                continue
+            w = linear_weight(m).detach()
+            z = int((w == 0).sum())
+            per_module[names[id(m)]] = round(z / w.numel(), 4)
+            zeros, total = zeros + z, total + w.numel()
+            all_2_4 = all_2_4 and is_2_4(w)
+        per_layer.append(round(zeros / total, 4) if total else 0.0)
+    return {"sparsity_per_layer": per_layer, "sparsity_per_module": per_module, "pattern_2_4": all_2_4}
