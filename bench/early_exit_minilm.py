@@ -4,8 +4,8 @@ Two rows, each against its own full model, in one run:
 
 1. **Classifier**: MiniLM fine-tuned on the 8 most frequent WordNet categories
    (``bench/wordnet_classifier.py`` builds it into ``bench/.cache/`` when it is not there), early
-   exit after every layer from the 2nd, heads trained by self-distillation (frozen backbone), the
-   threshold calibrated on 1,500 labelled calibration rows for ``accuracy=0.01``; accuracy measured
+   exit after every layer from the 2nd, heads trained by self-distillation (frozen backbone), one
+   threshold per exit calibrated on 1,500 labelled calibration rows for ``accuracy=0.01``; accuracy measured
    on 2,000 test rows that neither the classifier nor the exits saw.
 2. **Encoder**: the packaged MiniLM sentence encoder with projection exits, agreement policy,
    calibrated for ``cosine=0.98``; fidelity (mean cosine of sentence embeddings to the full model)
@@ -15,7 +15,7 @@ Latency: ONNX Runtime CPU, the early-exit controller over its segments against t
 exported to one ONNX graph, at batch 1 and 8, on 64 distinct batches of test sentences (each padded
 to its longest row, as deployed), measured in blocks with the order rotated across rounds; speedup =
 ratio of medians with a bootstrap 95 % interval (``edgesmith.profiling``). A table of all classifier
-policies, each calibrated on the same heads, follows.
+policies, each calibrated on the same heads with one shared and with per-exit thresholds, follows.
 
     .venv/bin/python bench/early_exit_minilm.py --threads 2 --out bench/results/early_exit.md
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -49,7 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier", type=Path, default=HERE / ".cache" / "minilm-wordnet")
     parser.add_argument("--classifier-steps", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=300, help="exit-head training steps (each model)")
+    parser.add_argument("--steps", type=int, default=800, help="exit-head training steps (classifier)")
+    parser.add_argument("--encoder-steps", type=int, default=300, help="exit-head training steps (encoder)")
+    parser.add_argument("--thresholds", default="per-exit", help="per-exit or shared (the deployed policy)")
     parser.add_argument("--policy", default="entropy", help="classifier policy that is deployed and timed")
     parser.add_argument("--budget", default="accuracy=0.01")
     parser.add_argument("--encoder-budget", default="cosine=0.98")
@@ -132,26 +135,39 @@ def speed_rows(name: str, lat: dict, batch: int) -> list[str]:
 
 
 def policy_table(ee_net, tokenizer, calib, test, label2id, budget: Budget) -> list[str]:
-    """Every classifier policy calibrated on the same heads (calibration rows), judged on test rows."""
+    """Every classifier policy, with one shared and with per-exit thresholds, calibrated on the same
+    heads (calibration rows), judged on test rows."""
     names = ["input_ids", "attention_mask", "token_type_ids"]
     cal_out = exit_outputs(ee_net, tokenizer, calib[0], max_length=128, input_names=names)
     test_out = exit_outputs(ee_net, tokenizer, test[0], max_length=128, input_names=names)
     y_cal = np.asarray([label2id[x] for x in calib[1]])
     y_test = np.asarray([label2id[x] for x in test[1]])
-    lines = ["| policy | threshold | layers (calibration) | accuracy drop (calibration) | layers (test) | "
-             "accuracy drop (test) | agreement (test) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| policy | thresholds | layers (calibration) | accuracy drop (calibration) | layers (test) | "
+             "layer share (test) | accuracy drop (test) | agreement (test) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in ("entropy", "maxprob", "patience"):
-        policy = calibrate(name, "sequence-classification", ee_net.exit_layers, cal_out,
-                           single_token_mask(cal_out), budget, y_cal)
-        res = evaluate_policy(policy, test_out, single_token_mask(test_out), y_test)
-        lines.append(f"| {name} | {policy.threshold:.4g} | {policy.calibration['expected_layers']:.2f} | "
-                     f"{policy.calibration['accuracy_drop']:+.4f} | {res['expected_layers']:.2f} | "
-                     f"{res['accuracy_drop']:+.4f} | {res['agreement']:.4f} |")
+        for mode in ("shared", "per-exit"):
+            policy = calibrate(name, "sequence-classification", ee_net.exit_layers, cal_out,
+                               single_token_mask(cal_out), budget, y_cal, thresholds=mode)
+            res = evaluate_policy(policy, test_out, single_token_mask(test_out), y_test)
+            shown = (f"{policy.threshold:.4g}" if policy.thresholds is None
+                     else "per exit: " + ", ".join(f"{t:.3g}" for t in policy.thresholds))
+            lines.append(f"| {name} | {shown} | {policy.calibration['expected_layers']:.2f} | "
+                         f"{policy.calibration['accuracy_drop']:+.4f} | {res['expected_layers']:.2f} | "
+                         f"{res['expected_layers'] / ee_net.exit_layers[-1]:.1%} | "
+                         f"{res['accuracy_drop']:+.4f} | {res['agreement']:.4f} |")
     return lines
+
+
+def _thresholds_text(policy: str, report: dict) -> str:
+    if report.get("thresholds") is None:
+        return f"{policy} (threshold {report['threshold']:.4g})"
+    pairs = ", ".join(f"{layer}: {t:.3g}" for layer, t in zip(report["exit_layers"], report["thresholds"]))
+    return f"{policy} (thresholds per exit layer {pairs})"
 
 
 def main() -> None:
     args = parse_args()
+    load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import sys
@@ -174,7 +190,7 @@ def main() -> None:
     ctx = Context(texts=cal_texts + tr_texts[:args.train_rows], labels=cal_labels + tr_labels[:args.train_rows])
     t0 = time.perf_counter()
     ee = es.compress.early_exit(clf, ctx, policy=args.policy, budget=args.budget, validation=len(cal_texts),
-                                steps=args.steps, lr=1e-3, max_length=64)
+                                steps=args.steps, lr=1e-3, max_length=64, thresholds=args.thresholds)
     ee_seconds = time.perf_counter() - t0
     report = ee.lineage[-1]["report"]
     full = export()(clf, Context())
@@ -190,8 +206,8 @@ def main() -> None:
     enc = es.load("minilm")
     t0 = time.perf_counter()
     ee_enc = es.compress.early_exit(enc, Context(texts=cal_texts + tr_texts[:args.train_rows]), policy="agreement",
-                                    budget=args.encoder_budget, validation=len(cal_texts), steps=args.steps,
-                                    lr=1e-3, max_length=64)
+                                    budget=args.encoder_budget, validation=len(cal_texts),
+                                    steps=args.encoder_steps, lr=1e-3, max_length=64, thresholds=args.thresholds)
     enc_seconds = time.perf_counter() - t0
     enc_report = ee_enc.lineage[-1]["report"]
     full_enc = export()(enc, Context())
@@ -199,14 +215,17 @@ def main() -> None:
     enc_lat = {b: latency({"full": full_enc, "early-exit": ee_enc}, test_texts, enc.tokenizer, b, args) for b in (1, 8)}
 
     # -- report ----------------------------------------------------------------------------
-    cpu = platform.processor() or platform.machine()
+    from edgesmith.environment import cpu_model
+
+    cpu = cpu_model()
     lines = [
         "# Early exit on MiniLM (ONNX Runtime CPU)", "",
         f"Command: `.venv/bin/python bench/early_exit_minilm.py --threads {args.threads} --steps {args.steps} "
-        f"--out bench/results/early_exit.md`  ",
-        f"Machine: {platform.node() and 'shared dev box'}, {cpu}, {torch.get_num_threads()} threads, "
-        f"Python {platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}. The machine is shared "
-        "with other jobs and noisy (±20-30 % run to run): read latencies with their intervals. One run.", "",
+        f"--encoder-steps {args.encoder_steps} --thresholds {args.thresholds} --out bench/results/early_exit.md`  ",
+        f"Machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}, "
+        f"{time.strftime('%Y-%m-%d')}; load average before the run {load_before}. Timings on this machine are noisy "
+        "(±20-30 % run to run): read latencies with their intervals. One run.", "",
         "## The classifier", "",
         f"MiniLM-L6 + classification head, fine-tuned by `bench/wordnet_classifier.py` on the "
         f"{len(summary['classes'])} most frequent WordNet categories ({', '.join(summary['classes'])}); "
@@ -215,10 +234,10 @@ def main() -> None:
         "## Results", "",
         "| model | policy | budget | avg layers (of 6) | layer share | quality, full model | quality, early exit | change |",
         "|---|---|---|---:|---:|---:|---:|---:|",
-        f"| classifier | {args.policy} (threshold {report['threshold']:.4g}) | {args.budget} | {cq['mean_layers']:.2f} | "
+        f"| classifier | {_thresholds_text(args.policy, report)} | {args.budget} | {cq['mean_layers']:.2f} | "
         f"{cq['mean_layers'] / 6:.0%} | accuracy {cq['accuracy_full']:.4f} | accuracy {cq['accuracy']:.4f} | "
         f"{cq['accuracy'] - cq['accuracy_full']:+.4f} (agreement {cq['agreement']:.4f}) |",
-        f"| encoder | agreement (threshold {enc_report['threshold']:.4g}) | {args.encoder_budget} | {eq['mean_layers']:.2f} | "
+        f"| encoder | {_thresholds_text('agreement', enc_report)} | {args.encoder_budget} | {eq['mean_layers']:.2f} | "
         f"{eq['mean_layers'] / 6:.0%} | cosine 1.0 | cosine {eq['cosine']:.4f} (min {eq['cosine_min']:.3f}) | "
         f"{eq['cosine'] - 1:+.4f} |", "",
         f"Test-set exit histograms (layers: samples): classifier {cq['histogram']}; encoder {eq['histogram']}.  ",

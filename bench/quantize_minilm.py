@@ -64,7 +64,7 @@ def latency(variants: dict, batch: int, seq: int, rounds: int, block: int, threa
     runtime = get_runtime("onnxruntime")
     sessions = {name: runtime.load(art, threads=threads) for name, (art, _) in variants.items()}
     first = next(iter(variants.values()))[0]
-    feeds = build_feeds(first.tokenizer(), sessions["FP32"].input_names, batch=batch, seq=seq)
+    feeds = build_feeds(first.tokenizer, sessions["FP32"].input_names, batch=batch, seq=seq)
     names = list(sessions)
     medians: dict[str, list[float]] = {n: [] for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}

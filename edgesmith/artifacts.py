@@ -191,15 +191,15 @@ class FolderArtifact(Artifact):
 
     def _files(self) -> list[Path]:
         assert self.folder is not None
-        return sorted(f for f in self.folder.rglob("*") if f.is_file() and f.name != META_FILE)
+        own_meta = self.folder / META_FILE  # written by save(); nested records (a backbone's) are content
+        return sorted(f for f in self.folder.rglob("*") if f.is_file() and f != own_meta)
 
+    @property
     def tokenizer(self):
-        """The tokenizer saved beside the model, or None."""
-        from transformers import AutoTokenizer
-
-        if self.folder is None or not (self.folder / "tokenizer_config.json").exists():
-            return None
-        return AutoTokenizer.from_pretrained(str(self.folder))
+        """The tokenizer saved beside the model (loaded once), or None; an attribute, as on a TorchModel."""
+        if "_tokenizer" not in self.__dict__:
+            self.__dict__["_tokenizer"] = None if self.folder is None else _load_tokenizer(self.folder)
+        return self.__dict__["_tokenizer"]
 
     def _write(self, folder: Path) -> None:
         import shutil
@@ -377,18 +377,11 @@ class EarlyExitModel(FolderArtifact):
     def output_names(self) -> list[str]:
         return [output_name(self.task), "exit_layer"]
 
-    @property
-    def tokenizer(self):
-        """The tokenizer saved beside the segments (loaded once)."""
-        cached = self.__dict__.get("_tokenizer")
-        if cached is None and self.folder is not None:
-            cached = _load_tokenizer(self.folder)
-            self.__dict__["_tokenizer"] = cached
-        return cached
-
     def content_hash(self) -> str:
         digest = hashlib.sha256()
         for f in self._files():
+            if f.name == META_FILE:  # the backbone's record holds lineage and timings, not content
+                continue
             digest.update(str(f.relative_to(self.folder)).encode())
             digest.update(sha256_file(f).encode())
         digest.update(self.task.encode())

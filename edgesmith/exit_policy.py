@@ -12,9 +12,13 @@ the first exit whose score reaches the threshold. The last exit always takes eve
 - ``agreement`` (encoders): score = cosine between this exit's and the previous exit's mean-pooled
   embedding; exits when it is at least ``threshold``.
 
-Calibration picks the one threshold (shared by all exits) that minimises the expected number of
-layers executed on validation data while the quality budget still holds, and records the expected
-exit histogram and the quality reached. Everything here is numpy: the calibration, the reference
+Calibration picks the thresholds that minimise the expected number of layers executed on
+validation data while the quality budget still holds, and records the expected exit histogram and
+the quality reached. ``per-exit`` calibration (the default) first finds the best threshold shared
+by all exits, then refines one threshold per exit by coordinate descent (each exit in turn takes
+the value that saves most layers with the budget still met, until no exit can improve): early
+exits usually deserve a stricter threshold than late ones, and a shared threshold cannot say so.
+``shared`` stops after the first stage. Everything here is numpy: the calibration, the reference
 simulation and both runtime controllers call the same :class:`ExitPolicy`.
 """
 
@@ -28,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, GateFailed
 
 POLICIES = ("entropy", "maxprob", "patience", "agreement")
 CLASSIFIER_POLICIES = ("entropy", "maxprob", "patience")
@@ -87,11 +91,34 @@ class ExitPolicy:
     exit_layers: list[int]
     task: str = "sequence-classification"
     calibration: dict[str, Any] = field(default_factory=dict)
+    #: one threshold per early exit (all exits but the last); None: ``threshold`` at every exit
+    thresholds: list[float] | None = None
 
     def __post_init__(self) -> None:
         check_policy(self.name, self.task)
         if not self.exit_layers or sorted(set(self.exit_layers)) != list(self.exit_layers):
             raise BadInput(f"exit layers must be strictly increasing, got {self.exit_layers}")
+        if self.thresholds is not None:
+            self.thresholds = [float(t) for t in self.thresholds]
+            if len(self.thresholds) != len(self.exit_layers) - 1:
+                raise BadInput(f"{len(self.thresholds)} per-exit thresholds for {len(self.exit_layers) - 1} early "
+                               "exits; re-create the early-exit model")
+
+    def threshold_at(self, index: int) -> float:
+        """The threshold (in the policy's own units) of early exit ``index``."""
+        return self.thresholds[index] if self.thresholds is not None else self.threshold
+
+    def score_thresholds(self) -> np.ndarray:
+        """Score thresholds of the early exits (a sample leaves exit i when its score >= entry i)."""
+        return np.asarray([self.natural_to_score(self.threshold_at(i)) for i in range(self.exits - 1)],
+                          dtype=np.float64)
+
+    def describe(self) -> str:
+        """The thresholds as people read them: one number, or one per exit layer."""
+        if self.thresholds is None:
+            return f"{self.name} threshold {self.threshold:.4g}"
+        pairs = ", ".join(f"{layer}: {t:.4g}" for layer, t in zip(self.exit_layers, self.thresholds))
+        return f"{self.name} thresholds per exit layer {{{pairs}}}"
 
     @property
     def exits(self) -> int:
@@ -136,7 +163,7 @@ class ExitPolicy:
         score = self.score(index, output, mask, state, rows)
         if index == self.exits - 1:
             return np.ones(len(rows), dtype=bool)
-        return score >= self.natural_to_score(self.threshold)
+        return score >= self.natural_to_score(self.threshold_at(index))
 
     # -- policy.json ----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -145,8 +172,10 @@ class ExitPolicy:
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = POLICY_FILE) -> ExitPolicy:
         try:
+            per_exit = data.get("thresholds")
             return cls(name=data["name"], threshold=float(data["threshold"]), exit_layers=list(data["exit_layers"]),
-                       task=data.get("task", "sequence-classification"), calibration=dict(data.get("calibration") or {}))
+                       task=data.get("task", "sequence-classification"), calibration=dict(data.get("calibration") or {}),
+                       thresholds=None if per_exit is None else [float(t) for t in per_exit])
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInput(f"{source}: not a valid exit policy ({exc}); re-create the early-exit model") from exc
 
@@ -170,8 +199,9 @@ def score_matrix(policy: ExitPolicy, outputs: list[np.ndarray], mask: np.ndarray
     return scores
 
 
-def exit_index(scores: np.ndarray, score_threshold: float) -> np.ndarray:
-    """First exit whose score reaches the threshold (the last exit when none does)."""
+def exit_index(scores: np.ndarray, score_threshold: float | np.ndarray) -> np.ndarray:
+    """First exit whose score reaches its threshold (the last exit when none does); the threshold
+    is one number for every exit or one per early exit."""
     hit = scores[:, :-1] >= score_threshold
     hit = np.concatenate([hit, np.ones((scores.shape[0], 1), dtype=bool)], axis=1)
     return hit.argmax(axis=1)
@@ -181,7 +211,7 @@ def simulate(policy: ExitPolicy, outputs: list[np.ndarray], mask: np.ndarray) ->
     """What the unsegmented model gives under ``policy``: (output of each sample's exit, exit index)."""
     if len(outputs) != policy.exits:
         raise BadInput(f"{len(outputs)} exit outputs for a policy with {policy.exits} exits")
-    chosen = exit_index(score_matrix(policy, outputs, mask), policy.natural_to_score(policy.threshold))
+    chosen = exit_index(score_matrix(policy, outputs, mask), policy.score_thresholds())
     stacked = np.stack(outputs, axis=0)
     return stacked[chosen, np.arange(len(chosen))], chosen
 
@@ -248,10 +278,48 @@ def quality(task: str, chosen_outputs: np.ndarray, final: np.ndarray, mask: np.n
     return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
-def meets(budget: Budget, q: dict[str, float]) -> bool:
-    if budget.metric == "accuracy":
-        return q["accuracy_drop"] <= budget.value + 1e-12
-    return q["cosine"] >= budget.value - 1e-12
+class QualityTable:
+    """Per sample and exit, what leaving there contributes to the budget's metric, so that any
+    assignment of samples to exits is judged by one gather and a mean.
+
+    Accuracy budgets: 1 where the exit's prediction is right (the label, or the full model's
+    prediction when there are no labels); the floor is the full model's accuracy minus the allowed
+    drop. Cosine budgets: the cosine of the exit's embedding to the full model's; the floor is the
+    budget itself. ``reference`` is the full model's output (default: the last exit's), which is
+    what a jointly trained network is judged against.
+    """
+
+    def __init__(self, task: str, outputs: list[np.ndarray], mask: np.ndarray, budget: Budget,
+                 labels: np.ndarray | None = None, reference: np.ndarray | None = None):
+        self.task, self.budget, self.labels, self.mask = task, budget, labels, mask
+        self.outputs = outputs
+        self.reference = outputs[-1] if reference is None else reference
+        n = outputs[0].shape[0]
+        if self.reference.shape[0] != n:
+            raise BadInput(f"{self.reference.shape[0]} reference outputs for {n} validation samples")
+        if task == "sequence-classification":
+            target = labels if labels is not None else self.reference.argmax(-1)
+            self.values = np.stack([o.argmax(-1) == target for o in outputs], axis=1).astype(np.float64)
+            self.full = float((self.reference.argmax(-1) == target).mean())
+            self.floor = self.full - budget.value
+        else:
+            ref = pooled(self.reference, mask)
+            self.values = np.stack([(pooled(o, mask) * ref).sum(-1) for o in outputs], axis=1)
+            self.full = None
+            self.floor = budget.value
+        self._rows = np.arange(n)
+
+    def mean(self, chosen: np.ndarray) -> float:
+        return float(self.values[self._rows, chosen].mean())
+
+    def holds(self, chosen: np.ndarray) -> bool:
+        if self.full is not None:  # the drop exactly as it is reported
+            return self.full - self.mean(chosen) <= self.budget.value + 1e-12
+        return self.mean(chosen) >= self.floor - 1e-12
+
+    def report(self, chosen: np.ndarray) -> dict[str, float]:
+        stacked = np.stack(self.outputs, axis=0)
+        return quality(self.task, stacked[chosen, self._rows], self.reference, self.mask, self.labels)
 
 
 def expected(policy: ExitPolicy, chosen: np.ndarray) -> dict[str, Any]:
@@ -270,11 +338,18 @@ def evaluate_policy(policy: ExitPolicy, outputs: list[np.ndarray], mask: np.ndar
     return {**quality(policy.task, chosen_outputs, outputs[-1], mask, labels), **expected(policy, chosen)}
 
 
-def candidate_thresholds(policy: ExitPolicy, scores: np.ndarray) -> list[float]:
-    """Score thresholds worth trying: quantiles of the finite early-exit scores, plus 'never'."""
+THRESHOLD_MODES = ("per-exit", "shared")
+#: coordinate-descent rounds of per-exit calibration (it stops earlier when no exit improves)
+MAX_ROUNDS = 8
+
+
+def candidate_thresholds(policy: ExitPolicy, scores: np.ndarray, column: int | None = None) -> list[float]:
+    """Score thresholds worth trying: quantiles of the finite early-exit scores (of one exit's
+    column, or of all early exits), plus 'never'."""
     if policy.name == "patience":
         return [float(k) for k in range(1, policy.exits)] + [math.inf]
-    finite = scores[:, :-1][np.isfinite(scores[:, :-1])]
+    block = scores[:, :-1] if column is None else scores[:, column]
+    finite = block[np.isfinite(block)]
     if finite.size == 0:
         return [math.inf]
     qs = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, CANDIDATES)))
@@ -282,42 +357,89 @@ def candidate_thresholds(policy: ExitPolicy, scores: np.ndarray) -> list[float]:
 
 
 def score_to_natural(policy: ExitPolicy, score_threshold: float) -> float:
+    if math.isinf(score_threshold):  # 'never exit early' in the policy's own units
+        return -math.inf if policy.name == "entropy" else math.inf
     return -score_threshold if policy.name == "entropy" else score_threshold
 
 
+def _better(layers: float, q: float, t: float, best: tuple[float, float, float] | None) -> bool:
+    """Fewest layers; among equals the higher quality, then the more conservative threshold."""
+    if best is None or layers < best[0] - 1e-12:
+        return True
+    if abs(layers - best[0]) > 1e-12:
+        return False
+    return q > best[1] + 1e-12 or (abs(q - best[1]) <= 1e-12 and t > best[2])
+
+
 def calibrate(name: str, task: str, exit_layers: list[int], outputs: list[np.ndarray], mask: np.ndarray,
-              budget: Budget, labels: np.ndarray | None = None) -> ExitPolicy:
-    """The policy whose threshold minimises expected layers while ``budget`` holds on these outputs.
+              budget: Budget, labels: np.ndarray | None = None, *, thresholds: str = "per-exit",
+              reference: np.ndarray | None = None) -> ExitPolicy:
+    """The policy whose thresholds minimise expected layers while ``budget`` holds on these outputs.
 
     ``outputs[i]`` are exit ``i``'s outputs for every validation sample (the last one: the full
-    model's). The 'never exit early' threshold always meets the budget, so a policy is always found.
+    model's). ``thresholds``: ``shared`` (one threshold for every exit) or ``per-exit`` (the shared
+    one, then refined exit by exit). ``reference``: the full model's output when it is not the last
+    exit's (a jointly trained network). 'Never exit early' meets the budget whenever the last exit
+    does, so a policy is always found for a frozen backbone.
     """
     budget.check_task(task)
+    if thresholds not in THRESHOLD_MODES:
+        raise BadInput(f"thresholds '{thresholds}': use one of {', '.join(THRESHOLD_MODES)}")
     if labels is not None and len(labels) != outputs[0].shape[0]:
         raise BadInput(f"{outputs[0].shape[0]} validation texts but {len(labels)} labels")
     probe = ExitPolicy(name, math.inf, list(exit_layers), task)
     scores = score_matrix(probe, outputs, mask)
-    stacked = np.stack(outputs, axis=0)
-    best: tuple[float, float, dict] | None = None
-    for t in candidate_thresholds(probe, scores):
+    table = QualityTable(task, outputs, mask, budget, labels, reference)
+    depth = np.asarray(exit_layers, dtype=np.float64)
+
+    def judge(t: float | np.ndarray) -> tuple[np.ndarray, float, float] | None:
         chosen = exit_index(scores, t)
-        q = quality(task, stacked[chosen, np.arange(len(chosen))], outputs[-1], mask, labels)
-        if not meets(budget, q):
-            continue
-        layers = float(np.asarray(exit_layers)[chosen].mean())
-        # fewest layers; among equals the most conservative threshold
-        if best is None or layers < best[0] - 1e-12 or (abs(layers - best[0]) <= 1e-12 and t > best[1]):
-            best = (layers, t, q)
-    assert best is not None  # t = inf (never exit early) reproduces the full model
-    layers, t, q = best
-    if policy_threshold_is_never(t):
-        t_natural = math.inf if name != "entropy" else -math.inf
-    else:
-        t_natural = score_to_natural(probe, t)
-    policy = ExitPolicy(name, t_natural, list(exit_layers), task)
-    chosen = exit_index(scores, t)
-    policy.calibration = {"budget": str(budget), "samples": len(chosen), **q, **expected(policy, chosen),
-                          "labels": labels is not None}
+        if not table.holds(chosen):
+            return None
+        return chosen, float(depth[chosen].mean()), table.mean(chosen)
+
+    best: tuple[float, float, float] | None = None
+    for t in candidate_thresholds(probe, scores):
+        judged = judge(t)
+        if judged is not None and _better(judged[1], judged[2], t, best):
+            best = (judged[1], judged[2], t)
+    if best is None:
+        raise GateFailed(f"budget {budget}: even the full network misses it on the validation data "
+                       f"({table.mean(np.full(len(scores), len(exit_layers) - 1)):.4f} against a floor of "
+                       f"{table.floor:.4f}); loosen the budget or train the exits jointly for longer")
+    shared = best[2]
+    vector = np.full(len(exit_layers) - 1, shared, dtype=np.float64)
+    rounds = 0
+    if thresholds == "per-exit" and len(exit_layers) > 2:
+        current = (best[0], best[1])
+        columns = [candidate_thresholds(probe, scores, i) for i in range(len(exit_layers) - 1)]
+        for rounds in range(1, MAX_ROUNDS + 1):
+            improved = False
+            for i, cands in enumerate(columns):
+                local: tuple[float, float, float] | None = (current[0], current[1], vector[i])
+                for t in cands:
+                    trial = vector.copy()
+                    trial[i] = t
+                    judged = judge(trial)
+                    if judged is not None and _better(judged[1], judged[2], t, local):
+                        local = (judged[1], judged[2], t)
+                assert local is not None
+                if local[0] < current[0] - 1e-12:
+                    improved = True
+                if local[2] != vector[i]:
+                    vector[i] = local[2]
+                    current = (local[0], local[1])
+            if not improved:
+                break
+    chosen = exit_index(scores, vector)
+    policy = ExitPolicy(name, score_to_natural(probe, shared), list(exit_layers), task,
+                        thresholds=[score_to_natural(probe, t) for t in vector] if thresholds == "per-exit" else None)
+    policy.calibration = {"budget": str(budget), "samples": len(chosen), "thresholds": thresholds,
+                          **table.report(chosen), **expected(policy, chosen), "labels": labels is not None}
+    if thresholds == "per-exit":
+        shared_chosen = exit_index(scores, shared)
+        policy.calibration["shared_threshold_layers"] = float(depth[shared_chosen].mean())
+        policy.calibration["rounds"] = rounds
     return policy
 
 

@@ -311,13 +311,8 @@ def artifact_info(artifact: Artifact) -> ArtifactInfo:
 
 
 def tokenizer_of(artifact: Artifact):
-    """The artifact's tokenizer (an attribute on a TorchModel, read from the folder for an OnnxModel)."""
-    if isinstance(artifact, OnnxModel):
-        return artifact.tokenizer()
-    tok = getattr(artifact, "tokenizer", None)
-    if tok is None:
-        return None
-    return tok() if callable(tok) and not hasattr(tok, "model_input_names") else tok
+    """The artifact's tokenizer, or None (every artifact kind has the attribute)."""
+    return getattr(artifact, "tokenizer", None)
 
 
 def build_feeds(tokenizer, input_names: list[str], *, batch: int, seq: int,
@@ -607,6 +602,23 @@ class OpDelta(_Strict):
         return self.ms - self.baseline_ms
 
 
+class EarlyExitSummary(_Strict):
+    """An early-exit row's exits and the latency its calibration predicts next to the measured one."""
+
+    mean_layers: float | None
+    total_layers: int
+    histogram: dict[str, int]
+    expected_histogram: dict[str, int] = Field(default_factory=dict)
+    expected_ms: float | None = None
+    measured_mean_ms: float
+
+    def sentence(self, label: str) -> str:
+        layers = "-" if self.mean_layers is None else f"{self.mean_layers:.2f}"
+        expected = "-" if self.expected_ms is None else f"{self.expected_ms:.2f} ms"
+        return (f"{label}: {layers} of {self.total_layers} layers on average (exits {self.histogram}); latency "
+                f"expected from the calibration histogram {expected}, measured mean {self.measured_mean_ms:.2f} ms")
+
+
 class ComparisonRow(_Strict):
     label: str
     target: str = "cpu-local"
@@ -624,6 +636,7 @@ class ComparisonRow(_Strict):
     quality: dict[str, float] = Field(default_factory=dict)
     size_mb: float
     op_deltas: list[OpDelta] | None = None
+    early_exit: EarlyExitSummary | None = None
 
 
 class Comparison(_Strict):
@@ -717,7 +730,14 @@ class Comparison(_Strict):
                  "|" + "|".join("---:" if h in {"p50 ms", "p90 ms", "size MB"} else "---" for h in headers) + "|"]
         for row in self.rows:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in self._cells(row)) + " |")
+        exits = self.early_exit_lines()
+        if exits:
+            lines += [""] + [f"- Early exit, {line}" for line in exits]
         return "\n".join(lines) + "\n"
+
+    def early_exit_lines(self) -> list[str]:
+        """One sentence per early-exit row: layers executed, expected vs measured latency."""
+        return [row.early_exit.sentence(row.label) for row in self.rows if row.early_exit is not None]
 
 
 def _speedup_text(row: ComparisonRow) -> str:
@@ -792,8 +812,17 @@ def compare(profiles: Sequence[Profile | str | Path], baseline: int | str = 0, *
             runtime=prof.runtime.name, provider=prof.provider, shapes=prof.shapes, p50=prof.stats.p50,
             p90=prof.stats.p90, speedup=speedup, ci_low=low, ci_high=high, verdict=verdict,
             quality=dict(prof.quality), size_mb=prof.artifact.size_bytes / 1e6,
-            op_deltas=op_deltas(base, prof) if i != base_index else None))
+            op_deltas=op_deltas(base, prof) if i != base_index else None, early_exit=_exit_summary(prof)))
     return Comparison(baseline=base_index, rows=rows)
+
+
+def _exit_summary(prof: Profile) -> EarlyExitSummary | None:
+    ex = prof.early_exit
+    if ex is None:
+        return None
+    return EarlyExitSummary(mean_layers=ex.mean_layers, total_layers=ex.total_layers, histogram=ex.histogram,
+                            expected_histogram=ex.expected_histogram, expected_ms=ex.expected_ms,
+                            measured_mean_ms=prof.stats.mean)
 
 
 def group_by_target(profiles: list[Profile]) -> list[Profile]:

@@ -43,10 +43,7 @@ _RECALL = re.compile(r"^recall@(\d+)$")
 
 def tokenizer_of(artifact: Artifact):
     """The artifact's tokenizer (an attribute of a TorchModel, files beside an OnnxModel)."""
-    if isinstance(artifact, OnnxModel):
-        tokenizer = artifact.tokenizer()
-    else:
-        tokenizer = getattr(artifact, "tokenizer", None)
+    tokenizer = getattr(artifact, "tokenizer", None)
     if tokenizer is None:
         raise BadInput(f"model '{artifact.name}' has no tokenizer; save one beside the model (tokenizer.save_pretrained)")
     return tokenizer

@@ -182,6 +182,9 @@ def comparison_html(comparison: Comparison) -> str:
                "bootstrap interval; a verdict is only given when the interval excludes 1. Rows marked "
                "<span class=\"estimate\">estimate</span> are roofline estimates from published peaks, never measurements."
                "</p>")
+    exits = comparison.early_exit_lines()
+    if exits:
+        out.append("<ul>" + "".join(f"<li>Early exit, {_e(line)}</li>" for line in exits) + "</ul>")
     return "\n".join(out)
 
 

@@ -102,7 +102,7 @@ def test_graph_names_meta_and_folder(exported, tiny):
     assert meta["model_type"] == "bert" and meta["attention"] == "eager"
     assert isinstance(meta["opset"], int) and meta["opset"] >= 17
     assert "torch.onnx" in meta["exporter"]
-    assert onnx_model.tokenizer() is not None
+    assert onnx_model.tokenizer is not None
 
 
 def test_graph_has_dynamic_batch_and_sequence(exported, tiny, tokenizer):

@@ -339,7 +339,7 @@ def test_engine_artifact_saves_loads_and_records_what_it_needs(tmp_path, token_m
     assert record["source_onnx_hash"] == token_model.content_hash()
     assert record["profiles"][0]["input_ids"] == {"min": [1, 8], "opt": [1, 128], "max": [32, 256]}
     assert back.input_names == ["input_ids", "attention_mask"] and back.output_names == ["last_hidden_state"]
-    assert back.tokenizer() is not None and not (saved / "model.onnx").exists()
+    assert back.tokenizer is not None and not (saved / "model.onnx").exists()
     first = back.content_hash()
     assert first == engine.content_hash()
     (saved / ENGINE_FILE).write_bytes(b"another engine")

@@ -113,7 +113,7 @@ def test_input_untouched_and_companions_copied(quantized, tiny_onnx):
     assert out.folder != tiny_onnx.folder
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         assert (out.folder / name).read_bytes() == (tiny_onnx.folder / name).read_bytes()
-    assert out.tokenizer() is not None
+    assert out.tokenizer is not None
     assert tiny_onnx.lineage == [] and "precision" not in tiny_onnx.meta
 
 

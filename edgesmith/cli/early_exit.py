@@ -34,13 +34,15 @@ def early_exit_command(
                                                              "classifiers, agreement for encoders)."),
     exits: str | None = typer.Option(None, "--exits", help="Layers after which an exit sits, e.g. 2,3,4,5 "
                                                            "(default: every layer from the 2nd)."),
+    thresholds: str = typer.Option("per-exit", "--thresholds", help="per-exit (one calibrated threshold per exit) "
+                                                                    "or shared (one for every exit)."),
     train: str = typer.Option("frozen", "--train", help="frozen (heads only) or joint (backbone too)."),
     text_field: str = typer.Option("text", "--text-field"),
     label_field: str | None = typer.Option(None, "--label-field", help="Labels: the accuracy budget is then "
                                                                        "measured on them."),
     limit: int | None = typer.Option(None, "--limit", help="Use at most this many rows of the data."),
     validation: int = typer.Option(1000, "--validation", help="First rows held out to calibrate the thresholds."),
-    steps: int = typer.Option(300, "--steps"),
+    steps: int = typer.Option(600, "--steps", help="Exit-head training steps."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr"),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Checkpoint interval (resume after a kill)."),
@@ -51,15 +53,18 @@ def early_exit_command(
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Add exit heads, train them by self-distillation, calibrate the exit threshold to a budget, export segments."""
+    """Add exit heads, train them by self-distillation, calibrate the exit thresholds to a budget, export segments."""
     if policy is not None and policy not in POLICIES:
         raise BadInput(f"--policy {policy}: use one of {', '.join(POLICIES)}")
+    if thresholds not in ("per-exit", "shared"):
+        raise BadInput(f"--thresholds {thresholds}: use per-exit or shared")
     if train not in ("frozen", "joint"):
         raise BadInput(f"--train {train}: use frozen or joint")
     if budget is not None:
         Budget.parse(budget)
     options = {
         "data": data, "budget": budget, "policy": policy, "exits": parse_exits(exits), "train": train,
+        "thresholds": thresholds,
         "text_field": text_field, "label_field": label_field, "limit": limit, "validation": validation,
         "steps": steps, "batch_size": batch_size, "lr": lr, "checkpoint_every": checkpoint_every,
         "max_length": max_length, "seed": seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from edgesmith.cli.app import app
 from edgesmith.cli.common import JSON_OUT, console, err_console, print_json
@@ -176,6 +177,8 @@ def compare_command(
         print_json(comparison.model_dump(mode="json"))
         return
     console.print(comparison.table())
+    for line in comparison.early_exit_lines():
+        console.print(f"early exit, {escape(line)}")
     for row in comparison.rows:
         if row.op_deltas:
             console.print(comparison.op_delta_table(row))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR, console, err_console, print_json
@@ -28,4 +29,6 @@ def run_command(
         return
     if result.comparison is not None:
         console.print(result.comparison.table())
+        for line in result.comparison.early_exit_lines():
+            console.print(f"early exit, {escape(line)}")
     console.print(f"run folder: {result.run_dir}  (manifest.json, report.md)")

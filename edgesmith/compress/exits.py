@@ -10,8 +10,9 @@
    (:func:`edgesmith.training.train`: progress, checkpoints, exact resume): KL on softened logits
    for classifiers, cosine of mean-pooled embeddings for encoders. The backbone is frozen by
    default; ``train: joint`` trains it too, with a frozen copy of the original as the teacher;
-3. calibration on held-out rows: the threshold of the policy (entropy, maxprob, patience,
-   agreement) that minimises expected layers while the budget holds (:mod:`edgesmith.exit_policy`);
+3. calibration on held-out rows: the thresholds of the policy (entropy, maxprob, patience,
+   agreement; one per exit by default, or one shared) that minimise expected layers while the
+   budget holds against the *original* model (:mod:`edgesmith.exit_policy`);
 4. export of each segment to ONNX (dynamo exporter, eager attention, dynamic batch and sequence)
    and validation segment by segment against PyTorch, each ONNX segment fed the PyTorch segment's
    own inputs, on padded batches of real sentences.
@@ -74,6 +75,7 @@ class EarlyExitConfig(PassConfig):
     """Exits, training, policy and budget.
 
     ``exits``: layers after which an exit sits (1-based; the model's last layer is always added).
+    ``thresholds``: ``per-exit`` (one calibrated threshold per exit) or ``shared`` (one for all).
     ``budget``: ``accuracy=MAX_DROP`` (classifiers: accuracy drop against the full model, on labels
     when there are labels, else 1 - agreement) or ``cosine=MIN`` (encoders: mean cosine of the
     sentence embeddings to the full model's). ``validation``: the first rows of the data, held out
@@ -82,6 +84,7 @@ class EarlyExitConfig(PassConfig):
 
     exits: list[int] | None = None
     policy: Literal["entropy", "maxprob", "patience", "agreement"] | None = None
+    thresholds: Literal["per-exit", "shared"] = "per-exit"
     budget: str | None = None
     train: Literal["frozen", "joint"] = "frozen"
     data: str | None = None
@@ -90,7 +93,7 @@ class EarlyExitConfig(PassConfig):
     limit: int | None = None
     offset: int = 0
     validation: int = 1000
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 32
     lr: float = 1e-3
     temperature: float = 2.0
@@ -381,9 +384,17 @@ class EarlyExitPass(Pass):
         report = self._train(net, tokenizer, train_texts, held, input_names, ctx)
 
         outputs = exit_outputs(net, tokenizer, held, max_length=cfg.max_length, input_names=input_names)
-        policy = calibrate(policy_name, task, net.exit_layers, outputs, single_token_mask(outputs), budget, label_ids)
-        log.info("early-exit %s: %s threshold %.4g, %.2f of %d layers on average (%s)", artifact.name, policy.name,
-                 policy.threshold, policy.calibration["expected_layers"], net.depth, budget)
+        # the budget is judged against the model that came in: with a frozen backbone that is the
+        # last exit itself; a jointly trained backbone has moved, so the original is run again
+        reference = None
+        if cfg.train == "joint":
+            original = ExitNetwork(copy.deepcopy(artifact.module).eval(), task, [net.depth], heads=nn.ModuleList())
+            reference = exit_outputs(original, tokenizer, held, max_length=cfg.max_length,
+                                     input_names=input_names)[-1]
+        policy = calibrate(policy_name, task, net.exit_layers, outputs, single_token_mask(outputs), budget, label_ids,
+                           thresholds=cfg.thresholds, reference=reference)
+        log.info("early-exit %s: %s, %.2f of %d layers on average (%s)", artifact.name, policy.describe(),
+                 policy.calibration["expected_layers"], net.depth, budget)
 
         folder = ctx.scratch("early-exit")
         segments, validation = self._deploy(artifact, net, folder, input_names, ctx)
@@ -392,6 +403,7 @@ class EarlyExitPass(Pass):
                                                 "heads": "classifier" if task == "sequence-classification" else "projection"})
         ctx.report.update({
             **report, "exit_layers": net.exit_layers, "policy": policy.name, "threshold": policy.threshold,
+            "thresholds": policy.thresholds,
             "budget": str(budget), "calibration_texts": len(held),
             "expected_layers": policy.calibration["expected_layers"],
             "layer_fraction": policy.calibration["layer_fraction"],
@@ -452,9 +464,10 @@ class EarlyExitPass(Pass):
                                        input_names=input_names, atol=cfg.atol, min_cosine=cfg.min_cosine,
                                        label=artifact.name)
         write_companions(trained, folder)
+        # the backbone as an edgesmith TorchModel folder: its structure record rebuilds a pruned
+        # model that a stock config cannot describe (the tokenizer lives one folder up)
         torch_dir = folder / EXIT_TORCH_DIR
-        torch_dir.mkdir()
-        net.model.save_pretrained(torch_dir)
+        trained.derive(tokenizer=None).save(torch_dir)
         save_model(net.heads, str(torch_dir / "exit_heads.safetensors"))
         return segments, validation
 

@@ -781,7 +781,7 @@ def speed_against_parent(parent: OnnxModel, quantized: OnnxModel, *, batch: int 
     sessions = {"parent": runtime.load(parent), "quantized": runtime.load(quantized)}
     samples: dict[str, list[float]] = {"parent": [], "quantized": []}
     try:
-        feeds = build_feeds(parent.tokenizer(), sessions["parent"].input_names, batch=batch, seq=seq)
+        feeds = build_feeds(parent.tokenizer, sessions["parent"].input_names, batch=batch, seq=seq)
         for name, session in sessions.items():
             measure(session, feeds, warmup=3, iterations=1)
         for r in range(rounds):

@@ -288,10 +288,6 @@ def export_meta(model: TorchModel, module, path: Path, attention: str) -> dict[s
 # ---------------------------------------------------------------------------------------------
 
 
-def tokenizer_of(artifact: Artifact):
-    if isinstance(artifact, OnnxModel):
-        return artifact.tokenizer()
-    return getattr(artifact, "tokenizer", None)
 
 
 def probe_texts(texts: Sequence[str]) -> list[str]:
@@ -381,7 +377,7 @@ def compare_outputs(reference: Artifact, candidate: Artifact, *, texts: list[str
     """
     from edgesmith.runtimes.base import default_runtime_for, get_runtime
 
-    tokenizer = tokenizer or tokenizer_of(reference) or tokenizer_of(candidate)
+    tokenizer = tokenizer or reference.tokenizer or candidate.tokenizer
     if tokenizer is None:
         raise BadInput(f"neither {reference.name} nor {candidate.name} has a tokenizer to make probe inputs; "
                        "save one beside the model (tokenizer.save_pretrained)")

@@ -574,7 +574,7 @@ class TensorRTPass(Pass):
         batches, seq_lengths = probe_shapes(engine.engine_meta)
         result = validate(artifact, engine, atol, min_cosine, label=f"TensorRT {cfg.precision} build",
                           texts=ctx.corpus(PROBE_POOL), batches=batches, seq_lengths=seq_lengths,
-                          tokenizer=artifact.tokenizer(), accept=profile_accepts(engine.engine_meta))
+                          tokenizer=artifact.tokenizer, accept=profile_accepts(engine.engine_meta))
         ctx.report.update(result)
         ctx.report.update({"size_bytes": engine.size_bytes(), "gpu": engine.engine_meta["gpu_name"],
                            "tensorrt_version": engine.engine_meta["tensorrt_version"],
