@@ -475,6 +475,7 @@ def test_bad_inputs_exit_2(capsys, tiny_classifier_dir, tmp_path):
         (("--data", "builtin:wordnet", "--limit", "60", "--policy", "agreement"), "does not fit"),
         (("--data", "builtin:wordnet", "--limit", "60", "--budget", "cosine=0.9"), "does not fit"),
         (("--data", "builtin:wordnet", "--limit", "60", "--exits", "9"), "layers 1-2"),
+        (("--data", "builtin:wordnet", "--thresholds", "each"), "--thresholds each"),
     ]:
         code, err = cli(model, *args)
         assert code == 2, (args, err)
@@ -525,3 +526,37 @@ def test_early_exit_after_head_pruning_runs_on_both_runtimes(minilm_tokenizer, t
     b = get_runtime("torch").load(model).run(feeds)
     assert a["exit_layer"].tolist() == b["exit_layer"].tolist()
     np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-4)
+
+
+def test_cli_early_exit_then_profile_and_compare(capsys, tiny_classifier_dir, texts, tmp_path):
+    """The user's path: early-exit on labelled data, profile the artifact, compare it with the full model."""
+    from edgesmith.cli.app import main
+
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(texts[:160])))
+
+    def cli(*args: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            main(list(args))
+        out = capsys.readouterr()
+        assert info.value.code == 0, out.err
+        return out.out
+
+    out = cli("early-exit", str(tiny_classifier_dir), "--data", str(data), "--label-field", "label", "--budget",
+              "accuracy=0.05", "--exits", "1", "--steps", "4", "--validation", "60", "--max-length", "32",
+              "-o", str(tmp_path / "ee"),
+              "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--json")
+    result = json.loads(out)
+    report = result["report"]
+    assert report["calibration"]["labels"] is True and report["calibration"]["accuracy_drop"] <= 0.05 + 1e-9
+    assert len(report["thresholds"]) == len(report["exit_layers"]) - 1  # per-exit by default
+    policy = json.loads((tmp_path / "ee" / "policy.json").read_text())
+    assert policy["thresholds"] == report["thresholds"]
+    common = ("--batch", "2", "--seq", "16", "--warmup", "1", "--iterations", "6")
+    cli("export", str(tiny_classifier_dir), "-o", str(tmp_path / "full"), "--runs-dir", str(tmp_path / "runs"),
+        "--cache-dir", str(tmp_path / "cache"), "--json")
+    cli("profile", str(tmp_path / "full"), *common, "--output", str(tmp_path / "full.json"))
+    shown = cli("profile", str(tmp_path / "ee"), *common, "--output", str(tmp_path / "ee.json"))
+    assert "early exit:" in shown and "expected from the calibration histogram" in shown
+    compared = cli("compare", str(tmp_path / "full.json"), str(tmp_path / "ee.json"))
+    assert "early exit," in compared and "measured mean" in compared
