@@ -138,7 +138,7 @@ def distribution_svg(profiles: Sequence[Profile]) -> str | None:
         return None
     fig = _figure(8, max(2.5, 0.55 * len(measured) + 1.2))
     ax = fig.add_subplot()
-    ax.boxplot([p.latencies_ms for p in measured], vert=False, showfliers=True,
+    ax.boxplot([p.latencies_ms for p in measured], orientation="horizontal", showfliers=True,
                flierprops={"markersize": 3, "alpha": 0.5})
     ax.set_yticks(range(1, len(measured) + 1), [f"{p.label} [{p.target}]" for p in measured], fontsize=8)
     ax.set_xlabel("latency per run (ms), every timed iteration")

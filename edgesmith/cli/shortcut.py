@@ -52,6 +52,13 @@ def run_one_pass(model: str, pass_name: str, options: dict[str, Any], *, output:
         table.add_row(f"{key} vs source", f"{value:.4f}")
     for key, value in step["report"].items():
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+            table.add_row(key, _cell(value))
+        elif (isinstance(value, list) and 0 < len(value) <= 12
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            table.add_row(key, ", ".join(_cell(v) for v in value))  # e.g. exit layers, per-exit thresholds
     console.print(table)
     console.print(f"artifact: {folder}")
+
+
+def _cell(value: int | float | str) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
