@@ -165,9 +165,9 @@ def ort_session(artifact: Artifact, *, provider: str = "cpu", threads: int | Non
     pools of the segments that just ran keep spinning while the next one runs and take the cores
     from it; without spinning, every parallel op pays a thread wake-up. So the pools spin while
     their own segment runs and stop as soon as it returns (``session.force_spinning_stop``).
-    Measured here (MiniLM encoder, 5 segments run one after another, 2 cores, medians of 240 runs,
-    full graph 2.44 ms at batch 1 and 18.6 ms at batch 8): default spinning 13.0 / 95.5 ms, no
-    spinning 3.97 / 23.2 ms, spin-then-stop 3.08 / 21.2 ms. ``spinning=False`` turns spinning off.
+    Measured here (``bench/early_exit_threads.py``, MiniLM encoder, 5 segments run one after another,
+    2 cores; full graph 2.57 ms at batch 1, 19.3 ms at batch 8): default spinning 13.3 / 95.8 ms, no
+    spinning 4.17 / 23.3 ms, spin-then-stop 3.19 / 21.2 ms. ``spinning=False`` turns spinning off.
     A process-wide thread pool (``set_global_thread_pool_sizes``) is not used: in Python it forces
     every other ORT session of the process onto that pool, quantization calibrators included."""
     import onnxruntime as ort
