@@ -165,14 +165,14 @@ def _runner(session, feeds: list[dict[str, np.ndarray]]):
 
 def time_shape(rows: list[cs.Contender], sessions: dict[str, Any], texts: list[str], *, batch: int, seq: int,
                rounds: int, block: int, warmup: int, budget_s: float | None) -> dict[str, Timed]:
-    from edgesmith.profiling import build_feeds, tokenizer_of
+    from edgesmith.profiling import build_feeds
 
     runners = {}
     for row in rows:
         if row.key not in sessions:
             continue
         session = sessions[row.key]
-        feeds = build_feeds(tokenizer_of(row.artifact), session.input_names, batch=batch, seq=seq, texts=texts)
+        feeds = build_feeds(row.artifact.tokenizer, session.input_names, batch=batch, seq=seq, texts=texts)
         runners[row.key] = _runner(session, feeds)
     log.info("timing batch %d × %d: %d contenders, %d rounds × %d runs", batch, seq, len(runners), rounds, block)
     return run_rounds(runners, rounds=rounds, block=block, warmup=warmup, time_budget_s=budget_s,
@@ -258,7 +258,7 @@ def goal(rows: list[cs.Contender], latency: dict[str, dict[str, dict]], labels: 
 
 def interop_check(rows: list[cs.Contender], texts: list[str], args) -> dict[str, Any]:
     """edgesmith's ONNX FP32 folder through Optimum's ORTModelForFeatureExtraction (in its venv)."""
-    from edgesmith.profiling import build_feeds, tokenizer_of
+    from edgesmith.profiling import build_feeds
     from edgesmith.quality import mean_pool, row_cosines
     from edgesmith.runtimes.base import get_runtime
 
@@ -269,7 +269,7 @@ def interop_check(rows: list[cs.Contender], texts: list[str], args) -> dict[str,
         return {"status": "not run", "note": "no edgesmith ONNX FP32 artifact"}
     art = fp32.artifact
     session = get_runtime("onnxruntime").load(art, threads=args.threads)
-    feeds = build_feeds(tokenizer_of(art), session.input_names, batch=8, seq=args.seq, texts=texts)[0]
+    feeds = build_feeds(art.tokenizer, session.input_names, batch=8, seq=args.seq, texts=texts)[0]
     ours = session.run(feeds)["last_hidden_state"]
     session.close()
     feeds_path, out_path = args.work / "interop-feeds.npz", args.work / "interop-out.npy"

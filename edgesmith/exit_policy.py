@@ -405,8 +405,8 @@ def calibrate(name: str, task: str, exit_layers: list[int], outputs: list[np.nda
             best = (judged[1], judged[2], t)
     if best is None:
         raise GateFailed(f"budget {budget}: even the full network misses it on the validation data "
-                       f"({table.mean(np.full(len(scores), len(exit_layers) - 1)):.4f} against a floor of "
-                       f"{table.floor:.4f}); loosen the budget or train the exits jointly for longer")
+                         f"({table.mean(np.full(len(scores), len(exit_layers) - 1)):.4f} against a floor of "
+                         f"{table.floor:.4f}); loosen the budget or train the exits jointly for longer")
     shared = best[2]
     vector = np.full(len(exit_layers) - 1, shared, dtype=np.float64)
     rounds = 0
@@ -416,14 +416,13 @@ def calibrate(name: str, task: str, exit_layers: list[int], outputs: list[np.nda
         for rounds in range(1, MAX_ROUNDS + 1):
             improved = False
             for i, cands in enumerate(columns):
-                local: tuple[float, float, float] | None = (current[0], current[1], vector[i])
+                local = (current[0], current[1], vector[i])
                 for t in cands:
                     trial = vector.copy()
                     trial[i] = t
                     judged = judge(trial)
                     if judged is not None and _better(judged[1], judged[2], t, local):
                         local = (judged[1], judged[2], t)
-                assert local is not None
                 if local[0] < current[0] - 1e-12:
                     improved = True
                 if local[2] != vector[i]:
@@ -441,7 +440,3 @@ def calibrate(name: str, task: str, exit_layers: list[int], outputs: list[np.nda
         policy.calibration["shared_threshold_layers"] = float(depth[shared_chosen].mean())
         policy.calibration["rounds"] = rounds
     return policy
-
-
-def policy_threshold_is_never(score_threshold: float) -> bool:
-    return math.isinf(score_threshold)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
+from edgesmith.artifacts import Artifact, TorchModel
 from edgesmith.environment import Environment, fingerprint
 from edgesmith.errors import BadInput
 from edgesmith.storage import write_json_atomic
@@ -310,11 +310,6 @@ def artifact_info(artifact: Artifact) -> ArtifactInfo:
                         size_bytes=artifact_size_bytes(artifact), task=artifact.task)
 
 
-def tokenizer_of(artifact: Artifact):
-    """The artifact's tokenizer, or None (every artifact kind has the attribute)."""
-    return getattr(artifact, "tokenizer", None)
-
-
 def build_feeds(tokenizer, input_names: list[str], *, batch: int, seq: int,
                 texts: Sequence[str] | None = None, batches: int = INPUT_BATCHES) -> list[dict[str, np.ndarray]]:
     """Up to ``batches`` distinct batches of real sentences, each padded to exactly ``seq``."""
@@ -475,7 +470,7 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
     try:
         _reset_device_memory(session)
         distinct = EARLY_EXIT_INPUT_BATCHES if artifact.kind == "early-exit" else INPUT_BATCHES
-        feeds = build_feeds(tokenizer_of(artifact), session.input_names, batch=batch, seq=seq, texts=texts,
+        feeds = build_feeds(artifact.tokenizer, session.input_names, batch=batch, seq=seq, texts=texts,
                             batches=distinct)
         latencies = measure(session, feeds, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s,
                             progress=progress)

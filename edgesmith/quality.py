@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
+from edgesmith.artifacts import Artifact, TorchModel
 from edgesmith.errors import BadInput
 from edgesmith.inputs import attention_mask_of, tokenize
 from edgesmith.runtimes.base import Session, default_runtime_for, get_runtime
@@ -42,7 +42,7 @@ _RECALL = re.compile(r"^recall@(\d+)$")
 
 
 def tokenizer_of(artifact: Artifact):
-    """The artifact's tokenizer (an attribute of a TorchModel, files beside an OnnxModel)."""
+    """The artifact's tokenizer; BadInput when it has none."""
     tokenizer = getattr(artifact, "tokenizer", None)
     if tokenizer is None:
         raise BadInput(f"model '{artifact.name}' has no tokenizer; save one beside the model (tokenizer.save_pretrained)")

@@ -288,8 +288,6 @@ def export_meta(model: TorchModel, module, path: Path, attention: str) -> dict[s
 # ---------------------------------------------------------------------------------------------
 
 
-
-
 def probe_texts(texts: Sequence[str]) -> list[str]:
     """Real sentences plus short paragraphs of joined sentences, sorted by length."""
     pool = [t for t in dict.fromkeys(texts) if t.strip()]

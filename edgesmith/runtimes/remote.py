@@ -473,7 +473,7 @@ def profile_remote(artifact: Artifact, target, *, ssh_config: str | Path | None 
     records the destination, the device cache folder and whether the artifact was copied or found.
     """
     from edgesmith.profiling import (OpTime, Profile, RuntimeInfo, Shapes, Stats, _check_arguments, artifact_info,
-                                     build_feeds, summarize, tokenizer_of)
+                                     build_feeds, summarize)
     from edgesmith.environment import Environment
 
     _check_arguments(batch, seq, warmup, iterations, time_budget_s)
@@ -504,7 +504,7 @@ def profile_remote(artifact: Artifact, target, *, ssh_config: str | Path | None 
         info = artifact_info(artifact)
         art_dir = device.remote_path("artifacts", info.hash[:32])
         copied = device.put_folder(model_files(artifact), art_dir, timeout=left())
-        feeds = build_feeds(tokenizer_of(artifact), artifact.input_names, batch=batch, seq=seq, texts=texts)
+        feeds = build_feeds(artifact.tokenizer, artifact.input_names, batch=batch, seq=seq, texts=texts)
         data, inputs_key = feeds_bytes(feeds)
         with tempfile.TemporaryDirectory(prefix="edgesmith-inputs-") as tmp:
             (Path(tmp) / "inputs.npz").write_bytes(data)
