@@ -5,8 +5,10 @@
   maps them onto every graph input through its dimension names (the export pass names them
   ``batch`` and ``sequence``), so each input gets its (min, opt, max) shapes.
 - **Precisions**: fp32 (TF32 off unless asked), fp16, bf16, int8 from an explicit Q/DQ graph (the
-  quantize pass's static output; TensorRT 10 has no implicit calibration here), fp8 from an FP8
-  Q/DQ graph (NVIDIA Model Optimizer's output) on compute capability >= 8.9.
+  quantize pass's static output; there is no implicit calibration here), fp8 from an FP8 Q/DQ
+  graph (NVIDIA Model Optimizer's output) on compute capability >= 8.9. TensorRT 10 gets them
+  through builder flags (weak typing); TensorRT 11, which removed those flags, through the graph
+  itself, converted first where needed (strong typing, :mod:`edgesmith.export.tensorrt_typing`).
 - **Backends**: TensorRT's Python builder API (``python``), or ``trtexec`` where only the tool is
   installed (Jetson), with the same options through :func:`edgesmith.runtimes.remote.trtexec_build_argv`.
 - **Cache**: engines under ``<cache>/tensorrt/engines/<key>``, key = ONNX hash + build options +
@@ -23,6 +25,7 @@ import copy
 import logging
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +43,17 @@ from edgesmith.artifacts import (
 )
 from edgesmith.compress.base import Context, Pass, PassConfig, register
 from edgesmith.errors import BadInput, EdgesmithError
+from edgesmith.export.tensorrt_typing import (
+    WEAK_BUILDER_FLAGS,
+    GraphConversion,
+    Typing,
+    conversion_plan,
+    convert_graph,
+    needs_conversion,
+    typing_for_version,
+    typing_of_module,
+)
+from edgesmith.export.tensorrt_typing import builder_flags as typed_builder_flags
 from edgesmith.runtimes.tensorrt import DeviceIdentity, device_identity, import_tensorrt
 from edgesmith.storage import atomic_dir, sha256_json, write_text_atomic
 
@@ -47,9 +61,6 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
-#: TensorRT BuilderFlag names each precision sets (int8/fp8: float layers of a Q/DQ graph may run in fp16)
-BUILDER_FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",),
-                                             "int8": ("INT8", "FP16"), "fp8": ("FP8", "FP16")}
 #: FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 FP8_MIN_CAPABILITY = (8, 9)
 #: default validation tolerances per precision (max abs diff on non-padded positions, min cosine)
@@ -242,12 +253,12 @@ class TensorRTConfig(PassConfig):
         return [",".join(f"{d}={r}" for d, r in p.items()) for p in profiles]
 
 
-def builder_flags(precision: str, tf32: bool = False) -> tuple[list[str], list[str]]:
-    """(BuilderFlag names to set, to clear) for a precision; TF32 is cleared unless asked for, so
-    "fp32" means FP32 arithmetic."""
-    if precision not in BUILDER_FLAGS:
+def builder_flags(precision: str, tf32: bool = False, typing: Typing = "weak") -> tuple[list[str], list[str]]:
+    """(BuilderFlag names to set, to clear) for a precision under ``typing`` (see
+    :func:`edgesmith.export.tensorrt_typing.builder_flags`)."""
+    if precision not in WEAK_BUILDER_FLAGS:
         raise BadInput(f"unknown precision '{precision}'; use one of: {', '.join(PRECISIONS)}")
-    return list(BUILDER_FLAGS[precision]), ([] if tf32 else ["TF32"])
+    return typed_builder_flags(precision, typing, tf32)
 
 
 def quantize_types(onnx_path: str | Path) -> set[str]:
@@ -301,10 +312,13 @@ def tolerances(cfg: TensorRTConfig) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_identity(cfg: TensorRTConfig, backend: str) -> dict[str, Any]:
-    """The build options that change the engine (validation tolerances and tool paths do not)."""
+def build_identity(cfg: TensorRTConfig, backend: str, typing: Typing = "weak",
+                   converter: str | None = None) -> dict[str, Any]:
+    """The build options that change the engine (validation tolerances and tool paths do not):
+    with them the typing and, for a strongly typed build from a converted graph, the converter."""
     return {"precision": cfg.precision, "profiles": list(cfg.shapes), "workspace_mib": cfg.workspace_mib,
-            "optimization_level": cfg.optimization_level, "tf32": cfg.tf32, "backend": backend}
+            "optimization_level": cfg.optimization_level, "tf32": cfg.tf32, "backend": backend,
+            "typing": typing, "graph_converter": converter}
 
 
 def engine_key(onnx_hash: str, options: dict[str, Any], identity: DeviceIdentity) -> str:
@@ -347,17 +361,28 @@ def ort_engine_cache_dir(onnx_hash: str, provider_options: dict[str, Any], ident
 
 
 def engine_meta(identity: DeviceIdentity, cfg: TensorRTConfig, onnx_hash: str, backend: str,
-                shapes: list[dict[str, ShapeTriple]]) -> dict[str, Any]:
+                shapes: list[dict[str, ShapeTriple]], typing: Typing = "weak",
+                conversion: GraphConversion | None = None) -> dict[str, Any]:
     """What ``meta["tensorrt"]`` records about a built engine."""
+    if conversion is not None:
+        graph = conversion.describe()
+    elif typing == "strong":
+        graph = "built from the graph's own types (strong typing)"
+        if cfg.precision in ("int8", "fp8"):
+            graph += "; float layers of the Q/DQ graph run in its float type"
+    else:
+        graph = "fp32 graph, precision from builder flags (weak typing)"
     return {
         **identity.as_dict(),
         "precision": cfg.precision,
+        "typing": typing,
+        "graph": graph,
         "profiles": [{name: {"min": list(t[0]), "opt": list(t[1]), "max": list(t[2])} for name, t in p.items()}
                      for p in shapes],
         "shape_specs": list(cfg.shapes),
         "source_onnx_hash": onnx_hash,
         "backend": backend,
-        "options": build_identity(cfg, backend),
+        "options": build_identity(cfg, backend, typing, conversion.converter if conversion else None),
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -396,8 +421,8 @@ def resolve_backend(backend: str, trtexec: str) -> str:
         raise BadInput(f"{missing}; nor is trtexec on PATH") from missing
 
 
-def _set_flags(trt, config, precision: str, tf32: bool) -> None:
-    enable, disable = builder_flags(precision, tf32)
+def _set_flags(trt, config, precision: str, tf32: bool, typing: Typing) -> None:
+    enable, disable = builder_flags(precision, tf32, typing)
     for name in enable:
         config.set_flag(getattr(trt.BuilderFlag, name))
     for name in disable:
@@ -409,9 +434,10 @@ def build_python(onnx_path: Path, shapes: list[dict[str, ShapeTriple]], cfg: Ten
     """Build with TensorRT's Python API: parse, one optimization profile per shape profile, flags,
     workspace, optimization level, timing cache (read before, written back after)."""
     trt = import_tensorrt()
+    typing = typing_of_module(trt)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10; 11 is always strongly typed
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -420,7 +446,7 @@ def build_python(onnx_path: Path, shapes: list[dict[str, ShapeTriple]], cfg: Ten
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib * 2**20)
     config.builder_optimization_level = cfg.optimization_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names and types for per-layer times
-    _set_flags(trt, config, cfg.precision, cfg.tf32)
+    _set_flags(trt, config, cfg.precision, cfg.tf32, typing)
     for profile_shapes in shapes:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile_shapes.items():
@@ -439,7 +465,8 @@ def build_python(onnx_path: Path, shapes: list[dict[str, ShapeTriple]], cfg: Ten
 
 
 def build_trtexec(onnx_path: Path, engine_path: Path, input_names: list[str],
-                  shapes: list[dict[str, ShapeTriple]], cfg: TensorRTConfig, timing_cache: Path | None) -> None:
+                  shapes: list[dict[str, ShapeTriple]], cfg: TensorRTConfig, timing_cache: Path | None,
+                  typing: Typing = "weak") -> None:
     """Build with ``trtexec`` (same options, through :func:`trtexec_build_argv`)."""
     from edgesmith.runtimes.remote import trtexec_build_argv
 
@@ -449,7 +476,7 @@ def build_trtexec(onnx_path: Path, engine_path: Path, input_names: list[str],
     argv = trtexec_build_argv(cfg.trtexec, str(onnx_path), str(engine_path), input_names=input_names,
                               precision=cfg.precision, workspace_mib=cfg.workspace_mib,
                               timing_cache=str(timing_cache) if timing_cache else None, profiles=shapes,
-                              optimization_level=cfg.optimization_level)
+                              optimization_level=cfg.optimization_level, typing=typing)
     if not cfg.tf32:
         argv.append("--noTF32")
     log.info("building with trtexec: %s", " ".join(argv))
@@ -502,21 +529,37 @@ def build_engine(model: OnnxModel, cfg: TensorRTConfig, *, cache_root: str | Pat
     check_precision(cfg.precision, model.path, identity.compute_capability)
     dims = graph_input_dims(model.path)
     shapes = [derive_input_shapes(dims, p) for p in profiles]
+    typing = build_typing(backend, identity.tensorrt_version)
+    convert = needs_conversion(cfg.precision, typing, model.path)
+    if typing == "strong" and cfg.precision in ("int8", "fp8"):
+        log.warning("TensorRT %s is strongly typed: the float layers of this Q/DQ graph run in its own float type "
+                    "(TensorRT 10 could run them in fp16)", identity.tensorrt_version)
+    converter = conversion_plan(cfg.precision) if convert else None
     onnx_hash = model.content_hash()
-    key = engine_key(onnx_hash, build_identity(cfg, backend), identity)
+    key = engine_key(onnx_hash, build_identity(cfg, backend, typing, converter), identity)
     folder = engine_dir(key, cache_root)
     if (folder / ENGINE_FILE).exists() and (folder / "engine.json").exists():
         log.info("TensorRT engine reused from the cache (%s)", key[:12])
         return folder
     timing = timing_cache_path(identity, cache_root) if cfg.timing_cache else None
-    meta = engine_meta(identity, cfg, onnx_hash, backend, shapes)
-    with atomic_dir(folder) as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgesmith-trt-graph-") as scratch, atomic_dir(folder) as tmp:
+        conversion = convert_graph(model.path, cfg.precision, scratch, converter) if convert else None
+        source = conversion.path if conversion else model.path
         if backend == "python":
-            write_bytes_atomic(tmp / ENGINE_FILE, build_python(model.path, shapes, cfg, timing))
+            write_bytes_atomic(tmp / ENGINE_FILE, build_python(source, shapes, cfg, timing))
         else:
-            build_trtexec(model.path, tmp / ENGINE_FILE, list(dims), shapes, cfg, timing)
+            build_trtexec(source, tmp / ENGINE_FILE, list(dims), shapes, cfg, timing, typing)
+        meta = engine_meta(identity, cfg, onnx_hash, backend, shapes, typing, conversion)
         write_text_atomic(tmp / "engine.json", json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def build_typing(backend: str, version: str | None) -> Typing:
+    """The typing of this build: from the bindings themselves (python backend), else from the
+    TensorRT version trtexec belongs to."""
+    if backend == "python":
+        return typing_of_module(import_tensorrt())
+    return typing_for_version(version)
 
 
 def engine_artifact(model: OnnxModel, cached: Path, folder: Path) -> TensorRTEngine:

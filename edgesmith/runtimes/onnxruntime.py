@@ -7,6 +7,7 @@ when it ran on the CPU.
 
 from __future__ import annotations
 
+import logging
 from importlib import metadata
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 from edgesmith.artifacts import Artifact, OnnxModel
 from edgesmith.errors import BadInput
 from edgesmith.runtimes.base import Availability, Runtime, Session, register_runtime
+
+log = logging.getLogger(__name__)
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -135,6 +138,8 @@ class OrtSession(Session):
 
 #: TensorRT provider defaults: engines and timing caches kept (in edgesmith's cache, under a key)
 TENSORRT_EP_DEFAULTS = {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
+#: provider options that work through TensorRT's weak typing (builder flags), gone in TensorRT 11
+WEAK_TYPING_EP_OPTIONS = ("trt_fp16_enable", "trt_bf16_enable", "trt_int8_enable")
 
 
 def tensorrt_ep_options(model: OnnxModel, options: dict[str, Any], cache_root: str | None = None) -> dict[str, Any]:
@@ -147,10 +152,16 @@ def tensorrt_ep_options(model: OnnxModel, options: dict[str, Any], cache_root: s
         tensorrt_cache_root,
         timing_cache_key,
     )
+    from edgesmith.export.tensorrt_typing import typing_for_version
     from edgesmith.runtimes.tensorrt import device_identity
 
     merged = {**TENSORRT_EP_DEFAULTS, **{k: v for k, v in options.items()}}
     identity = device_identity()
+    weak = [k for k in WEAK_TYPING_EP_OPTIONS if str(merged.get(k, "")).lower() in ("1", "true")]
+    if weak and typing_for_version(identity.tensorrt_version) == "strong":
+        log.warning("TensorRT %s is strongly typed: %s cannot lower the precision of an fp32 graph; give the "
+                    "provider an fp16 graph (edgesmith quantize MODEL --mode fp16) or a Q/DQ graph",
+                    identity.tensorrt_version, ", ".join(weak))
     if "trt_engine_cache_path" not in merged:
         folder = ort_engine_cache_dir(model.content_hash(), merged, identity, cache_root)
         folder.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,13 @@ import numpy as np
 
 from edgesmith.artifacts import Artifact, OnnxModel
 from edgesmith.errors import BadInput
+from edgesmith.export.tensorrt_typing import (
+    WEAK_TRTEXEC_FLAGS,
+    Typing,
+    needs_conversion,
+    trtexec_precision_flags,
+    typing_for_version,
+)
 
 log = logging.getLogger(__name__)
 #: mktemp's template suffix (six random characters)
@@ -378,10 +385,11 @@ def _shape_spec(input_names: Sequence[str], batch: int, seq: int) -> str:
     return ",".join(f"{name}:{batch}x{seq}" for name in input_names)
 
 
-#: trtexec's precision flags (TensorRT 10): int8 and fp8 also allow fp16 for the layers a Q/DQ graph
-#: leaves in float. fp8 is not offered here: FP8 needs Hopper-class GPUs (compute capability >= 8.9),
+#: trtexec's precision flags under weak typing (TensorRT 10): int8 also allows fp16 for the layers a
+#: Q/DQ graph leaves in float. TensorRT 11's trtexec has none (strong typing: the graph carries the
+#: precision). fp8 is not offered here: FP8 needs Hopper-class GPUs (compute capability >= 8.9),
 #: where the Python builder is available; trtexec builds serve Jetson devices (Orin: 8.7).
-TRTEXEC_PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "int8": ["--int8", "--fp16"]}
+TRTEXEC_PRECISION_FLAGS = WEAK_TRTEXEC_FLAGS
 
 ShapeTriple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
@@ -394,13 +402,14 @@ def trtexec_build_argv(trtexec: str, onnx_path: str, engine_path: str, *, input_
                        batch: int | None = None, seq: int | None = None, precision: str = "fp16",
                        workspace_mib: int = 1024, timing_cache: str | None = None,
                        profiles: Sequence[dict[str, ShapeTriple]] | None = None,
-                       optimization_level: int | None = None) -> list[str]:
+                       optimization_level: int | None = None, typing: Typing = "weak") -> list[str]:
     """``trtexec`` build of an engine from an ONNX graph (engines are device-specific).
 
     Shapes: ``profiles`` (one dict per optimization profile: input name -> (min, opt, max) shapes;
     trtexec takes one ``--minShapes/--optShapes/--maxShapes`` triple per profile, in order), or a
     single static ``batch`` x ``seq`` profile for every input. Precision flags: see
-    :data:`TRTEXEC_PRECISION_FLAGS`. ``--memPoolSize=workspace:N`` is in MiB,
+    :data:`TRTEXEC_PRECISION_FLAGS` (weak typing); a strongly typed trtexec (TensorRT 11) gets none,
+    the graph must carry the precision. ``--memPoolSize=workspace:N`` is in MiB,
     ``--builderOptimizationLevel`` 0-5, ``--skipInference``: build only.
     """
     if precision not in TRTEXEC_PRECISION_FLAGS:
@@ -418,7 +427,7 @@ def trtexec_build_argv(trtexec: str, onnx_path: str, engine_path: str, *, input_
         for i, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
             argv.append(f"{flag}=" + ",".join(f"{n}:{_dims(profile[n][i])}" for n in input_names))
     argv += [f"--memPoolSize=workspace:{int(workspace_mib)}", "--skipInference"]
-    argv += TRTEXEC_PRECISION_FLAGS[precision]
+    argv += trtexec_precision_flags(precision, typing)
     if optimization_level is not None:
         if not 0 <= int(optimization_level) <= 5:
             raise BadInput(f"builder optimization level must be 0-5 (got {optimization_level})")
@@ -501,6 +510,9 @@ def profile_remote(artifact: Artifact, target, *, ssh_config: str | Path | None 
         if runtime == "tensorrt":
             check += ["--trtexec", target.trtexec or "trtexec"]
         fingerprint = device.agent(check, timeout=min(60.0, left()))["environment"]
+        if runtime == "tensorrt":
+            precision = precision or _precision_of(artifact)
+            artifact = strongly_typed_source(artifact, precision, (fingerprint.get("libraries") or {}).get("tensorrt"))
         info = artifact_info(artifact)
         art_dir = device.remote_path("artifacts", info.hash[:32])
         copied = device.put_folder(model_files(artifact), art_dir, timeout=left())
@@ -555,6 +567,25 @@ def profile_remote(artifact: Artifact, target, *, ssh_config: str | Path | None 
     )
 
 
+def strongly_typed_source(artifact: OnnxModel, precision: str, device_tensorrt: str | None) -> OnnxModel:
+    """The graph to copy to a device whose trtexec is strongly typed (TensorRT 11): an fp32 graph
+    asked to build in fp16 is converted here first (edgesmith's FP16 conversion), since that
+    trtexec has no --fp16; bf16 needs a bf16 graph made beforehand. Otherwise ``artifact`` itself."""
+    if typing_for_version(device_tensorrt) != "strong" or not needs_conversion(precision, "strong", artifact.path):
+        return artifact
+    if precision == "bf16":
+        raise BadInput(f"the device has TensorRT {device_tensorrt}, which builds bf16 only from a bf16 graph; "
+                       "convert one with NVIDIA Model Optimizer AutoCast first, or profile with --precision fp16")
+    from edgesmith.compress.quantization import QuantizePass
+
+    log.info("device TensorRT %s is strongly typed: converting %s to fp16 before copying it", device_tensorrt,
+             artifact.name)
+    converted = QuantizePass(mode="fp16")(artifact)
+    assert isinstance(converted, OnnxModel)
+    converted.meta["precision"] = "fp16"
+    return converted
+
+
 def _run_trtexec(device: RemoteDevice, target, artifact: OnnxModel, artifact_hash: str, fingerprint: dict,
                  art_dir: str, inputs_dir: str, *, batch: int, seq: int, warmup: int, iterations: int,
                  time_budget_s: float | None, precision: str, per_op: bool, left: Callable[[], float]) -> dict:
@@ -567,9 +598,10 @@ def _run_trtexec(device: RemoteDevice, target, artifact: OnnxModel, artifact_has
     engine = device.remote_path("engines", key, "model.engine")
     work = device.remote_path("runs", key)
     names = artifact.input_names
+    typing = typing_for_version((fingerprint.get("libraries") or {}).get("tensorrt"))
     build = trtexec_build_argv(trtexec, f"{art_dir}/{artifact.path.name}", engine, input_names=names,
                                batch=batch, seq=seq, precision=precision,
-                               timing_cache=device.remote_path("engines", "timing.cache"))
+                               timing_cache=device.remote_path("engines", "timing.cache"), typing=typing)
     run = trtexec_run_argv(trtexec, engine, input_names=names, batch=batch, seq=seq, inputs_dir=work,
                            warmup_ms=max(200, warmup * 20), iterations=iterations,
                            duration_s=time_budget_s or 0, times_path=f"{work}/times.json",

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 NOT_INSTALLED = ("tensorrt is not installed (its wheels come only from NVIDIA's package index: "
                  "pip install --extra-index-url https://pypi.nvidia.com 'edgesmith[tensorrt]')")
 #: shared libraries that answer getInferLibVersion() when the Python bindings are absent
-NVINFER_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so")
+NVINFER_LIBRARIES = ("libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def tensorrt_version() -> str | None:
 
 
 def decode_nvinfer_version(number: int) -> str:
-    """``getInferLibVersion()`` as a version string: TensorRT 10 encodes major*10000 + minor*100 +
+    """``getInferLibVersion()`` as a version string: TensorRT 10 and 11 encode major*10000 + minor*100 +
     patch (100800 → 10.8.0), TensorRT 8 major*1000 + minor*100 + patch (8601 → 8.6.1)."""
     if number >= 100000:
         return f"{number // 10000}.{number // 100 % 100}.{number % 100}"
