@@ -99,11 +99,16 @@ def _ort_gpu_rows(gpu: str | None) -> list[dict]:
 
 def _tensorrt_row(gpu: str | None) -> dict:
     from edgesmith.errors import BadInput
+    from edgesmith.export.tensorrt_typing import typing_for_version
     from edgesmith.runtimes.tensorrt import TensorRTRuntime, tensorrt_version
 
     avail = TensorRTRuntime().availability()
     if avail.usable:
-        return _row("tensorrt", True, avail.version, avail.devices)
+        note = ""
+        if typing_for_version(avail.version) == "strong":
+            note = ("strongly typed (TensorRT 11+): fp16/bf16 engines are built from a graph converted to that "
+                    "precision first; int8/fp8 from Q/DQ graphs")
+        return _row("tensorrt", True, avail.version, avail.devices, note)
     reason = avail.reason
     if avail.version is None and gpu is None:
         reason += "; no CUDA device visible either"
@@ -137,7 +142,9 @@ def doctor_command(as_json: bool = JSON_OUT) -> None:
     for col in ("runtime", "usable", "version", "devices / reason"):
         table.add_column(col)
     for row in rows:
-        detail = ", ".join(row["devices"]) if row["usable"] else row["reason"]
+        detail = row["reason"]
+        if row["usable"]:  # a usable row's reason is a note (TensorRT's typing)
+            detail = "; ".join(part for part in (", ".join(row["devices"]), row["reason"]) if part)
         table.add_row(row["runtime"], "[green]yes[/]" if row["usable"] else "[red]no[/]", row["version"] or "-",
                       escape(detail))
     console.print(table)

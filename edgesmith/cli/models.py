@@ -56,7 +56,8 @@ def export_command(
     atol: float | None = typer.Option(None, "--atol", help="Largest allowed max abs difference in validation "
                                       "(default: 1e-3 for onnx; per precision for tensorrt)."),
     precision: str = typer.Option("fp16", "--precision", help="tensorrt: fp32, fp16, bf16, int8 (Q/DQ graph), "
-                                  "fp8 (FP8 Q/DQ graph)."),
+                                  "fp8 (FP8 Q/DQ graph). TensorRT 11 (strongly typed): fp16/bf16 are built "
+                                  "from the graph converted to that precision first."),
     shapes: list[str] = typer.Option([], "--shapes", help="tensorrt: an optimization profile, e.g. "
                                      "batch=1:8:32,seq=16:128:256 (MIN:OPT:MAX; repeat for several profiles)."),
     workspace: int = typer.Option(4096, "--workspace", help="tensorrt: builder workspace limit, MiB."),
