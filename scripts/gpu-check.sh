@@ -13,11 +13,19 @@
 # Every stage runs in its own process under a hard timeout, so one failure or hang never stops
 # the rest; a global deadline keeps the whole run under 8 minutes. Profiles land in
 # profiles/<gpu>-*.json, the summary in profiles/<gpu>-summary.md (and in $OUT when set).
+#
+#   GPU_CHECK_DEVICE=cpu scripts/gpu-check.sh     a rehearsal on a machine without a GPU: the same
+#       stages and code paths with a tiny BERT, CPU in place of CUDA, a few iterations, and the
+#       skips a missing runtime takes (tests/test_gpu_check.py runs it in CI, so the script works
+#       the first time it meets a GPU). Its numbers mean nothing and it says so.
+#   GPU_CHECK_PROFILES=DIR   where profiles and the summary go (default: profiles/)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PYTHON="${PYTHON:-python3}"
+export GPU_CHECK_DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+export GPU_CHECK_PROFILES="${GPU_CHECK_PROFILES:-$REPO/profiles}"
 DEADLINE_S="${GPU_CHECK_DEADLINE_S:-450}"   # 7.5 minutes of stages; the summary needs seconds
 START=$(date +%s)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/edgesmith-gpu-check.XXXXXX")"
@@ -46,11 +54,14 @@ if ! "$PYTHON" -c "import rich, typer, pydantic, safetensors, yaml" 2>/dev/null;
   fi
 fi
 "$PYTHON" - <<'PY' || { say "FATAL: edgesmith does not import with this Python; nothing can run"; exit 1; }
+import os
 import torch, transformers, onnx
 import edgesmith.profiling  # noqa: F401
 print(f"[gpu-check] torch {torch.__version__} (CUDA {torch.version.cuda}, available {torch.cuda.is_available()}), "
       f"transformers {transformers.__version__}, onnx {onnx.__version__}", flush=True)
-if not torch.cuda.is_available():
+if os.environ["GPU_CHECK_DEVICE"] == "cpu":
+    print("[gpu-check] REHEARSAL on CPU (GPU_CHECK_DEVICE=cpu): tiny model, numbers mean nothing", flush=True)
+elif not torch.cuda.is_available():
     raise SystemExit("no CUDA device visible to torch")
 PY
 
@@ -67,24 +78,33 @@ from pathlib import Path
 
 WORK, REPO = Path(os.environ["WORK"]), Path(os.environ["REPO"])
 MODEL, ONNX_DIR, ENGINE_DIR = WORK / "bert-base", WORK / "bert-base-onnx", WORK / "bert-base-trt-fp16"
-SEQ, BATCHES = 128, (1, 32)
-WARMUP, ITERATIONS, BUDGET_S = 20, 300, 3.0
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+REHEARSAL = DEVICE == "cpu"
+SEQ, BATCHES = (16, (1, 4)) if REHEARSAL else (128, (1, 32))
+WARMUP, ITERATIONS, BUDGET_S = (2, 5, 0.5) if REHEARSAL else (20, 300, 3.0)
+#: (dtype, batch) pairs of the compiled stage (each is a compilation)
+COMPILED = [("fp32", 1)] if REHEARSAL else [(d, b) for b in BATCHES for d in ("fp16", "bf16", "fp32")]
 T0 = time.time()
+SKIPPED = "skipped"  # what a stage returns when what it needs is not here
 
 
 def say(msg):
     print(f"[gpu-check]   {msg}", flush=True)
 
 
-def gpu_slug():
+def gpu_name():
     import torch
 
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return "cpu rehearsal" if REHEARSAL else torch.cuda.get_device_name(0)
+
+
+def gpu_slug():
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name().lower()).strip("-")
 
 
 def out_dir():
-    folder = REPO / "profiles"
-    folder.mkdir(exist_ok=True)
+    folder = Path(os.environ["GPU_CHECK_PROFILES"])
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -127,6 +147,9 @@ def profile_one(art, runtime, label, batch, **options):
         return False
     path = out_dir() / f"{gpu_slug()}-{re.sub(r'[^a-z0-9]+', '-', full.lower()).strip('-')}.json"
     prof.save(path)
+    stages_profiles = WORK / "profiles.txt"  # what this run wrote, for the summary
+    with open(stages_profiles, "a", encoding="utf-8") as fh:
+        fh.write(f"{path}\n")
     s = prof.stats
     say(f"{full:<34} p50 {s.p50:8.3f} ms  p90 {s.p90:8.3f} ms  n={s.n:<4} device {prof.peak_device_memory_mb} MiB  "
         f"on {','.join(prof.runtime.providers)}  ({time.time() - started:.0f}s) -> {path.name}")
@@ -139,23 +162,25 @@ def stage_setup():
 
     torch.manual_seed(0)
     config = BertConfig()  # bert-base: hidden 768, 12 layers, 12 heads, FFN 3072, vocab 30522
+    if REHEARSAL:
+        config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     model = BertModel(config).eval()
     model.save_pretrained(MODEL)
     tokenizer().save_pretrained(MODEL)
-    say(f"BERT-base from its config: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {MODEL}")
+    what = "a tiny BERT (rehearsal)" if REHEARSAL else "BERT-base"
+    say(f"{what} from its config: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {MODEL}")
 
 
 def _torch(compiled):
     from edgesmith.artifacts import load
 
     art = load(MODEL)
-    order = [(d, b) for b in BATCHES for d in ("fp16", "bf16", "fp32")] if compiled else \
-        [(d, b) for d in ("fp32", "fp16", "bf16") for b in BATCHES]
+    order = COMPILED if compiled else [(d, b) for d in ("fp32", "fp16", "bf16") for b in BATCHES]
     ok = 0
     for dtype, batch in order:
-        extra = {"compile": True, "cuda_graphs": True} if compiled else {}
-        name = f"torch cuda {dtype} {'compiled' if compiled else 'eager'}"
-        ok += profile_one(art, "torch", name, batch, provider="cuda", dtype=dtype, **extra)
+        extra = {"compile": True, "cuda_graphs": not REHEARSAL} if compiled else {}
+        name = f"torch {DEVICE} {dtype} {'compiled' if compiled else 'eager'}"
+        ok += profile_one(art, "torch", name, batch, provider=DEVICE, dtype=dtype, **extra)
     return ok
 
 
@@ -197,42 +222,54 @@ def _usable(runtime):
 
 def stage_tensorrt():
     if not _usable("tensorrt").usable or (art := _needs_onnx()) is None:
-        return 0
+        return SKIPPED
     from edgesmith.export import to_tensorrt
 
     started = time.time()
-    engine = to_tensorrt(art, precision="fp16", shapes=["batch=1:1:32,seq=128"])
+    engine = to_tensorrt(art, precision="fp16", shapes=[f"batch=1:1:{BATCHES[-1]},seq={SEQ}"])
     engine.save(ENGINE_DIR)
     report = engine.lineage[-1]["report"]
+    record = engine.engine_meta
     say(f"TensorRT fp16 engine built and validated in {time.time() - started:.0f}s: max abs diff "
-        f"{report['max_abs']:.3g}, min cosine {report['min_cosine']:.5f}, TensorRT {report['tensorrt_version']}")
+        f"{report['max_abs']:.3g}, min cosine {report['min_cosine']:.5f}, TensorRT {report['tensorrt_version']} "
+        f"({record.get('typing')} typing: {record.get('graph')})")
     ok = profile_one(engine, "tensorrt", "tensorrt fp16", 1, per_op=True, per_op_runs=5)
-    return ok + profile_one(engine, "tensorrt", "tensorrt fp16", 32)
+    return ok + profile_one(engine, "tensorrt", "tensorrt fp16", BATCHES[-1])
 
 
 def stage_ort_cuda():
     avail = _usable("onnxruntime")
     if not avail.usable or (art := _needs_onnx()) is None:
-        return 0
+        return SKIPPED
     if "cuda" not in avail.devices:
         say(f"SKIP: this ONNX Runtime has no CUDA provider (providers: {', '.join(avail.devices)})")
-        return 0
+        return SKIPPED
     return sum(profile_one(art, "onnxruntime", "ort cuda fp32", b, provider="cuda") for b in BATCHES)
 
 
 def stage_ort_tensorrt():
     avail = _usable("onnxruntime")
     if not avail.usable or (art := _needs_onnx()) is None:
-        return 0
+        return SKIPPED
     if "tensorrt" not in avail.devices:
         say(f"SKIP: this ONNX Runtime has no TensorRT provider (providers: {', '.join(avail.devices)})")
-        return 0
+        return SKIPPED
+    from edgesmith.export.tensorrt_typing import typing_for_version
+    from edgesmith.runtimes.tensorrt import tensorrt_version
+
     names = art.input_names
-    shapes = {k: ",".join(f"{n}:{b}x{SEQ}" for n in names) for k, b in (("min", 1), ("opt", 1), ("max", 32))}
-    options = {"trt_fp16_enable": "True", "trt_profile_min_shapes": shapes["min"],
-               "trt_profile_opt_shapes": shapes["opt"], "trt_profile_max_shapes": shapes["max"]}
-    return sum(profile_one(art, "onnxruntime", "ort tensorrt-ep fp16", b, provider="tensorrt",
-                           provider_options=options) for b in BATCHES)
+    shapes = {k: ",".join(f"{n}:{b}x{SEQ}" for n in names) for k, b in (("min", 1), ("opt", 1), ("max", BATCHES[-1]))}
+    options = {"trt_profile_min_shapes": shapes["min"], "trt_profile_opt_shapes": shapes["opt"],
+               "trt_profile_max_shapes": shapes["max"]}
+    label = "ort tensorrt-ep fp16"
+    if typing_for_version(tensorrt_version()) == "strong":  # TensorRT 11: fp16 comes from an fp16 graph
+        from edgesmith.compress.quantization import QuantizePass
+
+        art, label = QuantizePass(mode="fp16")(art), "ort tensorrt-ep fp16-graph"
+    else:
+        options["trt_fp16_enable"] = "True"
+    return sum(profile_one(art, "onnxruntime", label, b, provider="tensorrt", provider_options=options)
+               for b in BATCHES)
 
 
 def stage_summary():
@@ -243,13 +280,15 @@ def stage_summary():
 
     slug = gpu_slug()
     env = fingerprint()
-    profiles = []
-    for path in sorted(out_dir().glob(f"{slug}-*.json")):
-        if path.stat().st_mtime >= T0 - float(os.environ.get("GPU_CHECK_AGE_S", "900")):
-            profiles.append((path, Profile.load(path)))
+    written = WORK / "profiles.txt"
+    paths = sorted(set(written.read_text().split())) if written.exists() else []
+    profiles = [(Path(path), Profile.load(path)) for path in paths]
     status = Path(os.environ["STATUS"]).read_text().strip().splitlines()
-    lines = [f"# gpu-check on {torch.cuda.get_device_name(0)}", "",
-             f"Command: `scripts/gpu-check.sh` (BERT-base from its config, random weights, seq {SEQ}; "
+    lines = [f"# gpu-check on {gpu_name()}", ""]
+    if REHEARSAL:
+        lines += ["**Rehearsal on CPU (GPU_CHECK_DEVICE=cpu): a tiny BERT, a few iterations. These numbers say "
+                  "that the script works, nothing about any GPU.**", ""]
+    lines += [f"Command: `scripts/gpu-check.sh` (BERT-base from its config, random weights, seq {SEQ}; "
              f"timed with CUDA events or IOBinding after warm-up, time budget {BUDGET_S:g} s per profile).", "",
              f"GPU: {env.gpu.name if env.gpu else '?'}, driver {env.gpu.driver if env.gpu else '?'}, CUDA "
              f"{torch.version.cuda}; CPU {env.cpu_model}; libraries: "
@@ -271,7 +310,9 @@ def stage_summary():
 
 
 if __name__ == "__main__":
-    globals()[f"stage_{sys.argv[1].replace('-', '_')}"]()  # a skip or a failed profile is said, not raised
+    # a skip or a failed profile is said, not raised; the exit code tells the driver which it was
+    done = globals()[f"stage_{sys.argv[1].replace('-', '_')}"]()
+    sys.exit(3 if done is SKIPPED else 4 if done == 0 else 0)
 PY
 
 # --- stages: each in its own process, under min(its cap, the time left) ------------------------
@@ -291,6 +332,8 @@ run_stage() {  # run_stage NAME CAP_SECONDS
   set -e
   case $rc in
     0) echo "$name: ok" >> "$STATUS" ;;
+    3) echo "$name: skipped (what it needs is not here; the log says what)" >> "$STATUS" ;;
+    4) say "$name: NOTHING PROFILED"; echo "$name: ran, but every profile failed (the log says why)" >> "$STATUS" ;;
     124|137) say "$name: TIMED OUT after ${budget}s (what it saved is kept)"; echo "$name: timed out after ${budget}s" >> "$STATUS" ;;
     *) say "$name: FAILED (exit $rc)"; echo "$name: failed (exit $rc)" >> "$STATUS" ;;
   esac
@@ -312,7 +355,8 @@ set +e
 timeout --kill-after=5 30 "$PYTHON" "$WORK/stage.py" summary
 set -e
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  cp profiles/*.json profiles/*-summary.md "$OUT"/ 2>/dev/null || true
+  [ -f "$WORK/profiles.txt" ] && xargs -r cp -t "$OUT"/ < "$WORK/profiles.txt" 2>/dev/null || true
+  cp "$GPU_CHECK_PROFILES"/*-summary.md "$OUT"/ 2>/dev/null || true
   say "copied profiles and summary to $OUT"
 fi
 rm -rf "$WORK"
