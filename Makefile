@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray,modelopt]"
 	touch $(STAMP)
 
 setup: $(STAMP)

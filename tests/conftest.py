@@ -65,13 +65,23 @@ def _tensorrt_importable() -> bool:
     return True
 
 
+def _autocast_importable() -> bool:
+    from edgesmith.export.tensorrt_typing import autocast_available
+
+    return autocast_available()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu`-marked tests where no CUDA device is present, and tests marked `tensorrt` where
     TensorRT's Python package is missing, each with the reason."""
     cuda = torch.cuda.is_available()
     tensorrt = _tensorrt_importable()
+    autocast = any("modelopt" in item.keywords for item in items) and _autocast_importable()
     for item in items:
         if "gpu" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         elif "tensorrt" in item.keywords and not tensorrt:
             item.add_marker(pytest.mark.skip(reason="tensorrt is not installed (NVIDIA's package index)"))
+        elif "modelopt" in item.keywords and not autocast:
+            item.add_marker(pytest.mark.skip(reason="NVIDIA Model Optimizer's AutoCast is not installed "
+                                                    "(pip install 'edgesmith[modelopt]')"))

@@ -30,6 +30,11 @@ from edgesmith.runtimes.tensorrt import DeviceIdentity
 WEAK, STRONG = "10.16.1.11", "11.4.0.106"
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def test_both_typings_are_recorded():
     assert surface_versions() == [WEAK, STRONG]
     weak, strong = (load_surface(v)["module"]["BuilderFlag"]["values"] for v in (WEAK, STRONG))
@@ -255,9 +260,7 @@ def test_converted_fp16_graph_stays_close_to_fp32(tmp_path, bert_onnx):
     feeds = build_feeds(bert_onnx.tokenizer, bert_onnx.input_names, batch=2, seq=16)[0]
     ref = ort.InferenceSession(str(bert_onnx.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = ort.InferenceSession(str(conversion.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    assert got.dtype == np.float32  # graph outputs stay fp32
-    a, b = ref.reshape(-1).astype(np.float64), got.reshape(-1).astype(np.float64)
-    assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.999
+    assert got.dtype == np.float32 and _cosine(ref, got) > 0.999  # graph outputs stay fp32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,3 +305,40 @@ def test_ort_tensorrt_provider_warns_that_fp16_flag_cannot_work_on_tensorrt_11(b
     with caplog.at_level("WARNING"):
         options = ort_runtime.tensorrt_ep_options(bert_onnx, {"trt_fp16_enable": "True"}, cache_root=str(tmp_path))
     assert "strongly typed" not in caplog.text and options["trt_fp16_enable"] == "True"
+
+
+# ---------------------------------------------------------------------------------------------
+# NVIDIA Model Optimizer's AutoCast, the converter strong typing prefers where it is installed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.modelopt
+def test_autocast_makes_fp16_and_bf16_graphs(tmp_path, bert_onnx):
+    import onnx
+    import onnxruntime as ort
+
+    from edgesmith.profiling import build_feeds
+
+    assert tensorrt_typing.conversion_plan("fp16") == "modelopt-autocast"
+    assert tensorrt_typing.conversion_plan("bf16") == "modelopt-autocast"
+    fp16 = tensorrt_typing.convert_graph(bert_onnx.path, "fp16", tmp_path / "fp16")
+    bf16 = tensorrt_typing.convert_graph(bert_onnx.path, "bf16", tmp_path / "bf16")
+    assert fp16.converter == bf16.converter == "modelopt-autocast" and "AutoCast" in bf16.describe()
+    half, brain = tensorrt_typing.weight_types(fp16.path), tensorrt_typing.weight_types(bf16.path)
+    assert half["FLOAT16"] > 10 * half["FLOAT"] and brain["BFLOAT16"] > 10 * brain["FLOAT"]
+    assert not tensorrt_typing.needs_conversion("bf16", "strong", bf16.path)
+    graph = onnx.load(str(bf16.path)).graph
+    assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT}  # keep_io_types
+    onnx.checker.check_model(str(bf16.path))
+    # onnxruntime's CPU build has no bf16 kernels; the fp16 graph it runs
+    feeds = build_feeds(bert_onnx.tokenizer, bert_onnx.input_names, batch=2, seq=16)[0]
+    ref = ort.InferenceSession(str(bert_onnx.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(fp16.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.dtype == np.float32 and _cosine(ref, got) > 0.999
+
+
+@pytest.mark.modelopt
+def test_strong_build_prefers_autocast_where_installed(tmp_path, bert_onnx, monkeypatch):
+    _, meta, seen = _build_with(STRONG, bert_onnx, tmp_path / "cache", monkeypatch, precision="bf16")
+    assert meta["options"]["graph_converter"] == "modelopt-autocast" and "AutoCast" in meta["graph"]
+    assert seen[0][1]["BFLOAT16"] > 10 * seen[0][1]["FLOAT"]

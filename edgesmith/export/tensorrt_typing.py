@@ -104,9 +104,14 @@ def needs_conversion(precision: str, typing: Typing, onnx_path: str | Path) -> b
 
 
 def autocast_available() -> bool:
+    """ModelOpt's AutoCast imports, and polygraphy (its reference run) is there too."""
+    import importlib.util
+
+    if importlib.util.find_spec("modelopt") is None or importlib.util.find_spec("polygraphy") is None:
+        return False
     try:
         import modelopt.onnx.autocast  # noqa: F401
-    except Exception:  # ImportError, or modelopt's own import-time failures (it probes CUDA)
+    except Exception:  # ImportError (onnx_graphsurgeon, onnxslim, lief), or modelopt's own import-time failures
         return False
     return True
 
