@@ -342,3 +342,15 @@ def test_strong_build_prefers_autocast_where_installed(tmp_path, bert_onnx, monk
     _, meta, seen = _build_with(STRONG, bert_onnx, tmp_path / "cache", monkeypatch, precision="bf16")
     assert meta["options"]["graph_converter"] == "modelopt-autocast" and "AutoCast" in meta["graph"]
     assert seen[0][1]["BFLOAT16"] > 10 * seen[0][1]["FLOAT"]
+
+
+@pytest.mark.parametrize("version, strong", [(WEAK, False), (STRONG, True)])
+def test_doctor_says_which_typing_tensorrt_uses(monkeypatch, version, strong):
+    from edgesmith.cli import doctor
+    from edgesmith.runtimes.base import Availability
+
+    monkeypatch.setattr(trt_runtime.TensorRTRuntime, "availability",
+                        lambda self: Availability(True, "", version, ["cuda:0 NVIDIA H200"]))
+    row = doctor._tensorrt_row("NVIDIA H200 (compute capability 9.0)")
+    assert row["usable"] and row["version"] == version
+    assert ("strongly typed" in row["reason"]) == strong
