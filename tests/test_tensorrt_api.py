@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -108,6 +109,20 @@ class ApiCheck(ast.NodeVisitor):
                 return _returns(self.surface, owner, node.func.attr)
         return None
 
+    def visit_Call(self, node: ast.Call) -> None:
+        """Keyword arguments must be parameters of the method's signature (any of its overloads)."""
+        if isinstance(node.func, ast.Attribute) and node.keywords:
+            owner = self.type_of(node.func.value)
+            info = self.surface.get(owner, {}).get("members", {}).get(node.func.attr) if owner else None
+            if info and info.get("kind") == "method" and "(*args" not in info["doc"]:
+                params = set(re.findall(r"(\w+): ", info["doc"]))
+                for keyword in node.keywords:
+                    self.checked += 1
+                    if keyword.arg not in params:
+                        self.problems.append(f"line {node.lineno}: tensorrt.{owner}.{node.func.attr} has no "
+                                             f"parameter '{keyword.arg}'")
+        self.generic_visit(node)
+
     def visit_Attribute(self, node: ast.Attribute) -> None:
         owner = None if (isinstance(node.value, ast.Name) and node.value.id == "self") else self.type_of(node.value)
         if owner == "<module>":
@@ -146,10 +161,14 @@ def test_api_check_catches_what_tensorrt_11_removed():
         config.set_flag(trt.BuilderFlag.FP16)
         size = engine.device_memory_size
         trt.IInt8EntropyCalibrator2
+        config.set_timing_cache(cache, ignore_mismatch=False)
     """
     problems, _ = api_problems(code, load_surface(STRONG)["module"], {"config": "IBuilderConfig",
                                                                       "engine": "ICudaEngine"})
     assert len(problems) == 3 and "BuilderFlag.FP16" in problems[0] and "device_memory_size" in problems[1]
+    wrong, _ = api_problems("config.set_timing_cache(cache, ignore=False)", load_surface(STRONG)["module"],
+                            {"config": "IBuilderConfig"})
+    assert wrong == ["line 1: tensorrt.IBuilderConfig.set_timing_cache has no parameter 'ignore'"]
     assert not api_problems(code, load_surface(WEAK)["module"], {"config": "IBuilderConfig",
                                                                   "engine": "ICudaEngine"})[0]
 
