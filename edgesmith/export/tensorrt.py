@@ -44,7 +44,6 @@ from edgesmith.artifacts import (
 from edgesmith.compress.base import Context, Pass, PassConfig, register
 from edgesmith.errors import BadInput, EdgesmithError
 from edgesmith.export.tensorrt_typing import (
-    WEAK_BUILDER_FLAGS,
     GraphConversion,
     Typing,
     conversion_plan,
@@ -256,8 +255,6 @@ class TensorRTConfig(PassConfig):
 def builder_flags(precision: str, tf32: bool = False, typing: Typing = "weak") -> tuple[list[str], list[str]]:
     """(BuilderFlag names to set, to clear) for a precision under ``typing`` (see
     :func:`edgesmith.export.tensorrt_typing.builder_flags`)."""
-    if precision not in WEAK_BUILDER_FLAGS:
-        raise BadInput(f"unknown precision '{precision}'; use one of: {', '.join(PRECISIONS)}")
     return typed_builder_flags(precision, typing, tf32)
 
 
@@ -371,7 +368,7 @@ def engine_meta(identity: DeviceIdentity, cfg: TensorRTConfig, onnx_hash: str, b
         if cfg.precision in ("int8", "fp8"):
             graph += "; float layers of the Q/DQ graph run in its float type"
     else:
-        graph = "fp32 graph, precision from builder flags (weak typing)"
+        graph = "the graph as given, precision from builder flags (weak typing)"
     return {
         **identity.as_dict(),
         "precision": cfg.precision,
