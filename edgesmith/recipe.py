@@ -74,6 +74,19 @@ class EvaluateSpec(Strict):
     batch_size: int = Field(32, gt=0)
 
 
+def read_yaml(path: Path, missing: str) -> Any:
+    """The YAML (or JSON) document at ``path``; :class:`BadInput` with ``missing`` when there is no
+    such file, or naming the line of a syntax error."""
+    if not path.exists():
+        raise BadInput(missing)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise BadInput(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+
+
 class Recipe(Strict):
     name: str = "recipe"
     model: str = "minilm"
@@ -145,14 +158,7 @@ class Recipe(Strict):
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
-        if not path.exists():
-            raise BadInput(f"recipe {path} not found; see recipes/ for examples")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f":{mark.line + 1}" if mark is not None else ""
-            raise BadInput(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        data = read_yaml(path, f"recipe {path} not found; see recipes/ for examples")
         if data is None:
             raise BadInput(f"{path}: empty recipe; give at least a model and steps")
         if isinstance(data, dict):

@@ -42,7 +42,6 @@ import numpy as np
 from edgesmith.artifacts import Artifact, OnnxModel
 from edgesmith.errors import BadInput
 from edgesmith.export.tensorrt_typing import (
-    WEAK_TRTEXEC_FLAGS,
     Typing,
     needs_conversion,
     trtexec_precision_flags,
@@ -385,12 +384,6 @@ def _shape_spec(input_names: Sequence[str], batch: int, seq: int) -> str:
     return ",".join(f"{name}:{batch}x{seq}" for name in input_names)
 
 
-#: trtexec's precision flags under weak typing (TensorRT 10): int8 also allows fp16 for the layers a
-#: Q/DQ graph leaves in float. TensorRT 11's trtexec has none (strong typing: the graph carries the
-#: precision). fp8 is not offered here: FP8 needs Hopper-class GPUs (compute capability >= 8.9),
-#: where the Python builder is available; trtexec builds serve Jetson devices (Orin: 8.7).
-TRTEXEC_PRECISION_FLAGS = WEAK_TRTEXEC_FLAGS
-
 ShapeTriple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
@@ -408,12 +401,12 @@ def trtexec_build_argv(trtexec: str, onnx_path: str, engine_path: str, *, input_
     Shapes: ``profiles`` (one dict per optimization profile: input name -> (min, opt, max) shapes;
     trtexec takes one ``--minShapes/--optShapes/--maxShapes`` triple per profile, in order), or a
     single static ``batch`` x ``seq`` profile for every input. Precision flags: see
-    :data:`TRTEXEC_PRECISION_FLAGS` (weak typing); a strongly typed trtexec (TensorRT 11) gets none,
-    the graph must carry the precision. ``--memPoolSize=workspace:N`` is in MiB,
+    :func:`edgesmith.export.tensorrt_typing.trtexec_precision_flags` (TensorRT 10's; a strongly typed
+    trtexec, TensorRT 11, gets none and the graph must carry the precision; no fp8: FP8 needs
+    Hopper-class GPUs, where the Python builder is available, and trtexec builds serve Jetsons). ``--memPoolSize=workspace:N`` is in MiB,
     ``--builderOptimizationLevel`` 0-5, ``--skipInference``: build only.
     """
-    if precision not in TRTEXEC_PRECISION_FLAGS:
-        raise BadInput(f"trtexec precision must be one of {', '.join(TRTEXEC_PRECISION_FLAGS)} (got {precision})")
+    precision_flags = trtexec_precision_flags(precision, typing)  # refuses an unknown precision first
     if not profiles:
         if batch is None or seq is None or batch < 1 or seq < 1:
             raise BadInput(f"batch and seq must be at least 1 (got batch={batch}, seq={seq})")
@@ -427,7 +420,7 @@ def trtexec_build_argv(trtexec: str, onnx_path: str, engine_path: str, *, input_
         for i, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
             argv.append(f"{flag}=" + ",".join(f"{n}:{_dims(profile[n][i])}" for n in input_names))
     argv += [f"--memPoolSize=workspace:{int(workspace_mib)}", "--skipInference"]
-    argv += trtexec_precision_flags(precision, typing)
+    argv += precision_flags
     if optimization_level is not None:
         if not 0 <= int(optimization_level) <= 5:
             raise BadInput(f"builder optimization level must be 0-5 (got {optimization_level})")

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgesmith.errors import BadInput
-from edgesmith.recipe import Recipe
+from edgesmith.recipe import Recipe, read_yaml
 from edgesmith.sweep.objectives import (
     LATENCY_METRICS,
     Constraint,
@@ -290,12 +289,7 @@ def _parameter_values(path: str, step_id: str, option: str, value: Any, where: s
 def load_sweep(path: str | Path) -> Sweep:
     """Read a recipe with a ``search:`` block from YAML (or JSON)."""
     path = Path(path)
-    if not path.exists():
-        raise BadInput(f"sweep recipe {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    data = read_yaml(path, f"sweep recipe {path} not found")
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return sweep_from_dict(data, where=str(path))
