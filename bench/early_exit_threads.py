@@ -3,7 +3,7 @@
 Times the full MiniLM encoder as one ONNX graph against its five early-exit segments run one after
 another (every sample through every segment: the controller's worst case), with each segment
 session's pool spinning (ORT's default), not spinning, or spinning and stopping when a run returns
-(``session.force_spinning_stop``, what ``edgesmith.runtimes.early_exit`` uses). Real sentences,
+(``session.force_spinning_stop``, what ``edgesmith.early_exit.runtime`` uses). Real sentences,
 batch 1 and 8, blocks of 40 distinct batches in 6 rounds with the order rotated; medians in ms.
 
     .venv/bin/python bench/early_exit_threads.py --work runs/bench-threads
@@ -21,9 +21,9 @@ import torch
 
 import edgesmith as es
 from edgesmith.artifacts import load
-from edgesmith.compress.base import Context
 from edgesmith.data import builtin_corpus
 from edgesmith.inputs import tokenize
+from edgesmith.passes import Context
 
 CONFIGS = {"spin (ORT default)": {}, "no spinning": {"session.intra_op.allow_spinning": "0"},
            "spin, stop after run": {"session.force_spinning_stop": "1"}}

@@ -203,7 +203,6 @@ def latency_entry(row: cs.Contender, timed: dict[str, Timed], batch: int, best: 
 
 
 def save_profile(row: cs.Contender, session, timed: Timed, *, batch: int, seq: int, args, folder: Path) -> Path:
-    from edgesmith.environment import fingerprint
     from edgesmith.profiling import (
         Profile,
         RuntimeInfo,
@@ -213,6 +212,7 @@ def save_profile(row: cs.Contender, session, timed: Timed, *, batch: int, seq: i
         peak_host_memory_mb,
         summarize,
     )
+    from edgesmith.profiling.environment import fingerprint
 
     stats = Stats(**summarize(timed.all))
     info = artifact_info(row.artifact)
@@ -293,7 +293,7 @@ def interop_check(rows: list[cs.Contender], texts: list[str], args) -> dict[str,
 
 
 def machine(args, optimum_versions: dict | None) -> dict[str, Any]:
-    from edgesmith.environment import fingerprint
+    from edgesmith.profiling.environment import fingerprint
 
     env = fingerprint(threads=args.threads).model_dump()
     return {"cpu_model": env["cpu_model"], "cores": env["cores"], "threads": args.threads, "os": env["os"],

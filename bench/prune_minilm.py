@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import edgesmith as es
-from edgesmith.compress.base import Context
 from edgesmith.data import builtin_corpus
+from edgesmith.passes import Context
 from edgesmith.profiling import bootstrap_speedup, build_feeds, measure, summarize
 from edgesmith.quality import embed, fidelity
 from edgesmith.runtimes.base import get_runtime

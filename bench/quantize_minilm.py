@@ -28,9 +28,9 @@ import numpy as np
 
 def make_variants(workdir: Path, calibration_samples: int, eval_texts: int) -> dict:
     from edgesmith.artifacts import load
-    from edgesmith.compress.base import Context
     from edgesmith.compress.quantization import QuantizePass
     from edgesmith.export.onnx import ExportPass
+    from edgesmith.passes import Context
 
     ctx = Context(workdir=workdir)
     fp32 = ExportPass()(load("minilm"), ctx)
@@ -124,7 +124,7 @@ def main() -> None:
     timing = {b: latency(variants, b, 128, args.rounds, args.block, args.threads) for b in (1, 8)}
 
     command = "python bench/quantize_minilm.py " + " ".join(sys.argv[1:])
-    lines = [f"# Quantization of MiniLM-L6 on ONNX Runtime CPU", "",
+    lines = ["# Quantization of MiniLM-L6 on ONNX Runtime CPU", "",
              f"Command: `{command}`  ", f"Machine: {machine()}, {args.threads} intra-op threads  ",
              f"Latency: seq 128, {args.rounds} rounds x {args.block} iterations per contender, blocks interleaved "
              "with rotating order; p50/p90 over per-round medians; speedup vs FP32 = median ratio with a 95 % "

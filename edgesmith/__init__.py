@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from edgesmith import compress, export  # noqa: E402
-from edgesmith.artifacts import Artifact, OnnxModel, TorchModel, load  # noqa: E402
-from edgesmith.errors import BadInput, EdgesmithError, GateFailed, ValidationFailed  # noqa: E402
+from edgesmith import compress, export
+from edgesmith.artifacts import Artifact, OnnxModel, TorchModel, load
+from edgesmith.errors import BadInput, EdgesmithError, GateFailed, ValidationFailed
+from edgesmith.version import __version__
 
 __all__ = [
     "Artifact", "BadInput", "EdgesmithError", "GateFailed", "OnnxModel", "Recipe", "TorchModel",

@@ -13,11 +13,12 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, first_line
 from edgesmith.storage import atomic_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ class OnnxModel(FolderArtifact):
 # ---------------------------------------------------------------------------------------------
 
 ENGINE_FILE = "model.engine"
-#: what every engine's ``meta["tensorrt"]`` records (see edgesmith.export.tensorrt.EngineMeta)
+#: what every engine's ``meta["tensorrt"]`` records (see edgesmith.tensorrt.build.EngineMeta)
 ENGINE_META_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "profiles", "precision",
                     "source_onnx_hash")
 
@@ -348,7 +349,7 @@ class EarlyExitModel(FolderArtifact):
     policy, its calibrated threshold, and each segment's file, layers, inputs and outputs), the
     tokenizer and config files, and ``torch/`` (the PyTorch weights and exit heads, for the torch
     runtime). ONNX Runtime and torch sessions run it through an exit controller
-    (:mod:`edgesmith.runtimes.early_exit`)."""
+    (:mod:`edgesmith.early_exit.runtime`)."""
 
     kind: ClassVar[str] = "early-exit"
 
@@ -402,6 +403,14 @@ class EarlyExitModel(FolderArtifact):
         return model
 
 
+def copy_companions(source: Path, target: Path) -> None:
+    """Tokenizer, config and other files of the input folder; not its graph or edgesmith.json."""
+    for f in source.iterdir():
+        graph_file = f.suffix in (".onnx", ".data") or f.name.endswith(".onnx_data")
+        if f.is_file() and not graph_file and f.name != META_FILE:
+            shutil.copy2(f, target / f.name)
+
+
 ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel, "tensorrt": TensorRTEngine,
                                              "early-exit": EarlyExitModel}
 
@@ -430,15 +439,20 @@ def is_default_model(path: Path) -> bool:
 def resolve_model_path(model: str | Path | None) -> Path:
     if model is None or str(model) == DEFAULT_MODEL:
         return default_model_path()
+    if str(model) == "smollm2":
+        from edgesmith.gguf.source import smollm2_gguf_path
+
+        return smollm2_gguf_path()
     path = Path(model).expanduser()
     if not path.exists():
-        raise BadInput(f"model '{model}' not found: give a model folder, an .onnx file, or 'minilm' for the default model")
+        raise BadInput(f"model '{model}' not found: give a model folder, an .onnx or .gguf file, 'minilm' for the "
+                       "default model or 'smollm2' for the packaged decoder LLM")
     return path
 
 
 def load(model: str | Path | None = None, *, task: str | None = None, trust_remote_code: bool = False) -> Artifact:
-    """Load an artifact: ``"minilm"`` (the default model), a Hugging Face folder, an edgesmith
-    artifact folder, or an ``.onnx`` file."""
+    """Load an artifact: ``"minilm"`` (the default model), ``"smollm2"`` (the packaged decoder LLM),
+    a Hugging Face folder, an edgesmith artifact folder, an ``.onnx`` file or a ``.gguf`` file."""
     path = resolve_model_path(model)
     if path.is_file():
         if path.suffix in (".engine", ".plan", ".trt") and (path.parent / META_FILE).exists():
@@ -446,8 +460,10 @@ def load(model: str | Path | None = None, *, task: str | None = None, trust_remo
         if path.suffix in (".engine", ".plan", ".trt"):
             raise BadInput(f"{path}: a bare TensorRT engine has no record of the GPU and TensorRT version it was built "
                            "for; build one with `edgesmith export MODEL.onnx --to tensorrt` and give its folder")
+        if path.suffix == ".gguf":
+            return _load_gguf(path, task)
         if path.suffix != ".onnx":
-            raise BadInput(f"{path}: not a model folder or an .onnx file")
+            raise BadInput(f"{path}: not a model folder, an .onnx or a .gguf file")
         return _load_onnx_file(path, task)
     meta_path = path / META_FILE
     if meta_path.exists():
@@ -489,16 +505,6 @@ def task_of_config(config) -> str:
     return "feature-extraction"
 
 
-def _auto_class(task: str):
-    import transformers
-
-    return {
-        "feature-extraction": transformers.AutoModel,
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "text-generation": transformers.AutoModelForCausalLM,
-    }[task]
-
-
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise BadInput(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
@@ -511,13 +517,15 @@ def load_huggingface(path: str | Path, *, task: str | None = None, trust_remote_
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise BadInput(f"{path}/config.json: cannot read it as a transformers config ({str(exc).splitlines()[0]})") from exc
+        raise BadInput(f"{path}/config.json: cannot read it as a transformers config ({first_line(exc)})") from exc
     task = task or task_of_config(config)
     _check_task(task)
     try:
-        module = _auto_class(task).from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        from edgesmith.structure import auto_class
+
+        module = auto_class(task).from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise BadInput(f"{path}: transformers could not load the weights ({str(exc).splitlines()[0]})") from exc
+        raise BadInput(f"{path}: transformers could not load the weights ({first_line(exc)})") from exc
     module.eval()
     tokenizer = _load_tokenizer(path)
     name = "minilm" if is_default_model(path) else path.name
@@ -549,6 +557,22 @@ def _load_torch_folder(path: Path, meta: dict, *, trust_remote_code: bool) -> To
     return model
 
 
+def _load_gguf(path: Path, task: str | None) -> TorchModel:
+    """A GGUF as a TorchModel: its weights dequantized to FP32 (cached folder, see edgesmith.gguf.source)."""
+    from edgesmith.gguf.source import SMOLLM2_NAME, gguf_to_folder, is_smollm2, read_source_record
+
+    if task not in (None, "text-generation"):
+        raise BadInput(f"{path}: a GGUF model is a causal LM; its task is 'text-generation', not {task!r}")
+    folder = gguf_to_folder(path)
+    model = load_huggingface(folder, task="text-generation")
+    record = read_source_record(folder)
+    model.name = SMOLLM2_NAME if is_smollm2(path) else path.stem
+    model.meta = {"source": str(path), "gguf": {
+        "path": str(path.resolve()), "sha256": record["sha256"], "architecture": record["architecture"],
+        "quant_summary": record["quant_summary"], "quant_types": record["quant_types"], "folder": str(folder)}}
+    return model
+
+
 def _load_onnx_folder(path: Path, meta: dict) -> OnnxModel:
     if not (path / ONNX_FILE).exists():
         raise BadInput(f"{path}: edgesmith.json says kind 'onnx' but {ONNX_FILE} is missing; re-create the artifact")
@@ -562,7 +586,7 @@ def _load_onnx_file(path: Path, task: str | None) -> OnnxModel:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # onnx raises several types for a damaged file
-        raise BadInput(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from exc
+        raise BadInput(f"{path}: not a valid ONNX model ({first_line(exc)[:200]})") from exc
     folder = path.parent
     if task is None:
         outputs = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]

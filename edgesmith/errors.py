@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -39,3 +41,13 @@ class GateFailed(EdgesmithError):
     def __init__(self, message: str, failures: list[dict] | None = None):
         super().__init__(message)
         self.failures = failures or []
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (ANSI colours removed), or its type's name when the
+    message is empty: safe on every exception, for one-line error messages."""
+    text = _ANSI.sub("", str(exc)).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:limit]

@@ -47,7 +47,7 @@ def _layer_shapes(module) -> tuple[list[dict], list[dict]]:
     """Heads, FFN width and weight sparsity per layer, for the architectures edgesmith knows
     (see compress/pruning.py). ``sparsity`` is the fraction of zeros in the layer's Linear weights;
     ``pattern_2_4`` whether all of them hold two zeros in every four along the input dimension."""
-    from edgesmith.compress.pruning import (
+    from edgesmith.architectures import (
         arch_spec,
         ffn_width_of,
         head_dim_of,
@@ -79,7 +79,7 @@ def _layer_shapes(module) -> tuple[list[dict], list[dict]]:
 
 
 def _is_2_4_module(module, name: str) -> bool:
-    from edgesmith.compress.pruning import is_2_4, linear_weight
+    from edgesmith.architectures import is_2_4, linear_weight
 
     return is_2_4(linear_weight(module.get_submodule(name)).detach())
 

@@ -23,11 +23,12 @@ from rich.console import Console
 
 from edgesmith.artifacts import META_FILE, ONNX_FILE, Artifact, load, resolve_model_path
 from edgesmith.cache import StepCache, package_versions
-from edgesmith.compress.base import Context, Pass, get_pass, make_config
 from edgesmith.data import TextData, load_texts
-from edgesmith.errors import BadInput, GateFailed
+from edgesmith.errors import BadInput, GateFailed, first_line
+from edgesmith.passes import Context, Pass, get_pass, make_config
 from edgesmith.recipe import SOURCE_ID, Recipe
-from edgesmith.storage import link_or_copy_tree, sha256_json, write_json_atomic, write_text_atomic
+from edgesmith.reports.markdown import write_run_report
+from edgesmith.storage import link_or_copy_tree, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def run(recipe: Recipe | str | Path | dict, *, runs_dir: str | Path = "runs", ca
         state.set("gate-failed")
         raise
     except BaseException as exc:
-        state.set("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        state.set("failed", error=first_line(exc) if str(exc) else type(exc).__name__)
         raise
     result.manifest["seconds_total"] = round(time.perf_counter() - started, 2)
     write_json_atomic(run_dir / "manifest.json", result.manifest)
@@ -230,7 +231,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
     manifest["final_artifact"] = final_id
     if gate_failures:
         write_json_atomic(run_dir / "manifest.json", manifest)
-        _write_report(run_dir, recipe, manifest, None, metrics)
+        write_run_report(run_dir, recipe.name, recipe.model, manifest, None, metrics)
         worst = gate_failures[0]
         raise GateFailed(
             f"quality gate failed for '{final_id}': {worst['metric']} dropped {worst['drop']:.4f} "
@@ -243,7 +244,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
         state.set("profiling")
         profiles, comparison = _profile_all(recipe, artifacts, metrics, run_dir, console)
         manifest["profiles"] = [
-            {"artifact": t.artifact, "file": f"profiles/{_profile_file(p.label)}",
+            {"artifact": t.artifact, "file": f"profiles/{profile_filename(p.label)}",
              "runtime": p.runtime.name, "providers": p.runtime.providers, "stats": p.stats.model_dump()
              if hasattr(p.stats, "model_dump") else p.stats}
             for t, p in zip(targets, profiles)]
@@ -251,7 +252,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
         manifest["warnings"] = _slower_than_parent(recipe, targets, profiles)
         for warning in manifest["warnings"]:
             console.print(f"[yellow]warning:[/] {warning}")
-    _write_report(run_dir, recipe, manifest, comparison, metrics, profiles)
+    write_run_report(run_dir, recipe.name, recipe.model, manifest, comparison, metrics, profiles)
     return RunResult(run_dir, artifacts, metrics, profiles, comparison, True, manifest)
 
 
@@ -313,7 +314,7 @@ def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData
 
 def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[str, dict[str, float]],
                  run_dir: Path, console: Console):
-    from edgesmith.profiling import compare, profile
+    from edgesmith.profiling import compare, is_decoder, profile, profile_generation
     from edgesmith.runtimes.base import default_runtime_for
 
     spec = recipe.profile
@@ -324,12 +325,22 @@ def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[s
         runtime = target.runtime or default_runtime_for(art)
         precision = _precision(art)
         label = f"{target.artifact} ({RUNTIME_SHORT.get(runtime, runtime)} {precision})"
-        console.print(f"profiling {label} (batch {spec.batch}, seq {spec.seq}) …")
-        prof = profile(art, runtime, batch=spec.batch, seq=spec.seq, warmup=spec.warmup, iterations=spec.iterations,
-                       time_budget_s=spec.time_budget_s, threads=spec.threads, provider=target.provider,
-                       target=spec.target, label=label, progress=console.is_terminal and not console.quiet)
+        progress = console.is_terminal and not console.quiet
+        if is_decoder(art):
+            lengths = ",".join(map(str, spec.prompt_tokens))
+            console.print(f"profiling {label} (generation: prompts {lengths} tokens, {spec.new_tokens} new tokens, "
+                          f"{spec.rounds} rounds) …")
+            options = {"provider": target.provider} if target.provider != "cpu" else {}
+            prof = profile_generation(art, runtime, prompt_tokens=spec.prompt_tokens, new_tokens=spec.new_tokens,
+                                      batch=spec.batch, rounds=spec.rounds, threads=spec.threads, target=spec.target,
+                                      label=label, progress=progress, **options)
+        else:
+            console.print(f"profiling {label} (batch {spec.batch}, seq {spec.seq}) …")
+            prof = profile(art, runtime, batch=spec.batch, seq=spec.seq, warmup=spec.warmup,
+                           iterations=spec.iterations, time_budget_s=spec.time_budget_s, threads=spec.threads,
+                           provider=target.provider, target=spec.target, label=label, progress=progress)
         prof.quality = dict(metrics.get(target.artifact, {}))
-        prof.save(run_dir / "profiles" / _profile_file(label))
+        prof.save(run_dir / "profiles" / profile_filename(label))
         profiles.append(prof)
     comparison = compare(profiles, baseline=0)
     return profiles, comparison
@@ -337,7 +348,7 @@ def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[s
 
 def _slower_than_parent(recipe: Recipe, targets: list, profiles: list) -> list[str]:
     """"Compressed but not faster": flag each profiled artifact slower than the nearest profiled ancestor."""
-    from edgesmith.profiling import bootstrap_speedup, verdict_of
+    from edgesmith.stats import bootstrap_speedup, verdict_of
 
     order = recipe.artifact_ids()
     by_id = {t.artifact: p for t, p in zip(targets, profiles)}
@@ -347,6 +358,14 @@ def _slower_than_parent(recipe: Recipe, targets: list, profiles: list) -> list[s
         if not ancestors:
             continue
         parent = by_id[ancestors[-1]]
+        if parent.is_generation and prof.is_generation:
+            from edgesmith.profiling import generation_slowdowns
+
+            slower = generation_slowdowns(parent, prof)
+            if slower:
+                warnings.append(f"{prof.label} is slower than its parent {parent.label}: {'; '.join(slower)} "
+                                "(compressed but not faster)")
+            continue
         if (parent.shapes.batch, parent.shapes.seq) != (prof.shapes.batch, prof.shapes.seq):
             continue
         speedup, low, high = bootstrap_speedup(parent.latencies_ms, prof.latencies_ms)
@@ -359,7 +378,7 @@ def _slower_than_parent(recipe: Recipe, targets: list, profiles: list) -> list[s
 RUNTIME_SHORT = {"onnxruntime": "ort", "torch": "torch"}
 
 
-def _profile_file(label: str) -> str:
+def profile_filename(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in label).strip("_") + ".json"
 
 
@@ -407,41 +426,3 @@ def _manifest(recipe: Recipe, source: Artifact, source_hash: str, steps: list[di
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
                         "machine": platform.machine(), "packages": package_versions()},
     }
-
-
-def _write_report(run_dir: Path, recipe: Recipe, manifest: dict, comparison, metrics: dict[str, dict[str, float]],
-                  profiles: list | None = None) -> None:
-    lines = [f"# edgesmith run: {recipe.name}", "", f"Created {manifest['created']} from model `{recipe.model}`.", ""]
-    gates = manifest.get("gates", {})
-    if gates.get("rules"):
-        verdict = "passed" if gates.get("passed") else "**FAILED**"
-        lines += [f"Quality gates on `{gates['final_artifact']}`: {verdict} "
-                  f"({', '.join(f'{k} drop ≤ {v}' for k, v in gates['rules'].items())}).", ""]
-        for failure in gates.get("failures", []):
-            lines.append(f"- {failure['metric']}: {failure['value']:.4f} vs {failure['reference']:.4f} "
-                         f"(drop {failure['drop']:.4f} > {failure['max_drop']})")
-        lines.append("")
-    lines.append(f"Deployable: **{'yes' if manifest.get('deployable') else 'no'}**")
-    lines.append("")
-    for warning in manifest.get("warnings", []):
-        lines += [f"> **Warning:** {warning}", ""]
-    lines += ["## Steps", "", "| step | pass | cached | seconds | output hash |", "|---|---|---|---|---|"]
-    for s in manifest["steps"]:
-        lines.append(f"| {s['id']} | {s['pass']} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} | "
-                     f"`{s['output_hash'][:12]}` |")
-    if metrics:
-        names = sorted({k for m in metrics.values() for k in m})
-        lines += ["", "## Quality against the source model", "", "| artifact | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for art_id, m in metrics.items():
-            lines.append(f"| {art_id} | " + " | ".join(f"{m[n]:.4f}" if n in m else "" for n in names) + " |")
-    if comparison is not None:
-        lines += ["", "## Latency", "", comparison.markdown()]
-        try:
-            from edgesmith.plots import plot_quality_latency
-
-            plot_quality_latency(profiles, run_dir / "quality-vs-latency.png", metric="cosine")
-            lines += ["", "![quality vs latency](quality-vs-latency.png)"]
-        except BadInput as exc:
-            log.info("no plot: %s", exc)
-    write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")

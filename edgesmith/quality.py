@@ -22,6 +22,7 @@ import numpy as np
 from edgesmith.artifacts import Artifact, TorchModel
 from edgesmith.errors import BadInput
 from edgesmith.inputs import attention_mask_of, tokenize
+from edgesmith.pooling import l2_normalize, mean_pool
 from edgesmith.runtimes.base import Session, default_runtime_for, get_runtime
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,6 @@ def _run_batches(artifact: Artifact, texts: Sequence[str], *, batch_size: int, s
     out = np.empty_like(result)
     out[order] = result
     return out
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean of the token vectors where ``mask`` is 1 (sentence-transformers' pooling)."""
-    weights = mask.astype(np.float64)[..., None]
-    summed = (hidden.astype(np.float64) * weights).sum(axis=1)
-    return summed / np.clip(weights.sum(axis=1), 1e-9, None)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.clip(norms, 1e-12, None)
 
 
 def embed(artifact: Artifact, texts: Sequence[str], *, batch_size: int = 32,

@@ -18,17 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from edgesmith.compress.base import describe_validation_error
 from edgesmith.errors import BadInput
+from edgesmith.schema import StrictModel, describe_validation_error, model_at, read_yaml
 
 SOURCE_ID = "source"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Strict = StrictModel
 
 
 class DataSpec(Strict):
@@ -63,6 +61,17 @@ class ProfileSpec(Strict):
     time_budget_s: float | None = Field(15.0, gt=0)
     threads: int | None = Field(None, gt=0)
     target: str = "cpu-local"
+    prompt_tokens: list[int] = Field(default_factory=lambda: [128, 512], min_length=1, description=(
+        "decoders: prompt lengths timed for the time to first token; decode follows the first"))
+    new_tokens: int = Field(128, ge=2, description="decoders: tokens generated greedily (EOS ignored) per round")
+    rounds: int = Field(3, gt=0, description="decoders: timed generation rounds (after one warm-up round)")
+
+    @field_validator("prompt_tokens")
+    @classmethod
+    def _positive_lengths(cls, value: list[int]) -> list[int]:
+        if any(n < 1 for n in value) or len(set(value)) != len(value):
+            raise ValueError(f"prompt lengths must be positive and listed once each, got {value}")
+        return value
 
     def targets(self) -> list[ProfileTarget]:
         return [a if isinstance(a, ProfileTarget) else ProfileTarget(artifact=a) for a in (self.artifacts or [])]
@@ -72,19 +81,6 @@ class EvaluateSpec(Strict):
     enabled: bool = True
     k: int = Field(10, gt=0, description="neighbours for recall@k")
     batch_size: int = Field(32, gt=0)
-
-
-def read_yaml(path: Path, missing: str) -> Any:
-    """The YAML (or JSON) document at ``path``; :class:`BadInput` with ``missing`` when there is no
-    such file, or naming the line of a syntax error."""
-    if not path.exists():
-        raise BadInput(missing)
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark is not None else ""
-        raise BadInput(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
 
 
 class Recipe(Strict):
@@ -153,7 +149,7 @@ class Recipe(Strict):
         try:
             return cls(**data)
         except ValidationError as exc:
-            raise BadInput(describe_validation_error(exc, where, _model_at(cls, exc))) from exc
+            raise BadInput(describe_validation_error(exc, where, model_at(cls, exc))) from exc
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -169,18 +165,3 @@ class Recipe(Strict):
         data = self.model_dump(mode="json")
         data["steps"] = [{s.pass_name: {**({"id": s.id} if s.id != s.pass_name else {}), **s.options}} for s in self.steps]
         return data
-
-
-def _model_at(root: type[BaseModel], exc: ValidationError) -> type[BaseModel] | None:
-    """The pydantic model at the error's location, so an unknown key lists its siblings."""
-    model: type[BaseModel] | None = root
-    for part in exc.errors()[0]["loc"][:-1]:
-        if model is None:
-            return None
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = candidates[0] if candidates else None
-    return model

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,11 @@ def _weights_file(folder: Path) -> Path:
 def _fresh_model(folder: Path, task: str, trust_remote_code: bool) -> nn.Module:
     import transformers
 
-    from edgesmith.artifacts import _auto_class
-
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _damaged(folder, f"config.json cannot be read ({str(exc).splitlines()[0]})") from exc
-    return _auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
+        raise _damaged(folder, f"config.json cannot be read ({first_line(exc)})") from exc
+    return auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _resized(old: nn.Module, shapes: dict[str, torch.Size], dtype: torch.dtype) -> nn.Module:
@@ -151,5 +149,16 @@ def build_with_structure(folder: Path, task: str, structure: dict, trust_remote_
     try:
         model.load_state_dict(complete, strict=True)
     except RuntimeError as exc:
-        raise _damaged(folder, f"the weights do not fit the model ({str(exc).splitlines()[0][:300]})") from exc
+        raise _damaged(folder, f"the weights do not fit the model ({first_line(exc)[:300]})") from exc
     return model.eval()
+
+
+def auto_class(task: str):
+    """The transformers Auto class that loads a model for ``task``."""
+    import transformers
+
+    return {
+        "feature-extraction": transformers.AutoModel,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "text-generation": transformers.AutoModelForCausalLM,
+    }[task]

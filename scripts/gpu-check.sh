@@ -267,8 +267,8 @@ def stage_ort_tensorrt():
     if "tensorrt" not in avail.devices:
         say(f"SKIP: this ONNX Runtime has no TensorRT provider (providers: {', '.join(avail.devices)})")
         return SKIPPED
-    from edgesmith.export.tensorrt_typing import typing_for_version
-    from edgesmith.runtimes.tensorrt import tensorrt_version
+    from edgesmith.tensorrt.precision import typing_for_version
+    from edgesmith.tensorrt.runtime import tensorrt_version
 
     names = art.input_names
     shapes = {k: ",".join(f"{n}:{b}x{SEQ}" for n in names) for k, b in (("min", 1), ("opt", 1), ("max", BATCHES[-1]))}
@@ -288,7 +288,7 @@ def stage_ort_tensorrt():
 def stage_summary():
     import torch
 
-    from edgesmith.environment import fingerprint
+    from edgesmith.profiling.environment import fingerprint
     from edgesmith.profiling import Profile
 
     slug = gpu_slug()

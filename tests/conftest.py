@@ -66,7 +66,7 @@ def _tensorrt_importable() -> bool:
 
 
 def _autocast_importable() -> bool:
-    from edgesmith.export.tensorrt_typing import autocast_available
+    from edgesmith.tensorrt.precision import autocast_available
 
     return autocast_available()
 

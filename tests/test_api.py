@@ -62,7 +62,7 @@ def test_a_third_party_pass_registers_and_runs(tiny_bert_dir):
     """A plug-in pass (what the edgesmith.passes entry-point group loads) plugs into the same contract."""
     import torch
 
-    from edgesmith.compress.base import Pass, PassConfig, register
+    from edgesmith.passes import Pass, PassConfig, register
 
     class ScaleConfig(PassConfig):
         factor: float = 2.0

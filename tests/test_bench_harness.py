@@ -48,7 +48,7 @@ def quick_run(tmp_path_factory, tiny_bert_dir):
 
 
 def test_rows_present_with_statuses(quick_run):
-    from edgesmith.compress.base import available_passes
+    from edgesmith.passes import available_passes
 
     rows = {r["key"]: r for r in quick_run["summary"]["rows"]}
     assert list(rows)[:2] == ["torch-fp32", "optimum"]

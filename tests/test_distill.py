@@ -20,10 +20,10 @@ from transformers import (
 import edgesmith as es
 from edgesmith.artifacts import TorchModel
 from edgesmith.cli.app import main
-from edgesmith.compress.base import Context
 from edgesmith.compress.distillation import DistillPass, find_layers
 from edgesmith.data import builtin_corpus
 from edgesmith.errors import BadInput
+from edgesmith.passes import Context
 from edgesmith.training import TextBatches, TrainSettings, lr_factor
 
 VOCAB = 30522

@@ -13,8 +13,7 @@ import torch
 
 from edgesmith.artifacts import EarlyExitModel, TorchModel, load
 from edgesmith.compress import Context, early_exit
-from edgesmith.errors import BadInput, GateFailed, ValidationFailed
-from edgesmith.exit_policy import (
+from edgesmith.early_exit.policy import (
     Budget,
     ExitPolicy,
     calibrate,
@@ -22,6 +21,7 @@ from edgesmith.exit_policy import (
     score_matrix,
     simulate,
 )
+from edgesmith.errors import BadInput, GateFailed, ValidationFailed
 from edgesmith.inputs import tokenize
 from edgesmith.runtimes.base import get_runtime
 
@@ -77,7 +77,7 @@ _NETWORKS: dict[str, torch.nn.Module] = {}
 
 
 def _network(model: EarlyExitModel):
-    from edgesmith.runtimes.early_exit import load_network
+    from edgesmith.early_exit.runtime import load_network
 
     key = str(model.folder)
     if key not in _NETWORKS:
@@ -87,7 +87,7 @@ def _network(model: EarlyExitModel):
 
 def _unsegmented(model: EarlyExitModel, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Every exit of the whole PyTorch network on the whole batch, then the policy: the reference."""
-    from edgesmith.runtimes.early_exit import load_policy
+    from edgesmith.early_exit.runtime import load_policy
 
     net = _network(model)
     policy, _ = load_policy(model)
@@ -116,7 +116,7 @@ def _median_threshold(model: EarlyExitModel, feeds, name: str) -> float:
 
 
 def test_layers_called_one_by_one_reproduce_hidden_states(minilm_tokenizer, texts):
-    from edgesmith.exit_network import ExitNetwork
+    from edgesmith.early_exit.network import ExitNetwork
 
     model = _tiny("feature-extraction", minilm_tokenizer, 2)
     feeds = tokenize(minilm_tokenizer, texts[:5], input_names=["input_ids", "attention_mask", "token_type_ids"])
@@ -131,7 +131,7 @@ def test_layers_called_one_by_one_reproduce_hidden_states(minilm_tokenizer, text
 
 
 def test_bad_exit_layers_and_architectures(minilm_tokenizer):
-    from edgesmith.exit_network import ExitNetwork, check_exit_layers
+    from edgesmith.early_exit.network import ExitNetwork, check_exit_layers
 
     assert check_exit_layers(None, 6) == [2, 3, 4, 5, 6]
     assert check_exit_layers([3, 1], 6) == [1, 3, 6]
@@ -308,8 +308,8 @@ def test_pass_output_is_a_validated_segmented_artifact(exit_classifier):
 
 
 def test_segment_validation_names_a_segment_that_differs(exit_classifier, texts):
-    from edgesmith.compress.exits import validate_segments
-    from edgesmith.runtimes.early_exit import load_network
+    from edgesmith.early_exit.runtime import load_network
+    from edgesmith.early_exit.segments import validate_segments
 
     net = load_network(exit_classifier)
     segments = exit_classifier.policy_data["segments"]
@@ -370,7 +370,7 @@ def _table_runners(table: np.ndarray) -> list:
                                             ("agreement", 0.5), ("maxprob", [0.9, 0.6, 0.75]),
                                             ("entropy", [0.3, 0.8, 0.5]), ("patience", [2, 1, 1])])
 def test_controller_gathers_rows_and_keeps_each_samples_policy_state(name, threshold):
-    from edgesmith.runtimes.early_exit import ExitController
+    from edgesmith.early_exit.runtime import ExitController
 
     rng = np.random.default_rng(3)
     n = 40

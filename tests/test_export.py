@@ -14,11 +14,11 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import edgesmith
 from edgesmith.artifacts import OnnxModel, TorchModel, default_model_path
-from edgesmith.compress.base import Context
 from edgesmith.data import builtin_corpus
 from edgesmith.errors import EXIT_GATE_FAILED, BadInput, ValidationFailed
 from edgesmith.export.onnx import ExportConfig, ExportPass, attention_shape, compare_outputs, validate
 from edgesmith.inputs import tokenize
+from edgesmith.passes import Context
 
 VOCAB = 30522
 

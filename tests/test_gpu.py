@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+import edgesmith.tensorrt.build as trt_export
 from edgesmith.artifacts import ENGINE_FILE, OnnxModel, TensorRTEngine, load
 from edgesmith.cli.app import main
 from edgesmith.errors import BadInput
-from edgesmith.export import tensorrt as trt_export
-from edgesmith.export.tensorrt import (
-    DimRange,
+from edgesmith.tensorrt.build import (
     TensorRTConfig,
     build_identity,
     builder_flags,
@@ -30,17 +29,13 @@ from edgesmith.export.tensorrt import (
     derive_input_shapes,
     engine_key,
     graph_input_dims,
-    ort_engine_cache_dir,
     parse_profiles,
-    parse_shapes,
-    timing_cache_key,
 )
-from edgesmith.runtimes.remote import trtexec_build_argv
-from edgesmith.runtimes.tensorrt import (
-    DeviceIdentity,
-    check_engine_compatible,
-    decode_nvinfer_version,
-)
+from edgesmith.tensorrt.cache import ort_engine_cache_dir, timing_cache_key
+from edgesmith.tensorrt.identity import DeviceIdentity, decode_nvinfer_version
+from edgesmith.tensorrt.runtime import check_engine_compatible
+from edgesmith.tensorrt.shapes import DimRange, parse_shapes
+from edgesmith.tensorrt.trtexec import trtexec_build_argv
 
 H200 = DeviceIdentity("10.8.0.43", "NVIDIA H200", "9.0")
 
@@ -134,7 +129,7 @@ def test_parse_shapes_errors_say_what_is_wrong(spec, words):
 def test_config_normalises_shapes_and_refuses_bad_ones():
     cfg = TensorRTConfig(shapes=["sequence=16:128:256,batch_size=1:8:32"])
     assert cfg.shapes == ["seq=16:128:256,batch=1:8:32"]
-    from edgesmith.compress.base import make_config
+    from edgesmith.passes import make_config
 
     with pytest.raises(BadInput, match="MIN <= OPT <= MAX"):
         make_config(TensorRTConfig, {"shapes": ["batch=9:8:7"]}, where="tensorrt")
@@ -262,8 +257,8 @@ def test_timing_cache_is_per_tensorrt_and_gpu_not_per_model():
 
 
 def test_ort_tensorrt_ep_cache_folder_is_keyed(tmp_path, token_model, monkeypatch):
-    from edgesmith.runtimes import onnxruntime as ort_rt
-    from edgesmith.runtimes import tensorrt as trt_rt
+    from edgesmith.tensorrt import ep as ort_rt
+    from edgesmith.tensorrt import ep as trt_rt
 
     monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(trt_rt, "device_identity", lambda device=0: H200)
@@ -452,7 +447,7 @@ def test_torch_refuses_what_it_cannot_do_here(tiny_bert_dir):
 
 
 def test_measure_uses_a_gpu_sessions_own_timer():
-    from edgesmith.profiling import _device_memory_mb, measure
+    from edgesmith.profiling.measure import _device_memory_mb, measure
 
     class FakeGpuSession:
         device = "cuda:0"

@@ -12,9 +12,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from edgesmith.artifacts import OnnxModel, TorchModel, default_model_path
-from edgesmith.environment import fingerprint
 from edgesmith.errors import BadInput
-from edgesmith.plots import Point, pareto_front, plot_quality_latency
 from edgesmith.profiling import (
     MIN_SAMPLES,
     PROFILE_SCHEMA_VERSION,
@@ -30,6 +28,8 @@ from edgesmith.profiling import (
     profile,
     summarize,
 )
+from edgesmith.profiling.environment import fingerprint
+from edgesmith.reports.plots import Point, pareto_front, plot_quality_latency
 
 SEQ = 16
 BATCH = 2

@@ -22,8 +22,8 @@ from transformers import (
 
 import edgesmith as es
 from edgesmith.artifacts import TorchModel, default_model_path
-from edgesmith.compress.base import Context, get_pass
 from edgesmith.compress.pruning import PruneConfig, PrunePass, supported_architectures
+from edgesmith.passes import Context, get_pass
 
 VOCAB = 30522
 

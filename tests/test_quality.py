@@ -8,8 +8,7 @@ import torch
 
 from edgesmith.artifacts import TorchModel, default_model_path
 from edgesmith.errors import BadInput
-from edgesmith.quality import (accuracy, check_gates, embed, evaluate, fidelity, logits, neighbour_recall,
-                                row_cosines)
+from edgesmith.quality import accuracy, check_gates, embed, evaluate, fidelity, logits, neighbour_recall, row_cosines
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522)
 TEXTS = [
@@ -126,8 +125,8 @@ def test_embed_same_alone_and_padded(encoder):
 
 
 def test_embed_onnx_matches_torch(encoder, tmp_path):
-    from edgesmith.compress.base import Context
     from edgesmith.export.onnx import ExportPass
+    from edgesmith.passes import Context
 
     onnx_model = ExportPass()(encoder, Context(workdir=tmp_path))
     metrics = evaluate(onnx_model, encoder, TEXTS, k=5)

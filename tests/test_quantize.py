@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from edgesmith.artifacts import OnnxModel, TorchModel, default_model_path
-from edgesmith.compress.base import Context
 from edgesmith.compress.quantization import QuantizeConfig, QuantizePass
 from edgesmith.errors import BadInput, ValidationFailed
+from edgesmith.passes import Context
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522)
 
@@ -235,8 +235,8 @@ def test_minilm_int8_keeps_cosine(tmp_path):
     (with float tables the file is ~59 MB)."""
     from edgesmith.artifacts import load
     from edgesmith.data import builtin_corpus
-    from edgesmith.quality import embed, fidelity
     from edgesmith.export.onnx import ExportPass
+    from edgesmith.quality import embed, fidelity
 
     ctx = Context(workdir=tmp_path)
     fp32 = ExportPass()(load("minilm"), ctx)
@@ -251,7 +251,7 @@ def test_minilm_int8_keeps_cosine(tmp_path):
 
 
 def test_registered_by_name(tiny_onnx):
-    from edgesmith.compress.base import get_pass
+    from edgesmith.passes import get_pass
 
     out = get_pass("quantize")(op_types=["MatMul"])(tiny_onnx, Context())
     assert out.lineage[-1]["pass"] == "quantize"
@@ -262,8 +262,8 @@ def test_registered_by_name(tiny_onnx):
 # Static INT8 (QDQ), calibration, FP16, graph optimization, accuracy-aware fallback
 # ---------------------------------------------------------------------------------------------
 
-from edgesmith.compress.calibration import TextCalibrationReader, iter_calibration_texts  # noqa: E402
-from edgesmith.errors import GateFailed  # noqa: E402
+from edgesmith.compress.quantization.calibration import TextCalibrationReader, iter_calibration_texts
+from edgesmith.errors import GateFailed
 
 #: small calibration for the tiny model: fast, and enough for stable ranges
 FAST_STATIC = dict(mode="static", calibration_samples=32, calibration_seq=32)
@@ -362,7 +362,7 @@ def test_calibration_from_a_file_and_data_streams_lazily(tiny_onnx, tmp_path, mo
     not grow with the file (a 15x larger file costs the same peak)."""
     import tracemalloc
 
-    import edgesmith.compress.calibration as calibration
+    import edgesmith.compress.quantization.calibration as calibration
 
     real = calibration.calibrate
     peaks = []
@@ -442,7 +442,7 @@ def test_optimize_uses_the_real_shape_and_validates(tiny_onnx):
 
 def test_optimize_that_changes_outputs_is_refused(tiny_onnx, monkeypatch):
     """A graph change that alters the outputs (as a wrong head count does) fails validation."""
-    import edgesmith.compress.graph_optimize as go
+    import edgesmith.onnx_graph.optimize as go
 
     real = go.optimize_graph
 
@@ -616,7 +616,7 @@ def test_minilm_static_default_keeps_cosine(tmp_path):
 def test_torch_side_refuses_cleanly_without_torchao(tokenizer, monkeypatch):
     from transformers import BertConfig, BertModel
 
-    import edgesmith.compress.torch_quantization as tq
+    import edgesmith.compress.quantization.torch_int8 as tq
 
     monkeypatch.setattr(tq, "torchao_available", lambda: False)
     model = TorchModel(module=BertModel(BertConfig(**TINY)).eval(), tokenizer=tokenizer)
@@ -628,7 +628,7 @@ def test_torch_side_with_torchao(tokenizer):
     pytest.importorskip("torchao.quantization", reason="torchao is not installed")
     from transformers import BertConfig, BertModel
 
-    from edgesmith.compress.base import get_pass
+    from edgesmith.passes import get_pass
 
     torch.manual_seed(0)
     model = TorchModel(module=BertModel(BertConfig(**TINY)).eval(), tokenizer=tokenizer)

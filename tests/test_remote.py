@@ -24,8 +24,10 @@ import torch
 
 from edgesmith.errors import BadInput
 from edgesmith.profiling import Profile
-from edgesmith.runtimes.remote import AGENT_PATH, RemoteDevice, profile_remote, trtexec_build_argv, trtexec_run_argv
+from edgesmith.profiling.remote import profile_remote
+from edgesmith.profiling.ssh import AGENT_PATH, RemoteDevice
 from edgesmith.targets import Target
+from edgesmith.tensorrt.trtexec import trtexec_build_argv, trtexec_run_argv
 
 SSHD = Path("/usr/sbin/sshd")
 REPO = Path(__file__).resolve().parents[1]

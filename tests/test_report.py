@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from edgesmith.profiling import profile
-from edgesmith.report import write_html
-from edgesmith.roofline import estimate
+from edgesmith.profiling.roofline import estimate
+from edgesmith.reports.html import write_html
 from edgesmith.targets import get_target
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -12,7 +12,7 @@ import pytest
 
 from edgesmith.errors import BadInput
 from edgesmith.profiling import compare
-from edgesmith.roofline import estimate, graph_work
+from edgesmith.profiling.roofline import estimate, graph_work
 from edgesmith.targets import get_target, load_targets, ssh_destination
 
 EDGESMITH = Path(sys.executable).with_name("edgesmith")

@@ -19,14 +19,21 @@ import numpy as np
 import pytest
 from fake_tensorrt import FakeTensorRT, load_surface, surface_versions
 
-import edgesmith.export.tensorrt as trt_export
+import edgesmith.tensorrt.build as trt_export
 from edgesmith.artifacts import OnnxModel, load
 from edgesmith.errors import BadInput
-from edgesmith.export import tensorrt_typing
-from edgesmith.export.tensorrt import TensorRTConfig, build_engine, build_python, derive_input_shapes
-from edgesmith.export.tensorrt import graph_input_dims, parse_profiles
-from edgesmith.runtimes import tensorrt as trt_runtime
-from edgesmith.runtimes.tensorrt import DeviceIdentity
+from edgesmith.tensorrt import ep as trt_ep
+from edgesmith.tensorrt import precision as tensorrt_typing
+from edgesmith.tensorrt import runtime as trt_runtime
+from edgesmith.tensorrt.build import (
+    TensorRTConfig,
+    build_engine,
+    build_python,
+    derive_input_shapes,
+    graph_input_dims,
+    parse_profiles,
+)
+from edgesmith.tensorrt.identity import DeviceIdentity
 
 WEAK, STRONG = "10.16.1.11", "11.4.0.106"
 
@@ -288,7 +295,7 @@ def test_converted_fp16_graph_stays_close_to_fp32(tmp_path, bert_onnx):
 
 
 def test_trtexec_of_tensorrt_11_gets_no_precision_flag():
-    from edgesmith.runtimes.remote import trtexec_build_argv
+    from edgesmith.tensorrt.trtexec import trtexec_build_argv
 
     weak = trtexec_build_argv("trtexec", "m.onnx", "m.engine", input_names=["x"], batch=1, seq=8, precision="int8")
     strong = trtexec_build_argv("trtexec", "m.onnx", "m.engine", input_names=["x"], batch=1, seq=8, precision="int8",
@@ -299,7 +306,7 @@ def test_trtexec_of_tensorrt_11_gets_no_precision_flag():
 
 
 def test_device_with_tensorrt_11_gets_an_fp16_graph(bert_onnx):
-    from edgesmith.runtimes.remote import strongly_typed_source
+    from edgesmith.profiling.remote import strongly_typed_source
 
     assert strongly_typed_source(bert_onnx, "fp16", "10.3.0") is bert_onnx
     assert strongly_typed_source(bert_onnx, "int8", "11.4.0") is bert_onnx
@@ -315,12 +322,12 @@ def test_ort_tensorrt_provider_warns_that_fp16_flag_cannot_work_on_tensorrt_11(b
                                                                                 tmp_path):
     from edgesmith.runtimes import onnxruntime as ort_runtime
 
-    monkeypatch.setattr(trt_runtime, "device_identity", lambda: DeviceIdentity(STRONG, "NVIDIA H200", "9.0"))
+    monkeypatch.setattr(trt_ep, "device_identity", lambda: DeviceIdentity(STRONG, "NVIDIA H200", "9.0"))
     with caplog.at_level("WARNING"):
         ort_runtime.tensorrt_ep_options(bert_onnx, {"trt_fp16_enable": "True"}, cache_root=str(tmp_path))
     assert "strongly typed" in caplog.text and "trt_fp16_enable" in caplog.text
     caplog.clear()
-    monkeypatch.setattr(trt_runtime, "device_identity", lambda: DeviceIdentity(WEAK, "NVIDIA H200", "9.0"))
+    monkeypatch.setattr(trt_ep, "device_identity", lambda: DeviceIdentity(WEAK, "NVIDIA H200", "9.0"))
     with caplog.at_level("WARNING"):
         options = ort_runtime.tensorrt_ep_options(bert_onnx, {"trt_fp16_enable": "True"}, cache_root=str(tmp_path))
     assert "strongly typed" not in caplog.text and options["trt_fp16_enable"] == "True"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import JSON_OUT, console, print_json
+from edgesmith.cli.root import app
 
 
 @app.command("targets")
@@ -53,7 +53,7 @@ def report_command(
     title: str | None = typer.Option(None, "--title", help="Title of the page."),
 ) -> None:
     """One HTML page: comparison table, quality-vs-latency Pareto plot, latency distributions, lineage."""
-    from edgesmith.report import write_html
+    from edgesmith.reports.html import write_html
 
     base: int | str = int(baseline) if baseline.isdigit() else baseline
     path = write_html(sources, html, title=title, baseline=base, metric=metric)

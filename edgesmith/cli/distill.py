@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR
+from edgesmith.cli.root import app
 from edgesmith.cli.shortcut import run_one_pass
 from edgesmith.errors import BadInput
 

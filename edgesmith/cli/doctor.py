@@ -5,8 +5,9 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import JSON_OUT, console, print_json
+from edgesmith.cli.root import app
+from edgesmith.errors import first_line
 
 
 def diagnose() -> list[dict]:
@@ -28,7 +29,7 @@ def _row(runtime: str, usable: bool, version: str | None, devices: list[str] | N
 
 
 def _gpu_rows() -> list[dict]:
-    from edgesmith.runtimes.tensorrt import gpu_identity
+    from edgesmith.tensorrt.identity import gpu_identity
 
     gpu_name, capability = gpu_identity()
     gpu = f"{gpu_name} (compute capability {capability})" if gpu_name else None
@@ -64,8 +65,8 @@ def _provider_loads(ort, provider: str) -> str:
     so.log_severity_level = 4
     try:
         session = ort.InferenceSession(_probe_model(), sess_options=so, providers=[provider, "CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types when a provider fails to start
-        return f"{provider} failed to start: {str(exc).splitlines()[0][:200]}"
+    except Exception as exc:
+        return f"{provider} failed to start: {first_line(exc)[:200]}"
     if session.get_providers()[0] != provider:
         return (f"{provider} is compiled in but its libraries are not loadable (a session fell back to "
                 f"{session.get_providers()[0]}); install the CUDA/cuDNN/TensorRT libraries it needs")
@@ -99,8 +100,9 @@ def _ort_gpu_rows(gpu: str | None) -> list[dict]:
 
 def _tensorrt_row(gpu: str | None) -> dict:
     from edgesmith.errors import BadInput
-    from edgesmith.export.tensorrt_typing import typing_for_version
-    from edgesmith.runtimes.tensorrt import TensorRTRuntime, tensorrt_version
+    from edgesmith.tensorrt.identity import tensorrt_version
+    from edgesmith.tensorrt.precision import typing_for_version
+    from edgesmith.tensorrt.runtime import TensorRTRuntime
 
     avail = TensorRTRuntime().availability()
     if avail.usable:

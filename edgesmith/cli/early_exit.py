@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR
 from edgesmith.cli.distill import OUTPUT
+from edgesmith.cli.root import app
 from edgesmith.cli.shortcut import run_one_pass
+from edgesmith.early_exit.policy import POLICIES, Budget
 from edgesmith.errors import BadInput
-from edgesmith.exit_policy import POLICIES, Budget
 
 
 def parse_exits(value: str | None) -> list[int] | None:

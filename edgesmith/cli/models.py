@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR, console, print_json
+from edgesmith.cli.root import app
 from edgesmith.cli.shortcut import run_one_pass
 from edgesmith.errors import BadInput
 
@@ -89,9 +89,9 @@ def _check_tensorrt_ready(model: str, options: dict) -> None:
     """Refuse (exit 2) before any run folder is made: bad options, a model that is not ONNX, or no
     TensorRT / GPU here."""
     from edgesmith.artifacts import resolve_model_path
-    from edgesmith.compress.base import make_config
-    from edgesmith.export.tensorrt import TensorRTConfig, resolve_backend
-    from edgesmith.runtimes.tensorrt import gpu_identity
+    from edgesmith.passes import make_config
+    from edgesmith.tensorrt.build import TensorRTConfig, resolve_backend
+    from edgesmith.tensorrt.identity import gpu_identity
 
     cfg = make_config(TensorRTConfig, options, where="export --to tensorrt")
     path = resolve_model_path(model)

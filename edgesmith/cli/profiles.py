@@ -1,4 +1,9 @@
-"""``edgesmith profile`` and ``edgesmith compare``."""
+"""``edgesmith profile`` and ``edgesmith compare``.
+
+A decoder (task text-generation) is profiled as generation: ``--prompt-tokens``, ``--new-tokens``
+and ``--rounds``; every other artifact as one forward pass at ``--batch`` x ``--seq``. A flag of the
+other kind is refused (exit 2), never ignored.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import JSON_OUT, console, err_console, print_json
+from edgesmith.cli.root import app
 
 
 @app.command("profile")
@@ -26,7 +31,14 @@ def profile_command(
                                               "KEY=VALUE (repeatable), e.g. trt_fp16_enable=True."),
     batch: int = typer.Option(1, "--batch", help="Batch size."),
     seq: int = typer.Option(128, "--seq", help="Sequence length (inputs are real sentences padded to it)."),
-    warmup: int = typer.Option(5, "--warmup", help="Untimed warm-up iterations."),
+    warmup: int | None = typer.Option(None, "--warmup", help="Untimed warm-up iterations (default 5); for a "
+                                      "decoder, untimed rounds (default 1)."),
+    prompt_tokens: str | None = typer.Option(None, "--prompt-tokens", help="Decoders: prompt lengths timed for "
+                                             "the time to first token, comma-separated (default 128,512); decode "
+                                             "follows the first."),
+    new_tokens: int | None = typer.Option(None, "--new-tokens", help="Decoders: tokens generated greedily, EOS "
+                                          "ignored (default 128)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Decoders: timed rounds (default 3)."),
     iterations: int = typer.Option(50, "--iterations", help="Timed iterations (at most)."),
     time_budget: float | None = typer.Option(None, "--time-budget", help="Stop timing after this many seconds."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
@@ -45,10 +57,40 @@ def profile_command(
     timeout: float | None = typer.Option(None, "--timeout", help="Longest a device profile may take, seconds."),
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Measure latency of an artifact on a runtime, here or on a device over ssh; write a versioned JSON profile."""
+    """Measure latency of an artifact on a runtime, here or on a device over ssh; write a versioned JSON profile.
+
+    A decoder (text-generation) is profiled as generation: time to first token per prompt length,
+    prefill and decode tokens/s, raw per-token latencies, peak RSS, load time."""
     from edgesmith.artifacts import load
+    from edgesmith.profiling.generation import is_decoder
 
     art = load(artifact)
+    if is_decoder(art):
+        forward_flags = [flag for flag, used in (
+            ("--seq", seq != 128), ("--iterations", iterations != 50), ("--time-budget", time_budget is not None),
+            ("--target", target is not None), ("--host", host is not None), ("--ssh-config", ssh_config is not None),
+            ("--estimate", estimate), ("--per-op", per_op), ("--precision", precision is not None),
+            ("--timeout", timeout is not None), ("--device", device is not None), ("--dtype", dtype is not None),
+            ("--compile", compile_), ("--cuda-graphs", cuda_graphs), ("--provider-option", bool(provider_option)))
+            if used]
+        if forward_flags:
+            from edgesmith.errors import BadInput
+
+            raise BadInput(f"{', '.join(forward_flags)} appl{'y' if len(forward_flags) > 1 else 'ies'} to "
+                           f"one-forward-pass profiles; {art.name} is a decoder: give --prompt-tokens, --new-tokens "
+                           "and --rounds")
+        _generation_profile(art, runtime=runtime, provider=provider, batch=batch, warmup=warmup,
+                            prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, threads=threads,
+                            label=label, output=output, as_json=as_json)
+        return
+    generation_flags = [flag for flag, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens),
+                                                  ("--rounds", rounds)) if value is not None]
+    if generation_flags:
+        from edgesmith.errors import BadInput
+
+        raise BadInput(f"{', '.join(generation_flags)} appl{'y' if len(generation_flags) > 1 else 'ies'} to decoders "
+                       f"(text-generation); {art.name} is a {art.task} model: give --batch and --seq")
+    warmup = 5 if warmup is None else warmup
     provider, extra = _gpu_options(art, runtime, provider, device, dtype, compile_, cuda_graphs, provider_option)
     if extra and target is not None:
         from edgesmith.errors import BadInput
@@ -87,6 +129,41 @@ def profile_command(
         console.print(f"early exit: {ex.mean_layers or 0:.2f} of {ex.total_layers} layers on average, exits "
                       f"{ex.histogram}; expected from the calibration histogram {expected} vs measured mean "
                       f"{s.mean:.2f} ms")
+    if output is not None:
+        console.print(f"profile: {output}")
+
+
+def _generation_profile(art, *, runtime: str | None, provider: str, batch: int, warmup: int | None,
+                        prompt_tokens: str | None, new_tokens: int | None, rounds: int | None, threads: int | None,
+                        label: str | None, output: Path | None, as_json: bool) -> None:
+    """Profile a decoder's generation, write the profile, print TTFT per prompt length and decode speed."""
+    import numpy as np
+
+    from edgesmith.profiling import profile
+
+    prof = profile(art, runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, warmup=warmup,
+                   provider=provider, batch=batch, threads=threads, label=label,
+                   progress=err_console.is_terminal and not as_json)
+    if output is not None:
+        prof.save(output)
+    if as_json:
+        typer.echo(prof.model_dump_json(indent=2))
+        return
+    gen, s = prof.generation, prof.stats
+    assert gen is not None
+    threads_used = prof.environment.threads if prof.environment.threads is not None else "default"
+    console.print(f"[bold]{escape(prof.label)}[/]  runtime {prof.runtime.name} on {', '.join(prof.runtime.providers)}"
+                  f"  threads {threads_used}  batch {gen.batch}  {gen.rounds} rounds after {prof.warmup} warm-up")
+    for n in gen.prompt_tokens:
+        ttft, tps = gen.ttft_of(n), gen.prefill_tokens_per_s[str(n)]
+        console.print(f"TTFT @{n} tokens: median {np.median(ttft):.1f} ms (min {min(ttft):.1f}, max {max(ttft):.1f})  "
+                      f"prefill {np.median(tps):.0f} tokens/s")
+    rounds_text = ", ".join(f"{v:.1f}" for v in gen.decode_tokens_per_s)
+    console.print(f"decode after {gen.decode_prompt_tokens} prompt tokens, {gen.new_tokens} new tokens (greedy, EOS "
+                  f"ignored): {prof.throughput:.1f} tokens/s (rounds: {rounds_text}); per token p50 {s.p50:.2f} ms  "
+                  f"p90 {s.p90:.2f} ms  p99 {s.p99:.2f} ms (n={s.n})")
+    rss = "-" if gen.peak_rss_mb is None else f"{gen.peak_rss_mb:.0f} MB"
+    console.print(f"load {gen.load_s:.2f} s  peak RSS {rss} ({gen.rss_source})")
     if output is not None:
         console.print(f"profile: {output}")
 
@@ -137,7 +214,7 @@ def _profile_for(art, *, target: str | None, host: str | None, ssh_config: Path 
 
     tgt = get_target(target, host=host, extra_dirs=targets_dir)
     if estimate:
-        from edgesmith.roofline import estimate as roofline
+        from edgesmith.profiling.roofline import estimate as roofline
 
         return roofline(art, tgt, batch=batch, seq=seq, precision=precision, label=label)
     if tgt.is_local:
@@ -145,7 +222,7 @@ def _profile_for(art, *, target: str | None, host: str | None, ssh_config: Path 
                        time_budget_s=time_budget, threads=threads if threads is not None else tgt.threads,
                        provider=tgt.provider if provider == "cpu" else provider, target=tgt.name, label=label,
                        per_op=per_op, progress=progress)
-    from edgesmith.runtimes.remote import profile_remote
+    from edgesmith.profiling.remote import profile_remote
 
     return profile_remote(art, tgt, ssh_config=ssh_config, batch=batch, seq=seq, warmup=warmup,
                           iterations=iterations, time_budget_s=time_budget, threads=threads, runtime=runtime,
@@ -170,13 +247,13 @@ def compare_command(
     base: int | str = int(baseline) if baseline.isdigit() else baseline
     comparison = compare(profiles, baseline=base)
     if plot is not None:
-        from edgesmith.plots import plot_quality_latency
+        from edgesmith.reports.plots import plot_quality_latency
 
         plot_quality_latency(comparison, plot, metric=metric)
     if as_json:
         print_json(comparison.model_dump(mode="json"))
         return
-    console.print(comparison.table())
+    console.print(comparison.table("generation comparison" if comparison.is_generation else "latency comparison"))
     for line in comparison.early_exit_lines():
         console.print(f"early exit, {escape(line)}")
     for row in comparison.rows:

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR, console, err_console, print_json
+from edgesmith.cli.root import app
 
 
 @app.command("run")

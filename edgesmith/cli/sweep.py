@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from edgesmith.cli.app import app
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT, console, err_console, print_json
+from edgesmith.cli.root import app
 
 
 @app.command("sweep")

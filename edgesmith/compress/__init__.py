@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgesmith.artifacts import Artifact
-from edgesmith.compress.base import Context, Pass, PassConfig, available_passes, get_pass, register
+from edgesmith.passes import Context, Pass, PassConfig, available_passes, get_pass, register
 
 __all__ = ["Context", "Pass", "PassConfig", "available_passes", "distill", "early_exit", "get_pass", "prune", "quantize", "register"]
 

@@ -12,13 +12,13 @@ __all__ = ["to_onnx", "to_tensorrt"]
 
 def to_onnx(model: Artifact, ctx=None, **options: Any) -> Artifact:
     """Export a TorchModel to ONNX and validate it (see ``ExportConfig``)."""
-    from edgesmith.compress.base import get_pass
+    from edgesmith.passes import get_pass
 
     return get_pass("export")(**options)(model, ctx)
 
 
 def to_tensorrt(model: Artifact, ctx=None, **options: Any) -> Artifact:
     """Build a TensorRT engine from an OnnxModel on this GPU and validate it (see ``TensorRTConfig``)."""
-    from edgesmith.compress.base import get_pass
+    from edgesmith.passes import get_pass
 
     return get_pass("tensorrt")(**options)(model, ctx)

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import io
 import logging
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -33,9 +32,9 @@ from typing import Any, Literal
 import numpy as np
 
 from edgesmith.artifacts import ONNX_FILE, Artifact, OnnxModel, TorchModel
-from edgesmith.compress.base import Context, Pass, PassConfig, register
-from edgesmith.errors import BadInput, EdgesmithError, ValidationFailed
+from edgesmith.errors import BadInput, EdgesmithError, ValidationFailed, first_line
 from edgesmith.inputs import attention_mask_of, tokenize
+from edgesmith.passes import Context, Pass, PassConfig, register
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +47,6 @@ PARAGRAPH_SIZES = (3, 6)
 #: shape of the example inputs the graph is traced with (batch, sequence); neither may be 0 or 1,
 #: or torch.export specialises the axis
 TRACE_SHAPE = (2, 16)
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
 
 class ExportConfig(PassConfig):
     """How to export and how close the graph must stay to its source.
@@ -211,11 +207,6 @@ def export_graph(module, path: Path, *, input_names: Sequence[str], output_name:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx raises several checker/inference error types
         raise EdgesmithError(f"export of {label}: the ONNX graph fails onnx.checker ({first_line(exc)})") from exc
-
-
-def first_line(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc)).strip()
-    return (text.splitlines() or [type(exc).__name__])[0][:300]
 
 
 def root_cause(exc: BaseException) -> str:

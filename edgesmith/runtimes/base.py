@@ -79,7 +79,28 @@ class Runtime(ABC):
             raise BadInput(f"runtime '{self.name}' is not usable here: {avail.reason}")
 
 
+#: the built-in runtimes, by name: "module:Class", imported only when that runtime is asked for
+BUILTIN_RUNTIMES: dict[str, str] = {
+    "torch": "edgesmith.runtimes.torch:TorchRuntime",
+    "onnxruntime": "edgesmith.runtimes.onnxruntime:OnnxRuntime",
+    "tensorrt": "edgesmith.tensorrt.runtime:TensorRTRuntime",
+}
+
+#: sessions for artifact kinds a runtime runs through a feature's own controller:
+#: (runtime, kind) -> "module:function(artifact, **options) -> Session"
+KIND_SESSIONS: dict[tuple[str, str], str] = {
+    ("onnxruntime", "early-exit"): "edgesmith.early_exit.runtime:ort_session",
+    ("torch", "early-exit"): "edgesmith.early_exit.runtime:torch_session",
+}
+
 _RUNTIMES: dict[str, type[Runtime]] = {}
+
+
+def _resolve(target: str) -> Any:
+    import importlib
+
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def register_runtime(cls: type[Runtime]) -> type[Runtime]:
@@ -87,19 +108,33 @@ def register_runtime(cls: type[Runtime]) -> type[Runtime]:
     return cls
 
 
-def available_runtimes() -> dict[str, type[Runtime]]:
-    import edgesmith.runtimes.onnxruntime  # noqa: F401
-    import edgesmith.runtimes.tensorrt  # noqa: F401
-    import edgesmith.runtimes.torch  # noqa: F401
+def runtime_names() -> list[str]:
+    """Every runtime name, without importing any runtime."""
+    return sorted(set(BUILTIN_RUNTIMES) | set(_RUNTIMES))
 
-    return dict(_RUNTIMES)
+
+def available_runtimes() -> dict[str, type[Runtime]]:
+    """Every runtime by name, each resolved (imports each runtime's module)."""
+    return {name: _runtime_class(name) for name in runtime_names()}
+
+
+def _runtime_class(name: str) -> type[Runtime]:
+    if name not in _RUNTIMES:
+        _RUNTIMES[name] = _resolve(BUILTIN_RUNTIMES[name])
+    return _RUNTIMES[name]
 
 
 def get_runtime(name: str) -> Runtime:
-    runtimes = available_runtimes()
-    if name not in runtimes:
-        raise BadInput(f"unknown runtime '{name}'; use one of: {', '.join(runtimes)}")
-    return runtimes[name]()
+    if name not in BUILTIN_RUNTIMES and name not in _RUNTIMES:
+        raise BadInput(f"unknown runtime '{name}'; use one of: {', '.join(runtime_names())}")
+    return _runtime_class(name)()
+
+
+def kind_session(runtime: str, artifact: Artifact, options: dict[str, Any]) -> Session | None:
+    """A session from the feature that owns ``artifact.kind`` on this runtime (early exit's
+    controller, for example), or None when the runtime loads the kind itself."""
+    target = KIND_SESSIONS.get((runtime, artifact.kind))
+    return None if target is None else _resolve(target)(artifact, **options)
 
 
 def default_runtime_for(artifact: Artifact) -> str:

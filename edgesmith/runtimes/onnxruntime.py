@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from edgesmith.artifacts import Artifact, OnnxModel
-from edgesmith.errors import BadInput
-from edgesmith.runtimes.base import Availability, Runtime, Session, register_runtime
+from edgesmith.errors import BadInput, first_line
+from edgesmith.runtimes.base import Availability, Runtime, Session, kind_session, register_runtime
+from edgesmith.tensorrt.ep import tensorrt_ep_options
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,49 @@ def installed_distributions() -> list[str]:
     return found
 
 
+#: graph optimization levels by name (ORT's GraphOptimizationLevel)
+GRAPH_OPTIMIZATION = ("none", "basic", "extended", "all")
+
+
+def session_options(*, threads: int | None = None, graph_optimization: str = "all", spinning: str = "default",
+                    enable_profiling: bool = False, profile_prefix: str | None = None):
+    """ONNX Runtime ``SessionOptions`` as edgesmith's sessions use them: intra-op threads (one
+    inter-op thread), a graph optimization level by name, quiet logs, and how idle intra-op threads
+    wait: ``"default"`` (ORT's spin-waiting), ``"stop"`` (spin while the session runs, stop when it
+    returns: ``session.force_spinning_stop``) or ``"off"`` (``session.intra_op.allow_spinning=0``).
+    Two sessions timed in one process starve each other while the idle one spins."""
+    import onnxruntime as ort
+
+    levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if graph_optimization not in levels:
+        raise BadInput(f"graph_optimization must be one of {', '.join(levels)}")
+    if spinning not in ("default", "stop", "off"):
+        raise BadInput(f"spinning must be default, stop or off (got {spinning!r})")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = levels[graph_optimization]
+    so.enable_profiling = enable_profiling
+    if profile_prefix:
+        so.profile_file_prefix = profile_prefix
+    so.log_severity_level = 3
+    if spinning == "stop":
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    elif spinning == "off":
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 class OrtSession(Session):
     runtime = "onnxruntime"
 
     def __init__(self, model: OnnxModel, *, provider: str = "cpu", threads: int | None = None,
                  provider_options: dict | None = None, enable_profiling: bool = False,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", profile_file_prefix: str | None = None):
         import onnxruntime as ort
 
         if provider not in PROVIDERS:
@@ -51,19 +89,8 @@ class OrtSession(Session):
         if wanted not in ort.get_available_providers():
             raise BadInput(f"ONNX Runtime here has no {wanted} (installed: {', '.join(ort.get_available_providers())}); "
                            "install onnxruntime-gpu (edgesmith[gpu]) for cuda/tensorrt")
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        if graph_optimization not in levels:
-            raise BadInput(f"graph_optimization must be one of {', '.join(levels)}")
-        so.graph_optimization_level = levels[graph_optimization]
-        so.enable_profiling = enable_profiling
-        so.log_severity_level = 3
+        so = session_options(threads=threads, graph_optimization=graph_optimization, enable_profiling=enable_profiling,
+                             profile_prefix=profile_file_prefix)
         chain = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
         provider_options = dict(provider_options or {})
         if provider == "tensorrt":
@@ -75,7 +102,7 @@ class OrtSession(Session):
         try:
             self.session = ort.InferenceSession(str(model.path), sess_options=so, providers=providers_arg)
         except Exception as exc:  # ORT raises its own exception types for a bad graph
-            raise BadInput(f"{model.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from exc
+            raise BadInput(f"{model.path}: ONNX Runtime cannot load it ({first_line(exc)[:300]})") from exc
         self.providers = list(self.session.get_providers())
         if self.providers[0] != wanted:
             raise BadInput(f"ONNX Runtime fell back to {self.providers[0]} although {wanted} was asked for "
@@ -136,43 +163,6 @@ class OrtSession(Session):
         self.session = None
 
 
-#: TensorRT provider defaults: engines and timing caches kept (in edgesmith's cache, under a key)
-TENSORRT_EP_DEFAULTS = {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
-#: provider options that work through TensorRT's weak typing (builder flags), gone in TensorRT 11
-WEAK_TYPING_EP_OPTIONS = ("trt_fp16_enable", "trt_bf16_enable", "trt_int8_enable")
-
-
-def tensorrt_ep_options(model: OnnxModel, options: dict[str, Any], cache_root: str | None = None) -> dict[str, Any]:
-    """The TensorRT provider's options: the user's, over :data:`TENSORRT_EP_DEFAULTS`, with its
-    engine cache placed in edgesmith's cache under a key of the ONNX hash, these options, the
-    TensorRT version and the GPU (so a change in any of them gets a fresh folder, and nothing stale
-    is reused), and its timing cache per TensorRT version and GPU."""
-    from edgesmith.export.tensorrt import (
-        ort_engine_cache_dir,
-        tensorrt_cache_root,
-        timing_cache_key,
-    )
-    from edgesmith.export.tensorrt_typing import typing_for_version
-    from edgesmith.runtimes.tensorrt import device_identity
-
-    merged = {**TENSORRT_EP_DEFAULTS, **{k: v for k, v in options.items()}}
-    identity = device_identity()
-    weak = [k for k in WEAK_TYPING_EP_OPTIONS if str(merged.get(k, "")).lower() in ("1", "true")]
-    if weak and typing_for_version(identity.tensorrt_version) == "strong":
-        log.warning("TensorRT %s is strongly typed: %s cannot lower the precision of an fp32 graph; give the "
-                    "provider an fp16 graph (edgesmith quantize MODEL --mode fp16) or a Q/DQ graph",
-                    identity.tensorrt_version, ", ".join(weak))
-    if "trt_engine_cache_path" not in merged:
-        folder = ort_engine_cache_dir(model.content_hash(), merged, identity, cache_root)
-        folder.mkdir(parents=True, exist_ok=True)
-        merged["trt_engine_cache_path"] = str(folder)
-    if "trt_timing_cache_path" not in merged:
-        timing = tensorrt_cache_root(cache_root) / "ort-ep-timing" / timing_cache_key(identity)
-        timing.mkdir(parents=True, exist_ok=True)
-        merged["trt_timing_cache_path"] = str(timing)
-    return merged
-
-
 def parse_provider_options(items: list[str] | None) -> dict[str, str]:
     """``["key=value", ...]`` (the CLI's repeated --provider-option) -> dict; ONNX Runtime takes strings."""
     options: dict[str, str] = {}
@@ -204,11 +194,10 @@ class OnnxRuntime(Runtime):
     def load(self, artifact: Artifact, **options: Any) -> OrtSession:
         self.check(artifact)
         options = {k: v for k, v in options.items() if v is not None}
-        if artifact.kind == "early-exit":  # segments behind an exit controller
-            from edgesmith.runtimes.early_exit import ort_session
-
-            return ort_session(artifact, **options)  # type: ignore[return-value]
-        known = {"provider", "threads", "provider_options", "enable_profiling", "graph_optimization"}
+        session = kind_session(self.name, artifact, options)
+        if session is not None:
+            return session  # type: ignore[return-value]
+        known = {"provider", "threads", "provider_options", "enable_profiling", "graph_optimization", "profile_file_prefix"}
         unknown = set(options) - known
         if unknown:
             raise BadInput(f"onnxruntime: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")

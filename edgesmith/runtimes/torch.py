@@ -16,7 +16,7 @@ import numpy as np
 
 from edgesmith.artifacts import Artifact, TorchModel
 from edgesmith.errors import BadInput
-from edgesmith.runtimes.base import Availability, Runtime, Session, register_runtime
+from edgesmith.runtimes.base import Availability, Runtime, Session, kind_session, register_runtime
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +191,9 @@ class TorchRuntime(Runtime):
     def load(self, artifact: Artifact, **options: Any) -> TorchSession:
         self.check(artifact)
         options = {k: v for k, v in options.items() if v is not None}
-        if artifact.kind == "early-exit":  # the PyTorch network, segment by segment, behind an exit controller
-            from edgesmith.runtimes.early_exit import torch_session
-
-            return torch_session(artifact, **options)  # type: ignore[return-value]
+        session = kind_session(self.name, artifact, options)
+        if session is not None:
+            return session  # type: ignore[return-value]
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise BadInput(f"torch runtime: unknown option(s) {', '.join(sorted(unknown))}; "

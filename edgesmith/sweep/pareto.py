@@ -135,7 +135,7 @@ def plot_front(summary: dict[str, Any], space: SearchSpace, path: Path) -> Path 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from edgesmith.plots import _save_png
+    from edgesmith.reports.plots import save_png
 
     x_obj, y_obj = axes
     scale = {"size": 1e-6}
@@ -165,7 +165,7 @@ def plot_front(summary: dict[str, Any], space: SearchSpace, path: Path) -> Path 
     ax.set_ylabel(f"{y_obj.metric}{unit.get(y_obj.metric, '')} — {y_obj.direction[:3]}")
     ax.set_title(f"sweep {summary['sweep']}: {len(complete)} trials, {len(summary['front'])} on the front")
     ax.grid(True, alpha=0.3)
-    return _save_png(fig, path, 100)
+    return save_png(fig, path, 100)
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -215,18 +215,18 @@ def markdown_report(summary: dict[str, Any], space: SearchSpace, *, plot: str | 
 
 def write_report(folder: Path, sweep: Sweep, summary: dict[str, Any]) -> Path:
     """``report.md`` (front table, all trials, plot) and ``report.html`` (the front's profiles, via
-    :func:`edgesmith.report.write_html`) when the front has profiles."""
+    :func:`edgesmith.reports.html.write_html`) when the front has profiles."""
     plot = None
     try:
         if plot_front(summary, sweep.space, folder / "pareto.png") is not None:
             plot = "pareto.png"
-    except Exception as exc:  # noqa: BLE001  a plot is a convenience: the tables stand without it
+    except Exception as exc:
         log.warning("no Pareto plot: %s", exc)
     html = None
     front_runs = [folder / r["run_dir"] for r in summary["front"] if r["profile"] and r["run_dir"]]
     if front_runs:
         try:
-            from edgesmith.report import write_html
+            from edgesmith.reports.html import write_html
 
             write_html(front_runs, folder / "report.html", title=f"edgesmith sweep {summary['sweep']}: the Pareto front")
             html = "report.html"

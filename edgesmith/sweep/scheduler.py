@@ -193,5 +193,5 @@ class _Driver:
     def _result(future: cf.Future) -> dict[str, Any]:
         try:
             return future.result()
-        except Exception as exc:  # noqa: BLE001  a worker process or Ray task died
+        except Exception as exc:
             return _failure("crashed", exc)

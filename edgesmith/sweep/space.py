@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from edgesmith.errors import BadInput
-from edgesmith.recipe import Recipe, read_yaml
+from edgesmith.recipe import Recipe
+from edgesmith.schema import StrictModel, describe_validation_error, model_at, read_yaml
 from edgesmith.sweep.objectives import (
     LATENCY_METRICS,
     Constraint,
@@ -58,8 +59,7 @@ class Parameter:
         return [int(v) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictModel
 
 
 class SamplerSpec(_Strict):
@@ -126,7 +126,7 @@ class Sweep:
 def parse_duration(value: float | str) -> float:
     """Seconds from a number of seconds or '90s', '30m', '2h'."""
     if isinstance(value, bool):
-        raise ValueError(f"a duration is seconds or a string like '30m', not {value!r}")  # noqa: TRY004 (pydantic)
+        raise ValueError(f"a duration is seconds or a string like '30m', not {value!r}")
     if isinstance(value, (int, float)):
         if value <= 0:
             raise ValueError(f"a duration must be positive (got {value})")
@@ -148,10 +148,7 @@ def parse_search(raw: Any, recipe: Recipe, *, where: str = "search") -> SearchSp
     try:
         spec = SearchSpec(**raw)
     except ValidationError as exc:
-        from edgesmith.compress.base import describe_validation_error
-        from edgesmith.recipe import _model_at
-
-        raise BadInput(describe_validation_error(exc, where, _model_at(SearchSpec, exc))) from exc
+        raise BadInput(describe_validation_error(exc, where, model_at(SearchSpec, exc))) from exc
     if not spec.parameters:
         raise BadInput(f"{where}.parameters: empty; name at least one option to search, "
                        "e.g. steps.prune.heads: [0.25, 0.5]")
@@ -200,7 +197,7 @@ def _split_path(path: str, where: str, steps: dict) -> tuple[str, str]:
 
 
 def _parse_parameter(path: str, value: Any, steps: dict, earlier: list[Parameter], where: str) -> Parameter:
-    from edgesmith.compress.base import get_pass, make_config
+    from edgesmith.passes import get_pass, make_config
 
     step_id, option = _split_path(path, where, steps)
     step = steps[step_id]

@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgesmith.errors import EdgesmithError
+from edgesmith.errors import EdgesmithError, first_line
 from edgesmith.recipe import SOURCE_ID
 
 log = logging.getLogger(__name__)
 
 
 def _failure(kind: str, exc: BaseException) -> dict[str, Any]:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = first_line(exc) if str(exc) else type(exc).__name__
     return {"ok": False, "failure_kind": kind, "reason": f"{type(exc).__name__}: {text}"}
 
 
@@ -72,7 +72,7 @@ def profile_trial(task: dict[str, Any]) -> dict[str, Any]:
     """Profile one trial's final artifact and save the profile (with its quality) in the trial's run folder."""
     try:
         from edgesmith.artifacts import load
-        from edgesmith.pipeline import _profile_file
+        from edgesmith.pipeline import profile_filename
         from edgesmith.profiling import profile
 
         spec = task["profile"]
@@ -81,7 +81,7 @@ def profile_trial(task: dict[str, Any]) -> dict[str, Any]:
                        iterations=spec["iterations"], time_budget_s=spec["time_budget_s"], threads=spec["threads"],
                        provider=task.get("provider", "cpu"), target=spec["target"], label=task["label"])
         prof.quality = dict(task.get("metrics", {}))
-        path = Path(task["run_dir"]) / "profiles" / _profile_file(task["label"])
+        path = Path(task["run_dir"]) / "profiles" / profile_filename(task["label"])
         prof.save(path)
         stats = prof.stats.model_dump() if hasattr(prof.stats, "model_dump") else dict(prof.stats)
         return {"ok": True, "profile": str(path), "stats": stats, "throughput": prof.throughput,

@@ -20,10 +20,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, first_line
+from edgesmith.schema import StrictModel, describe_validation_error, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ RuntimeName = Literal["onnxruntime", "tensorrt"]
 ProviderName = Literal["cpu", "cuda", "tensorrt"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictModel
 
 
 class ShapeSpec(_Strict):
@@ -110,18 +109,16 @@ def user_targets_dir() -> Path:
 
 def _read_target(path: Path) -> Target:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise BadInput(f"target file {path}: cannot read it ({str(exc).splitlines()[0]}); fix the YAML") from exc
+        data = read_yaml(path, f"target file {path} not found")
+    except OSError as exc:
+        raise BadInput(f"target file {path}: cannot read it ({first_line(exc)})") from exc
     if not isinstance(data, dict):
         raise BadInput(f"target file {path}: expected a mapping of fields (name, runtime, provider, ...)")
     data.setdefault("name", path.stem)
     try:
         return Target.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise BadInput(f"target file {path}: {where}: {first['msg']}") from exc
+        raise BadInput(describe_validation_error(exc, f"target file {path}", Target)) from exc
 
 
 def target_dirs(extra: Iterable[str | Path] = ()) -> list[Path]:

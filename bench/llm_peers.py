@@ -1,0 +1,502 @@
+"""The decoder benchmark's peers, side by side on SmolLM2-135M, measured the way edgesmith will be.
+
+Contenders (threads = 2 for everyone unless ``--threads``; greedy; forced length, EOS ignored):
+
+- ``torch-fp32``: PyTorch FP32 eager, manual KV-cache loop (the FP32 source: every agreement,
+  KL and top-1 number is measured against it); ``torch-fp32-generate``: the same model through
+  Hugging Face ``generate``;
+- ``llamacpp-q4_1``: llama.cpp (llama-cpp-python in ``bench/.venv-llamacpp``) on the shipped Q4_1
+  GGUF; ``llamacpp-q8_0`` / ``llamacpp-q4_k_m``: on GGUFs made by llama.cpp's own quantizer from
+  the dequantized F32 GGUF (like-for-like INT8, and its usual 4-bit K-quant);
+- ``ortgenai-int4``: ORT GenAI's model builder ``-p int4 -e cpu`` with its defaults, run by
+  ``og.Generator``;
+- ``optimum-fp32``: Optimum's ``ORTModelForCausalLM`` export in ``bench/.venv-optimum``
+  (``--optimum``; recorded as failed with the reason when the export does not work).
+
+Each contender runs in its own worker process (``llm_worker.py``), loaded once; the orchestrator
+sends one block per contender per round — a warm-up generation, then one greedy generation per
+prompt length — in an order that rotates every round (``rounds.rotation``), so drift of this
+shared machine hits everyone alike. Per contender and prompt length: TTFT and decode tokens/s
+per round (medians with 95 % bootstrap intervals over rounds), every per-token latency, peak RSS
+(the worker's VmHWM before the held-out logits are read), load time, size on disk, greedy
+agreement with the FP32 source over the generated tokens (identical prefix and matches), and
+with ``--quality`` the KL divergence, top-1 agreement and perplexity on a held-out passage.
+
+    .venv/bin/python bench/llm_peers.py                       # writes bench/results/llm_peers.{json,md}
+    .venv/bin/python bench/llm_peers.py --rounds 5 --new-tokens 128 --optimum
+    .venv/bin/python bench/llm_peers.py --only torch-fp32,llamacpp-q4_1 --rounds 2 --json-out /tmp/x.json
+
+For the harness: ``prepare()`` makes the inputs once, ``specs()`` lists the contenders,
+``measure(specs, ...)`` returns raw samples per contender (a dict each), ``summarize`` and
+``markdown`` turn them into the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import llamacpp_env
+import llm_sources
+import optimum_env
+from rounds import Timed, paired_speedup, rotation
+
+log = logging.getLogger("bench.llm_peers")
+
+DEFAULT = ("torch-fp32", "torch-fp32-generate", "llamacpp-q4_1", "llamacpp-q8_0", "llamacpp-q4_k_m", "ortgenai-int4")
+REFERENCE = "torch-fp32"
+
+
+@dataclass
+class Spec:
+    """One contender: which worker (interpreter + script + arguments) and which mode of it."""
+
+    key: str
+    label: str
+    family: str
+    python: Path
+    script: str
+    args: list[str]
+    worker: str  # contenders with the same worker share one process (same model, two modes)
+    mode: str | None = None
+    size_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _size(*paths: Path) -> int:
+    total = 0
+    for p in paths:
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.iterdir()
+                         if f.is_file() and f.name.endswith((".onnx", ".onnx.data", ".onnx_data", ".safetensors")))
+        elif p.exists():
+            total += p.stat().st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and contenders
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(keys: list[str], *, cache: Path = llm_sources.CACHE, threads: int = 2) -> dict[str, Any]:
+    """Everything the contenders need, made once under ``cache``; returns paths and what was made."""
+    src: dict[str, Any] = {"gguf_q4_1": str(llm_sources.smollm2_gguf())}
+    folder = llm_sources.fp32_folder(cache=cache)
+    src["fp32_folder"] = str(folder)
+    src["prompts"] = str(llm_sources.prompts(folder, cache=cache))
+    src["made"] = {}
+    llama_keys = [k for k in keys if k.startswith("llamacpp-")]
+    if llama_keys:
+        src["llamacpp_venv"] = llamacpp_env.ensure()
+        for key in llama_keys:
+            qtype = key.removeprefix("llamacpp-")
+            if qtype == "q4_1":
+                continue
+            f32 = llm_sources.f32_gguf(cache=cache)
+            src["gguf_f32"] = str(f32)
+            dst = cache / f"smollm2-{qtype}.gguf"
+            if not dst.exists():
+                done = subprocess.run([str(llamacpp_env.python()), str(BENCH / "llm_peer_llamacpp.py"), "quantize",
+                                       str(f32), str(dst), "--type", qtype, "--threads", str(threads)],
+                                      capture_output=True, text=True, check=False, cwd=BENCH)
+                if done.returncode != 0:
+                    raise RuntimeError(f"llama.cpp quantize {qtype}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                src["made"][key] = json.loads(done.stdout.strip().splitlines()[-1])
+            src[f"gguf_{qtype}"] = str(dst)
+    if "ortgenai-int4" in keys:
+        import llm_peer_ortgenai
+
+        src["ortgenai_int4"] = llm_peer_ortgenai.build(folder, cache / "ortgenai-int4")["folder"]
+    if "optimum-fp32" in keys:
+        src["optimum_venv"] = optimum_env.ensure()
+        out = cache / "optimum-fp32"
+        done = subprocess.run([str(optimum_env.python()), str(BENCH / "llm_peer_optimum.py"), "export", str(folder),
+                               str(out)], capture_output=True, text=True, check=False, cwd=BENCH, timeout=3600)
+        last = (done.stdout.strip().splitlines() or ["{}"])[-1]
+        try:
+            src["optimum_export"] = json.loads(last)
+        except json.JSONDecodeError:
+            src["optimum_export"] = {"ok": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        if done.returncode != 0 and src["optimum_export"].get("ok", True):
+            src["optimum_export"] = {"ok": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        src["optimum_fp32"] = str(out)
+    return src
+
+
+def specs(keys: list[str], src: dict[str, Any], *, threads: int = 2) -> list[Spec]:
+    main_py = Path(sys.executable)
+    t = ["--threads", str(threads)]
+    out = []
+    for key in keys:
+        if key in ("torch-fp32", "torch-fp32-generate"):
+            mode = "generate" if key.endswith("generate") else "loop"
+            label = "PyTorch FP32 eager (" + ("HF generate" if mode == "generate" else "KV-cache greedy loop") + ")"
+            folder = Path(src["fp32_folder"])
+            out.append(Spec(key, label, "pytorch", main_py, "llm_peer_torch.py", ["--model", str(folder), *t],
+                            worker="torch", mode=mode, size_bytes=_size(folder)))
+        elif key.startswith("llamacpp-"):
+            qtype = key.removeprefix("llamacpp-")
+            path = Path(src[f"gguf_{qtype}"])
+            how = "the shipped file" if qtype == "q4_1" else "llama.cpp's quantizer, from F32"
+            out.append(Spec(key, f"llama.cpp {qtype.upper()} ({how})", "llama.cpp", llamacpp_env.python(),
+                            "llm_peer_llamacpp.py", ["--model", str(path), *t], worker=key, size_bytes=_size(path)))
+        elif key == "ortgenai-int4":
+            folder = Path(src["ortgenai_int4"])
+            out.append(Spec(key, "ORT GenAI builder INT4 (defaults)", "onnxruntime-genai", main_py,
+                            "llm_peer_ortgenai.py", ["--model", str(folder), *t], worker=key, size_bytes=_size(folder)))
+        elif key == "optimum-fp32":
+            folder = Path(src["optimum_fp32"])
+            spec = Spec(key, "Optimum ORTModelForCausalLM FP32", "optimum", optimum_env.python(),
+                        "llm_peer_optimum.py", ["--model", str(folder), *t], worker=key,
+                        size_bytes=_size(folder) if folder.exists() else None)
+            if not (src.get("optimum_export") or {}).get("ok"):
+                spec.notes.append("export failed: " + str((src.get("optimum_export") or {}).get("error")))
+            out.append(spec)
+        else:
+            raise SystemExit(f"unknown contender {key!r}; known: {', '.join(DEFAULT + ('optimum-fp32',))}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """One contender process speaking llm_worker's JSON-lines protocol."""
+
+    def __init__(self, spec: Spec, prompts: str, log_dir: Path, timeout: float) -> None:
+        self.name, self.timeout = spec.worker, timeout
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stderr_path = log_dir / f"{spec.worker}.log"
+        self._stderr = self.stderr_path.open("w")
+        cmd = [str(spec.python), str(BENCH / spec.script), "serve", prompts, *spec.args]
+        log.info("worker %s: %s", spec.worker, " ".join(shlex.quote(c) for c in cmd))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     cwd=BENCH)
+        self.ready = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"{self.name}: no answer within {self.timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = self.stderr_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{self.name} exited (code {self.proc.poll()}): {' / '.join(tail)[-400:]}")
+        return json.loads(line)
+
+    def request(self, **req) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        self.proc.stdin.flush()
+        answer = self._read()
+        if "error" in answer:
+            raise RuntimeError(f"{self.name} {req.get('op')}: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.request(op="quit")
+                self.proc.wait(timeout=30)
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+def measure(contenders: list[Spec], prompts: str, *, rounds: int = 3, new_tokens: int = 64,
+            lengths: tuple[str, ...] = ("128", "512"), warmup_tokens: int = 8, quality: bool = False,
+            work: Path = llm_sources.CACHE / "run", timeout: float = 900.0) -> dict[str, dict[str, Any]]:
+    """Start one worker per distinct ``Spec.worker``, run ``rounds`` rotating rounds; raw results per key."""
+    results: dict[str, dict[str, Any]] = {}
+    workers: dict[str, Worker] = {}
+    for spec in contenders:
+        results[spec.key] = {"label": spec.label, "family": spec.family, "mode": spec.mode, "worker": spec.worker,
+                             "size_bytes": spec.size_bytes, "status": "ok", "notes": list(spec.notes),
+                             "runs": {n: [] for n in lengths}}
+        if spec.worker in workers or any(n.startswith("export failed") for n in spec.notes):
+            if spec.notes:
+                results[spec.key]["status"] = "failed"
+            continue
+        try:
+            workers[spec.worker] = Worker(spec, prompts, work / "logs", timeout)
+            if not workers[spec.worker].ready.get("ready"):
+                raise RuntimeError(workers[spec.worker].ready.get("error", "not ready"))
+        except Exception as exc:
+            log.error("%s cannot start: %s", spec.key, exc)
+            results[spec.key].update(status="failed", notes=results[spec.key]["notes"] + [_first_line(exc)])
+            workers.pop(spec.worker, None)
+    live = [s for s in contenders if results[s.key]["status"] == "ok" and s.worker in workers]
+    for spec in live:
+        ready = workers[spec.worker].ready
+        results[spec.key].update(info=ready.get("info"), import_s=ready.get("import_s"), load_s=ready.get("load_s"),
+                                 load_rss_mb=ready.get("rss_mb"))
+    keys = [s.key for s in live]
+    by_key = {s.key: s for s in live}
+    for r in range(rounds):
+        for key in rotation(keys, r):
+            spec = by_key[key]
+            if results[key]["status"] != "ok":
+                continue
+            w = workers[spec.worker]
+            try:
+                w.request(op="generate", prompt=lengths[0], new_tokens=warmup_tokens, mode=spec.mode)
+                for n in lengths:
+                    run = w.request(op="generate", prompt=n, new_tokens=new_tokens, mode=spec.mode)
+                    run.update(round=r, load1=os.getloadavg()[0])
+                    results[key]["runs"][n].append(run)
+            except Exception as exc:
+                log.error("%s failed in round %d: %s", key, r, exc)
+                results[key]["status"] = "failed"
+                results[key]["notes"].append(f"round {r}: {_first_line(exc)}")
+        log.info("round %d/%d done (load %.2f)", r + 1, rounds, os.getloadavg()[0])
+    seen = set()
+    for spec in live:
+        if spec.worker in seen or results[spec.key]["status"] != "ok":
+            continue
+        seen.add(spec.worker)
+        w = workers[spec.worker]
+        try:
+            stats = w.request(op="stats")
+            for s in live:
+                if s.worker == spec.worker:
+                    results[s.key]["peak_rss_mb"] = stats["peak_rss_mb"]
+            if quality:
+                out = work / f"logits-{spec.worker}.npy"
+                answer = w.request(op="logits", prompt="heldout", out=str(out))
+                for s in live:
+                    if s.worker == spec.worker:
+                        results[s.key]["logits"] = answer["path"]
+        except Exception as exc:
+            results[spec.key]["notes"].append(f"after rounds: {_first_line(exc)}")
+    for w in workers.values():
+        w.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
+
+
+def median_ci(values: list[float], *, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """[median, low, high]: the 95 % percentile bootstrap of the median over rounds."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = np.median(v[rng.integers(0, v.size, size=(n_boot, v.size))], axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return [float(np.median(v)), float(low), float(high)]
+
+
+def agreement(tokens: list[int], reference: list[int]) -> dict[str, int]:
+    n = min(len(tokens), len(reference))
+    prefix = next((i for i in range(n) if tokens[i] != reference[i]), n)
+    return {"identical_prefix": prefix, "matches": int(sum(a == b for a, b in zip(tokens, reference))), "of": n}
+
+
+def logit_quality(reference: np.ndarray, logits: np.ndarray, ids: list[int]) -> dict[str, float]:
+    """Mean KL(P_ref ‖ Q) per position, top-1 agreement, and Q's perplexity on the next tokens."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    kl, top1, nll = [], [], []
+    nxt = np.asarray(ids[1:], dtype=np.int64)
+    for start in range(0, reference.shape[0], 64):
+        lp, lq = log_softmax(reference[start:start + 64]), log_softmax(logits[start:start + 64])
+        kl.append((np.exp(lp) * (lp - lq)).sum(axis=-1))
+        top1.append(lp.argmax(-1) == lq.argmax(-1))
+        rows = np.arange(start, min(start + 64, reference.shape[0]))
+        keep = rows < len(nxt)
+        nll.append(-lq[keep, :][np.arange(keep.sum()), nxt[rows[keep]]])
+    return {"kld": float(np.concatenate(kl).mean()), "top1": float(np.concatenate(top1).mean()),
+            "ppl": float(np.exp(np.concatenate(nll).mean())), "tokens": int(reference.shape[0])}
+
+
+def summarize(results: dict[str, dict[str, Any]], prompts_path: str) -> None:
+    """Adds ``summary`` (medians + intervals), ``agreement`` and ``quality`` to each measured contender."""
+    ref = results.get(REFERENCE)
+    ref_tokens = {n: runs[0]["tokens"] for n, runs in (ref or {}).get("runs", {}).items() if runs}
+    ref_logits = np.load(ref["logits"]) if ref and ref.get("logits") else None
+    ids = json.loads(Path(prompts_path).read_text())["prompts"]["heldout"]
+    ref_timed = {n: Timed(REFERENCE, [r["token_ms"] for r in runs]) for n, runs in (ref or {}).get("runs", {}).items()}
+    for key, res in results.items():
+        runs = res.get("runs", {})
+        if not any(runs.values()):
+            continue
+        summary: dict[str, Any] = {}
+        for n, rs in runs.items():
+            if not rs:
+                continue
+            entry = {"ttft_ms": median_ci([r["ttft_ms"] for r in rs]), "decode_tps": median_ci([r["decode_tps"] for r in rs]),
+                     "token_ms_p50": float(np.median([x for r in rs for x in r["token_ms"]])),
+                     "token_ms_p90": float(np.percentile([x for r in rs for x in r["token_ms"]], 90)),
+                     "rounds": len(rs), "load1": [r["load1"] for r in rs],
+                     "deterministic": all(r["tokens"] == rs[0]["tokens"] for r in rs)}
+            if n in ref_timed and key != REFERENCE and len(ref_timed[n].rounds) == len(rs):
+                entry["decode_vs_torch"] = list(paired_speedup(ref_timed[n], Timed(key, [r["token_ms"] for r in rs])))
+            summary[n] = entry
+        res["summary"] = summary
+        res["agreement"] = {n: agreement(rs[0]["tokens"], ref_tokens[n]) for n, rs in runs.items()
+                            if rs and n in ref_tokens}
+        if ref_logits is not None and res.get("logits"):
+            res["quality"] = logit_quality(ref_logits, np.load(res["logits"]), ids)
+
+
+def _fmt_ci(triple: list[float] | None, digits: int = 0, scale: float = 1.0) -> str:
+    if not triple:
+        return "-"
+    m, lo, hi = (x * scale for x in triple)
+    return f"{m:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    s, m = doc["settings"], doc["machine"]
+    lengths = [str(n) for n in s["lengths"]]
+    first = lengths[0]
+    head = ["contender", "status", f"decode tok/s @{first} [95% CI]", "× PyTorch decode [95% CI]"]
+    head += [f"TTFT @{n} ms [95% CI]" for n in lengths]
+    head += ["size MB", "peak RSS MB", "load s", f"greedy = FP32 ({s['new_tokens']} tok @{first})"]
+    with_q = any(r.get("quality") for r in doc["contenders"].values())
+    if with_q:
+        head += ["KL to FP32", "top-1", "ppl"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for key, r in doc["contenders"].items():
+        sm = r.get("summary", {})
+        ag = (r.get("agreement") or {}).get(first)
+        cells = [r["label"], "" if r["status"] == "ok" else r["status"],
+                 _fmt_ci((sm.get(first) or {}).get("decode_tps"), 1),
+                 "1.00x (reference)" if key == REFERENCE else (
+                     "{:.2f}x [{:.2f}–{:.2f}]".format(*sm[first]["decode_vs_torch"])
+                     if (sm.get(first) or {}).get("decode_vs_torch") else "-")]
+        cells += [_fmt_ci((sm.get(n) or {}).get("ttft_ms"), 0) for n in lengths]
+        cells += [f"{r['size_bytes'] / 1e6:.0f}" if r.get("size_bytes") else "-",
+                  f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-",
+                  f"{r['load_s']:.2f}" if r.get("load_s") is not None else "-",
+                  ("reference" if key == REFERENCE else
+                   f"{ag['identical_prefix']}/{ag['of']} identical prefix, {ag['matches']}/{ag['of']} equal")
+                  if ag else "-"]
+        if with_q:
+            q = r.get("quality") or {}
+            cells += [f"{q['kld']:.4f}" if q else "-", f"{q['top1']:.3f}" if q else "-",
+                      f"{q['ppl']:.2f}" if q else "-"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    la = doc["load_average"]
+    notes = [f"- `{k}`: " + "; ".join(r["notes"]) for k, r in doc["contenders"].items() if r.get("notes")]
+    return "\n".join([
+        "## Decoder peers: SmolLM2-135M-Instruct on the CPU",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores']} logical cores, threads = {s['threads']} for every contender; "
+        f"load average (1 min) at start {la['start'][0]:.2f}, end {la['end'][0]:.2f}, "
+        f"during the rounds {min(la['rounds']):.2f}–{max(la['rounds']):.2f}"
+        + (" — **the machine was busy (other jobs): absolute numbers are low and noisy; compare within a round**"
+           if max(la['rounds'] + [la['start'][0]]) > 1.5 else "") + ".",
+        f"{s['rounds']} rounds in a rotating order, each a warm-up of {s['warmup_tokens']} tokens then one greedy "
+        f"generation of {s['new_tokens']} new tokens (EOS ignored) per prompt length ({', '.join(lengths)} tokens "
+        "of held-out corpus text, the same token ids for everyone). Medians over rounds with 95 % bootstrap "
+        "intervals; × PyTorch is the per-round ratio of median per-token latencies. "
+        f"llama.cpp: llama-cpp-python {doc['versions'].get('llama-cpp-python', '?')}, built with "
+        f"`{doc['versions'].get('cmake_args', '?')}`.",
+        "",
+        *lines,
+        "",
+        *(["Notes:", *notes, ""] if notes else []),
+    ])
+
+
+def machine() -> dict[str, Any]:
+    name, _ = llamacpp_env.cpu()
+    return {"cpu_model": name, "cores": os.cpu_count(), "python": sys.version.split()[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help=f"comma-separated contenders (default: {','.join(DEFAULT)})")
+    p.add_argument("--optimum", action="store_true", help="add optimum-fp32 (builds bench/.venv-optimum once)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--lengths", default="128,512", help="prompt lengths (tokens)")
+    p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--no-quality", action="store_true", help="skip the held-out logits (KL, top-1, perplexity)")
+    p.add_argument("--cache", type=Path, default=llm_sources.CACHE)
+    p.add_argument("--json-out", type=Path, default=BENCH / "results" / "llm_peers.json")
+    p.add_argument("--md-out", type=Path, default=BENCH / "results" / "llm_peers.md")
+    args = p.parse_args(argv)
+    keys = args.only.split(",") if args.only else list(DEFAULT)
+    if args.optimum and "optimum-fp32" not in keys:
+        keys.append("optimum-fp32")
+    if REFERENCE not in keys:
+        log.warning("%s is not in the run: no agreement, KL or × PyTorch columns", REFERENCE)
+    lengths = tuple(x.strip() for x in args.lengths.split(","))
+    load_start = list(os.getloadavg())
+    src = prepare(keys, cache=args.cache, threads=args.threads)
+    prompts = json.loads(Path(src["prompts"]).read_text())
+    missing = [n for n in lengths if n not in prompts["prompts"]]
+    if missing:
+        src["prompts"] = str(llm_sources.prompts(Path(src["fp32_folder"]), lengths=tuple(int(n) for n in lengths),
+                                                 cache=args.cache))
+    contenders = specs(keys, src, threads=args.threads)
+    started = time.perf_counter()
+    results = measure(contenders, src["prompts"], rounds=args.rounds, new_tokens=args.new_tokens, lengths=lengths,
+                      warmup_tokens=args.warmup_tokens, quality=not args.no_quality, work=args.cache / "run")
+    summarize(results, src["prompts"])
+    words = sys.argv[1:] if argv is None else argv
+    doc = {
+        "schema": 1, "command": " ".join([".venv/bin/python bench/llm_peers.py", *map(shlex.quote, words)]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "settings": {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
+                     "lengths": [int(n) for n in lengths], "warmup_tokens": args.warmup_tokens,
+                     "reference": REFERENCE},
+        "versions": {**(src.get("llamacpp_venv") or {}), "optimum_venv": src.get("optimum_venv")},
+        "sources": {k: v for k, v in src.items() if k not in ("llamacpp_venv", "optimum_venv")},
+        "load_average": {"start": load_start, "end": list(os.getloadavg()),
+                         "rounds": [x for r in results.values() for rs in r.get("runs", {}).values()
+                                    for x in (run["load1"] for run in rs)] or [load_start[0]]},
+        "wall_seconds": time.perf_counter() - started,
+        "contenders": results,
+    }
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(doc, indent=1) + "\n")
+    text = markdown(doc)
+    args.md_out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

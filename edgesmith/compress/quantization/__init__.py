@@ -1,0 +1,193 @@
+"""Quantization of ONNX graphs with ONNX Runtime's tooling, checked against the parent and the source.
+
+Modes (``mode``):
+
+- ``dynamic`` (``quantize_dynamic``): int8 weights (per output channel by default), activations
+  quantized at run time. No calibration. Embedding tables optionally 8-bit too.
+- ``static`` (``quantize_static``, QDQ): activations quantized with ranges calibrated on texts
+  (minmax, entropy or percentile) read lazily from a file in bounded memory
+  (:mod:`edgesmith.compress.quantization.calibration`). Transformer defaults: only weight MatMuls/Gemms are
+  quantized; activation x activation MatMuls (attention scores), LayerNorm, Softmax and GELU stay
+  float unless asked (``activation_matmuls``, ``extra_op_types``); and the FFN down-projections
+  (weight MatMuls fed by a GELU/ReLU output, whose long-tailed inputs one 8-bit scale cannot
+  cover) stay float (``ffn_down_float``). ORT's default op set takes MiniLM to cosine 0.38, weight
+  MatMuls only to 0.94, with the FFN down-projections float to 0.99 (FIELD-NOTES).
+- ``fp16``: FP16 weights and compute for GPU targets; graph inputs/outputs and sensitive op
+  types stay FP32 (:mod:`edgesmith.onnx_graph.fp16`).
+
+``optimize`` first runs ONNX Runtime's transformer optimizer with the artifact's real head count
+and hidden size (:mod:`edgesmith.onnx_graph.optimize`) and validates the optimized graph
+against its input. ``max_drop`` turns on the accuracy-aware search
+(:mod:`edgesmith.compress.quantization.fallback`): the fewest weight nodes go back to float until the gate
+holds, or :class:`GateFailed` (exit 3).
+
+Every result is measured against its parent graph on the run's texts: below ``min_cosine`` it is
+refused (:class:`ValidationFailed`, exit 3). The report (lineage and run report) holds sizes, the
+nodes quantized and left in float (and why), fidelity against the parent and against the run's
+source model, and, with ``speed_check``, latency against the parent with a ``slower_than_parent``
+flag.
+
+The package: :mod:`~edgesmith.compress.quantization.config` (the options),
+:mod:`~edgesmith.compress.quantization.int8` (ORT's dynamic and static quantizers, the accuracy-aware
+search), :mod:`~edgesmith.compress.quantization.checks` (fidelity and speed of the result); the ONNX
+node utilities are :mod:`edgesmith.onnx_graph.nodes`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from edgesmith.artifacts import ONNX_FILE, Artifact, OnnxModel, copy_companions
+from edgesmith.compress.quantization.checks import measure_fidelity, source_fidelity, speed_against_parent
+from edgesmith.compress.quantization.config import (
+    DYNAMIC_WEIGHT_OPS,
+    FIDELITY_TEXTS,
+    OPTIMIZE_ATOL,
+    OPTIMIZE_MIN_COSINE,
+    PROBE_POOL,
+    STATIC_WEIGHT_OPS,
+    QuantizeConfig,
+    dynamic_supported_ops,
+)
+from edgesmith.compress.quantization.int8 import write_int8
+from edgesmith.errors import BadInput, ValidationFailed
+from edgesmith.onnx_graph.nodes import name_nodes
+from edgesmith.passes import Context, Pass, register
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DYNAMIC_WEIGHT_OPS", "FIDELITY_TEXTS", "PROBE_POOL", "STATIC_WEIGHT_OPS", "QuantizeConfig",
+           "QuantizePass", "dynamic_supported_ops"]
+
+
+@register
+class QuantizePass(Pass):
+    """OnnxModel -> OnnxModel: INT8 (dynamic or static QDQ) or FP16, with ONNX Runtime's tooling."""
+
+    name = "quantize"
+    config_class = QuantizeConfig
+    accepts = (OnnxModel,)
+    returns = OnnxModel
+    description = "quantize with ONNX Runtime: INT8 dynamic / static QDQ (calibrated), or FP16; accuracy-aware"
+    uses = frozenset({"data", "source"})
+
+    def apply(self, artifact: Artifact, ctx: Context) -> Artifact:
+        assert isinstance(artifact, OnnxModel)
+        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        folder = ctx.scratch("quantize")
+        try:
+            quantized, report = build(artifact, folder, cfg, ctx)
+            report["fidelity"] = measure_fidelity(artifact, quantized, ctx)
+            source = source_fidelity(quantized, ctx)
+            if source:
+                report["fidelity_vs_source"] = source
+            if cfg.speed_check:
+                report["speed"] = speed_against_parent(artifact, quantized)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        ctx.report.update(report)
+        worst = report["fidelity"]["min_cosine"]
+        if not worst >= cfg.min_cosine:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ValidationFailed(
+                f"quantize of {artifact.name}: min cosine to the parent graph {worst:.4f} < min_cosine "
+                f"{cfg.min_cosine:g} ({report['fidelity'].get('max_abs', float('nan')):.3g} max abs diff); "
+                + advice(cfg) + ", or check the parent graph")
+        log.info("quantized %s (%s): %.1f MB -> %.1f MB, min cosine %.4f", artifact.name, cfg.precision,
+                 report["size_before"] / 1e6, report["size_after"] / 1e6, worst)
+        return quantized
+
+
+def advice(cfg: QuantizeConfig) -> str:
+    if cfg.mode == "fp16":
+        return "keep more op types in FP32 (fp16_float_ops)"
+    if not cfg.per_channel:
+        return "try per_channel: true or fewer op_types"
+    if cfg.mode == "static":
+        return "try a gate (max_drop) to return the sensitive nodes to float, or mode: dynamic"
+    return "try fewer op_types or a gate (max_drop)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizing
+# ---------------------------------------------------------------------------------------------
+
+
+def build(parent: OnnxModel, folder: Path, cfg: QuantizeConfig, ctx: Context) -> tuple[OnnxModel, dict[str, Any]]:
+    """Optimize (optionally), quantize or convert, and write the result with the parent's companion
+    files into ``folder``. Returns the new artifact and the report of what was done."""
+    import onnx
+
+    started = time.perf_counter()
+    report: dict[str, Any] = {"mode": cfg.mode, "precision": cfg.precision, "size_before": parent.size_bytes()}
+    work = ctx.scratch("quantize-work")
+    try:
+        base = parent
+        if cfg.optimize:
+            base, report["optimize"] = optimize_and_validate(parent, work / "optimized", ctx)
+        model = onnx.load(str(base.path))
+        name_nodes(model.graph)
+        if cfg.mode == "fp16":
+            report.update(write_fp16(model, folder / ONNX_FILE, cfg))
+        else:
+            report.update(write_int8(base, model, folder / ONNX_FILE, cfg, ctx, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    copy_companions(parent.folder, folder)
+    meta = {**copy.deepcopy(parent.meta), "precision": cfg.precision, "quantization": quantization_meta(cfg)}
+    quantized = OnnxModel(task=parent.task, name=parent.name, lineage=copy.deepcopy(parent.lineage),
+                          meta=meta, folder=folder)
+    report["size_after"] = quantized.size_bytes()
+    report["size_ratio"] = round(report["size_after"] / max(report["size_before"], 1), 4)
+    report["per_channel"] = cfg.per_channel
+    report["quantize_seconds"] = round(time.perf_counter() - started, 3)
+    return quantized, report
+
+
+def quantization_meta(cfg: QuantizeConfig) -> dict[str, Any]:
+    if cfg.mode == "fp16":
+        return {"mode": "fp16", "keep_io_types": cfg.keep_io_types, "fp32_ops": cfg.fp16_float_ops,
+                "optimized": cfg.optimize}
+    meta: dict[str, Any] = {"mode": cfg.mode, "per_channel": cfg.per_channel, "weight_type": cfg.weight_type,
+                            "reduce_range": cfg.reduce_range, "op_types": cfg.target_ops, "optimized": cfg.optimize}
+    if cfg.mode == "static":
+        meta.update({"format": "QDQ", "activation_type": cfg.activation_type, "method": cfg.method,
+                     "symmetric_activations": cfg.symmetric_activations})
+    return meta
+
+
+def optimize_and_validate(parent: OnnxModel, folder: Path, ctx: Context) -> tuple[OnnxModel, dict[str, Any]]:
+    """ORT's transformer optimizer with the artifact's real head count and width, then the export's
+    validation of the optimized graph against its input (ValidationFailed, exit 3, if it differs)."""
+    from edgesmith.export.onnx import validate
+    from edgesmith.onnx_graph.optimize import optimized_copy
+
+    optimized, info = optimized_copy(parent, folder)
+    result = validate(parent, optimized, OPTIMIZE_ATOL, OPTIMIZE_MIN_COSINE, label="graph optimization",
+                      texts=ctx.corpus(PROBE_POOL))
+    info.update({"max_abs": result["max_abs"], "min_cosine": result["min_cosine"], "validated": True})
+    return optimized, info
+
+
+def write_fp16(model, output: Path, cfg: QuantizeConfig) -> dict[str, Any]:
+    import onnx
+
+    from edgesmith.onnx_graph.fp16 import convert_fp16, fp16_split
+
+    converted = convert_fp16(model, keep_io_types=cfg.keep_io_types, float_ops=cfg.fp16_float_ops)
+    onnx.save(converted, str(output))
+    split = fp16_split(converted.graph)
+    if not split["fp16"]:
+        raise BadInput("FP16 conversion left every node in FP32 (is the graph already FP16, or all its ops blocked?)")
+    return {"fp16": {"count": split["fp16"]}, "float": {"count": split["fp32"]},
+            "io_types": "fp32" if cfg.keep_io_types else "fp16"}
+
+
+# the torch-side pass registers with the quantize module (the registry imports this module)
+import edgesmith.compress.quantization.torch_int8

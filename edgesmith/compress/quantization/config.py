@@ -1,0 +1,171 @@
+"""The quantize pass's options (:class:`QuantizeConfig`) and the constants its modules share."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator, model_validator
+
+from edgesmith.passes import PassConfig
+
+#: op types that carry weights and that ORT's dynamic (IntegerOps) quantizer handles. Gemm is
+#: rewritten to MatMul + Add by the dynamic quantizer and quantized as a MatMul; Gather (embedding
+#: tables) is chosen with ``quantize_embeddings`` rather than listed here.
+DYNAMIC_WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Attention", "LSTM", "EmbedLayerNormalization")
+#: weight op types of static (QDQ) mode
+STATIC_WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+#: texts embedded by both graphs for the mean-cosine and neighbour-recall part of the report
+FIDELITY_TEXTS = 64
+#: sentences the probe batches of ``compare_outputs`` are drawn from
+PROBE_POOL = 256
+#: what every graph change (optimization) must keep, against its input
+OPTIMIZE_ATOL = 1e-3
+OPTIMIZE_MIN_COSINE = 0.9999
+
+_STATIC_ONLY = ("calibration", "text_field", "calibration_samples", "calibration_batch", "calibration_seq",
+                "calibration_chunk", "method", "percentile", "activation_type", "symmetric_activations",
+                "ffn_down_float", "activation_matmuls", "extra_op_types")
+_FP16_ONLY = ("keep_io_types", "fp16_float_ops")
+_INT8_ONLY = ("per_channel", "op_types", "reduce_range", "weight_type", "max_drop", "gate_against", "eval_texts")
+
+
+def dynamic_supported_ops() -> list[str]:
+    """Op types the installed onnxruntime's dynamic quantizer can quantize (Gather aside)."""
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    return [op for op in DYNAMIC_WEIGHT_OPS if op in IntegerOpsRegistry or op == "Gemm"]
+
+
+class QuantizeConfig(PassConfig):
+    """How to quantize. ``mode``: ``dynamic`` | ``static`` | ``fp16``.
+
+    INT8 (dynamic and static):
+
+    - ``per_channel``: one scale per output channel of each weight (per-tensor loses noticeably
+      more: MiniLM cosine 0.963 per-tensor vs 0.993 per-channel).
+    - ``op_types``: weight op types to quantize (dynamic: MatMul, Gemm, Conv, Attention, LSTM,
+      EmbedLayerNormalization; static: MatMul, Gemm, Conv).
+    - ``reduce_range``: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
+    - ``weight_type``: ``int8`` (signed, symmetric) or ``uint8``.
+    - ``max_drop``: a gate such as ``{cosine: 0.01}`` or ``{accuracy: 0.01}`` (metrics of
+      :mod:`edgesmith.quality`); turns on the accuracy-aware search, measured on ``eval_texts``
+      texts against ``gate_against`` (the ``parent`` graph, or the run's ``source`` model).
+
+    Dynamic only: ``quantize_embeddings`` (embedding tables as 8-bit).
+
+    Static only: ``calibration`` (a data file streamed lazily, or ``builtin:wordnet``; default the
+    run's texts), ``text_field``, ``calibration_samples`` (texts used), ``calibration_batch``,
+    ``calibration_seq`` (tokens per row), ``calibration_chunk`` (batches whose activations the
+    calibrator holds at once), ``method`` (minmax, entropy, percentile), ``percentile``,
+    ``activation_type`` (uint8 or int8), ``symmetric_activations``, ``ffn_down_float``,
+    ``activation_matmuls`` (also quantize attention-score MatMuls), ``extra_op_types`` (quantize
+    every node of these activation op types too, e.g. Softmax, LayerNormalization, Gelu, Add).
+
+    FP16 only: ``keep_io_types`` (FP32 graph inputs/outputs), ``fp16_float_ops`` (op types kept FP32).
+
+    All modes: ``optimize`` (ORT transformer optimizer first), ``min_cosine`` (floor of the pooled
+    cosine to the parent), ``speed_check`` (time parent and result, record ``slower_than_parent``).
+    """
+
+    mode: Literal["dynamic", "static", "fp16"] = "dynamic"
+    per_channel: bool = True
+    op_types: list[str] = ["MatMul", "Gemm"]
+    quantize_embeddings: bool = False
+    reduce_range: bool = False
+    weight_type: Literal["int8", "uint8"] = "int8"
+    min_cosine: float = 0.95
+    # static
+    calibration: str | None = None
+    text_field: str = "text"
+    calibration_samples: int = 256
+    calibration_batch: int = 8
+    calibration_seq: int = 128
+    calibration_chunk: int = 4
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = 99.999
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    symmetric_activations: bool = False
+    ffn_down_float: bool = True
+    activation_matmuls: bool = False
+    extra_op_types: list[str] = []
+    # fp16
+    keep_io_types: bool = True
+    fp16_float_ops: list[str] = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Pow", "ReduceMean", "Exp"]
+    # all modes
+    optimize: bool = False
+    speed_check: bool = False
+    # accuracy-aware
+    max_drop: dict[str, float] = {}
+    gate_against: Literal["parent", "source"] = "parent"
+    eval_texts: int = 128
+
+    @field_validator("op_types")
+    @classmethod
+    def _known_ops(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one op type, e.g. ['MatMul', 'Gemm']")
+        supported = dynamic_supported_ops()
+        for op in value:
+            if op == "Gather":
+                raise ValueError("embedding tables (Gather) are chosen with quantize_embeddings: true")
+            if op not in supported:
+                raise ValueError(f"'{op}' is not an op type ONNX Runtime's dynamic quantizer handles; "
+                                 f"use some of: {', '.join(supported)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("min_cosine")
+    @classmethod
+    def _cosine_range(cls, value: float) -> float:
+        if not -1.0 <= value <= 1.0:
+            raise ValueError("a cosine lies between -1 and 1")
+        return value
+
+    @field_validator("percentile")
+    @classmethod
+    def _percentile_range(cls, value: float) -> float:
+        if not 50.0 < value <= 100.0:
+            raise ValueError("percentile lies above 50 and at most 100 (e.g. 99.999)")
+        return value
+
+    @field_validator("calibration_samples", "calibration_batch", "calibration_seq", "calibration_chunk", "eval_texts")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1 (got {value})")
+        return value
+
+    @field_validator("max_drop")
+    @classmethod
+    def _gate(cls, value: dict[str, float]) -> dict[str, float]:
+        from edgesmith.quality import is_known_metric, known_metrics
+
+        for name, drop in value.items():
+            if not is_known_metric(name):
+                raise ValueError(f"unknown metric '{name}'; use one of {', '.join(known_metrics())} (recall@10)")
+            if not 0 <= drop < 1e9:
+                raise ValueError(f"the allowed drop of {name} must be 0 or more (got {drop})")
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_mode(self) -> QuantizeConfig:
+        given = self.model_fields_set
+        foreign = {"dynamic": (*_STATIC_ONLY, *_FP16_ONLY), "static": (*_FP16_ONLY, "quantize_embeddings"),
+                   "fp16": (*_STATIC_ONLY, *_INT8_ONLY, "quantize_embeddings")}[self.mode]
+        wrong = [name for name in foreign if name in given]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} do(es) not apply to mode '{self.mode}'")
+        if self.mode == "static":
+            bad = [op for op in self.op_types if op not in STATIC_WEIGHT_OPS]
+            if bad:
+                raise ValueError(f"static mode quantizes weight op types {', '.join(STATIC_WEIGHT_OPS)}, not {', '.join(bad)}")
+        if self.method != "percentile" and "percentile" in given:
+            raise ValueError("percentile applies to method: percentile only")
+        return self
+
+    @property
+    def target_ops(self) -> list[str]:
+        return self.op_types + (["Gather"] if self.quantize_embeddings else [])
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.mode == "fp16" else f"{self.weight_type}-{self.mode}"

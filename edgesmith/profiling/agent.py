@@ -1,0 +1,460 @@
+"""edgesmith's device-side profiling agent: one file, Python standard library plus the device's runtime.
+
+It is sent over an SSH connection and run as ``python3 - ARGS < agent.py``; it must never import
+edgesmith (the device does not have it). It prints exactly one JSON document on stdout:
+
+- ``{"ok": true, ...}``: the result (a device fingerprint, latencies, per-op times);
+- ``{"ok": false, "kind": KIND, "message": TEXT}``: a failure the caller turns into one clear line.
+  KIND is one of ``runtime-missing``, ``provider-missing``, ``disk-full``, ``timeout``, ``bad-model``,
+  ``bad-input``, ``failed``.
+
+Commands:
+
+- ``fingerprint``: what the device is (uname, CPU model and cores, memory, Python, runtime versions,
+  and on Jetson the L4T release, ``nvpmodel -q`` and ``jetson_clocks --show`` where they exist);
+- ``ort``: time an ONNX model with ONNX Runtime on inputs from an ``.npz`` file, optionally per-op
+  times from ONNX Runtime's profiler in a separate session (the profiler's overhead never reaches
+  the timed loop);
+- ``trtexec``: build a TensorRT engine with ``trtexec`` if the cached one is missing (into a temp
+  name, renamed when complete), then time it with ``trtexec --exportTimes`` (and per-layer times
+  with ``--exportProfile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+AGENT_VERSION = 1
+MIN_SAMPLES = 5
+KINDS = ("runtime-missing", "provider-missing", "disk-full", "timeout", "bad-model", "bad-input", "failed")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+EXIT_FAILED = 3
+
+
+class AgentError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind if kind in KINDS else "failed"
+        self.message = message
+
+
+def emit(document: dict) -> None:
+    sys.stdout.write(json.dumps(document) + "\n")
+    sys.stdout.flush()
+
+
+def fail(kind: str, message: str) -> None:
+    emit({"ok": False, "kind": kind, "message": message, "agent_version": AGENT_VERSION})
+    sys.stdout.flush()
+    os._exit(EXIT_FAILED)
+
+
+def _on_deadline(signum, frame) -> None:
+    fail("timeout", "the run on the device exceeded its deadline and was stopped")
+
+
+def arm_deadline(seconds: float | None) -> None:
+    """Stop this process by itself after ``seconds``: a killed connection must not leave it running."""
+    if seconds and seconds > 0:
+        signal.signal(signal.SIGALRM, _on_deadline)
+        signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    # a closed connection: stop instead of running on unseen
+    signal.signal(signal.SIGHUP, lambda *_: os._exit(EXIT_FAILED))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _command(argv: list[str], timeout: float = 10.0) -> str | None:
+    """Output of a device command that may not exist (``None`` when absent or failing)."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = (out.stdout or "") + (out.stderr if out.returncode else "")
+    return text.strip() or None
+
+
+def cpu_model() -> str:
+    text = _read("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def os_name() -> str:
+    for line in (_read("/etc/os-release") or "").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return f"{platform.system()} {platform.release()}".strip()
+
+
+def memory_mb() -> float | None:
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def library_versions() -> dict:
+    from importlib import metadata
+
+    versions: dict = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    versions.setdefault("onnxruntime", None)
+    return versions
+
+
+def gpu_info() -> dict | None:
+    out = _command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"])
+    if not out or "," not in out:
+        return None
+    lines = [ln for ln in out.splitlines() if ln.count(",") >= 2]
+    if not lines:
+        return None
+    name, driver, mem = (p.strip() for p in lines[0].split(",")[:3])
+    try:
+        memory = float(mem)
+    except ValueError:
+        memory = None
+    return {"name": name, "count": len(lines), "driver": driver, "cuda": None, "memory_mb": memory}
+
+
+def fingerprint(threads: int | None = None) -> dict:
+    uname = platform.uname()
+    l4t = _read("/etc/nv_tegra_release")
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "os": os_name(),
+        "kernel": uname.release,
+        "machine": uname.machine,
+        "python": platform.python_version(),
+        "libraries": library_versions(),
+        "gpu": gpu_info(),
+        "uname": " ".join(p for p in (uname.system, uname.node, uname.release, uname.version, uname.machine) if p),
+        "memory_mb": memory_mb(),
+        "host": uname.node,
+        "l4t_release": l4t.strip().splitlines()[0] if l4t and l4t.strip() else None,
+        "power_mode": _command(["nvpmodel", "-q"]),
+        "clocks": _command(["jetson_clocks", "--show"]),
+    }
+
+
+def peak_host_memory_mb() -> float | None:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ---------------------------------------------------------------------------------------------
+
+
+def per_op_from_trace(events: list, runs: int) -> list[dict]:
+    """Mean time per run of each graph node from ONNX Runtime's profiler trace (Chrome trace JSON).
+
+    Node events are named ``<node>_kernel_time`` with the op type in ``args.op_name`` and the
+    duration in microseconds; ``runs`` is how many runs the trace covers. Sorted slowest first.
+    """
+    totals: dict[str, dict] = {}
+    for event in events:
+        if not isinstance(event, dict) or event.get("cat") != "Node":
+            continue
+        name = str(event.get("name", ""))
+        if not name.endswith("_kernel_time"):
+            continue
+        node = name[: -len("_kernel_time")]
+        args = event.get("args") or {}
+        entry = totals.setdefault(node, {"name": node, "op_type": str(args.get("op_name", "?")),
+                                         "provider": str(args.get("provider", "")), "us": 0.0, "calls": 0})
+        entry["us"] += float(event.get("dur", 0))
+        entry["calls"] += 1
+    runs = max(1, runs)
+    ops = [{"name": e["name"], "op_type": e["op_type"], "provider": e["provider"] or None,
+            "ms": e["us"] / 1000.0 / runs, "calls": e["calls"] // runs or 1} for e in totals.values()]
+    return sorted(ops, key=lambda o: -o["ms"])
+
+
+def _import_ort():
+    try:
+        import numpy  # noqa: F401
+        import onnxruntime
+    except ImportError as exc:
+        raise AgentError("runtime-missing", f"{sys.executable} cannot import onnxruntime/numpy ({exc}); "
+                                            "install it on the device: python3 -m pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def _session(ort, model: str, provider: str, threads: int | None, profiling_prefix: str | None = None):
+    wanted = PROVIDERS.get(provider)
+    if wanted is None:
+        raise AgentError("bad-input", f"unknown provider '{provider}'; use one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise AgentError("provider-missing", f"ONNX Runtime {ort.__version__} on the device has no {wanted} "
+                                             f"(it has {', '.join(available)})")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if profiling_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profiling_prefix
+    chain = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(model, sess_options=so, providers=chain)
+    except Exception as exc:  # ORT's own exception types
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise AgentError("bad-model", f"ONNX Runtime cannot load {model}: {text}") from exc
+    if session.get_providers()[0] != wanted:
+        raise AgentError("provider-missing", f"ONNX Runtime fell back to {session.get_providers()[0]} although "
+                                             f"{wanted} was asked for")
+    return session
+
+
+def _load_feeds(path: str, input_names: list[str]) -> list[dict]:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    count = int(arrays.pop("__batches__", np.array(1)))
+    feeds = []
+    for b in range(count):
+        feed = {}
+        for name in input_names:
+            key = f"{b}/{name}"
+            if key not in arrays:
+                raise AgentError("bad-input", f"the inputs file has no '{name}' for batch {b}")
+            feed[name] = arrays[key]
+        feeds.append(feed)
+    return feeds
+
+
+def time_loop(run, feeds: list, warmup: int, iterations: int, time_budget_s: float | None) -> list[float]:
+    for i in range(warmup):
+        run(feeds[i % len(feeds)])
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while len(latencies) < iterations:
+        feed = feeds[len(latencies) % len(feeds)]
+        t0 = time.perf_counter()
+        run(feed)
+        latencies.append((time.perf_counter() - t0) * 1000.0)
+        if (time_budget_s is not None and len(latencies) >= MIN_SAMPLES
+                and time.perf_counter() - started >= time_budget_s):
+            break
+    return latencies
+
+
+def command_ort(args) -> dict:
+    ort = _import_ort()
+    session = _session(ort, args.model, args.provider, args.threads)
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    feeds = _load_feeds(args.inputs, inputs)
+    latencies = time_loop(lambda f: session.run(outputs, f), feeds, args.warmup, args.iterations, args.time_budget)
+    providers = list(session.get_providers())
+    session = None  # release it before the profiler session loads the model again
+    per_op = None
+    if args.per_op_runs > 0:
+        per_op = _ort_per_op(ort, args, feeds)
+    return {"ok": True, "runtime": "onnxruntime", "runtime_version": ort.__version__, "providers": providers,
+            "latencies_ms": latencies, "per_op": per_op, "peak_host_memory_mb": peak_host_memory_mb(),
+            "environment": fingerprint(args.threads)}
+
+
+def _ort_per_op(ort, args, feeds: list) -> list[dict]:
+    folder = tempfile.mkdtemp(prefix="edgesmith-ortprof-")
+    try:
+        session = _session(ort, args.model, args.provider, args.threads, os.path.join(folder, "trace"))
+        outputs = [o.name for o in session.get_outputs()]
+        session.run(outputs, feeds[0])  # first run: allocations, not representative
+        trace_path = session.end_profiling()
+        os.unlink(trace_path)
+        session = _session(ort, args.model, args.provider, args.threads, os.path.join(folder, "trace"))
+        for i in range(args.per_op_runs):
+            session.run(outputs, feeds[i % len(feeds)])
+        trace_path = session.end_profiling()
+        with open(trace_path, encoding="utf-8") as fh:
+            events = json.load(fh)
+        return per_op_from_trace(events, args.per_op_runs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT through trtexec
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_trtexec(argv: list[str], what: str) -> None:
+    if shutil.which(argv[0]) is None:
+        raise AgentError("runtime-missing", f"trtexec not found at '{argv[0]}' on the device; install TensorRT "
+                                            "(JetPack ships it at /usr/src/tensorrt/bin/trtexec)")
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        tail = [ln for ln in (out.stdout + out.stderr).splitlines() if "error" in ln.lower()] or \
+               (out.stdout + out.stderr).splitlines()[-3:]
+        text = " / ".join(tail[-3:])[:400]
+        if "No space left" in text:
+            raise AgentError("disk-full", f"no space left on the device while trtexec {what}")
+        raise AgentError("failed", f"trtexec {what} failed (exit {out.returncode}): {text}")
+
+
+def _write_raw_inputs(npz: str, folder: str) -> None:
+    """trtexec's ``--loadInputs`` reads raw binary tensors: one ``<input>.bin`` per input of batch 0."""
+    import numpy as np
+
+    with np.load(npz, allow_pickle=False) as data:
+        for key in data.files:
+            if key.startswith("0/"):
+                name = key[2:]
+                data[key].astype(data[key].dtype).tofile(os.path.join(folder, f"{name}.bin"))
+
+
+def command_trtexec(args) -> dict:
+    build = json.loads(args.build_argv)
+    run = json.loads(args.run_argv)
+    if not os.path.exists(args.engine):
+        os.makedirs(os.path.dirname(args.engine), exist_ok=True)
+        partial = args.engine + f".partial-{os.getpid()}"
+        build = [partial if a == args.engine else a.replace(args.engine, partial) for a in build]
+        try:
+            _run_trtexec(build, "building the engine")
+            os.replace(partial, args.engine)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        built = True
+    else:
+        built = False
+    if args.raw_inputs:
+        _write_raw_inputs(args.inputs, args.raw_inputs)
+    _run_trtexec(run, "timing the engine")
+    with open(args.times, encoding="utf-8") as fh:
+        times = json.load(fh)
+    latencies = [float(t["latencyMs"]) for t in times if isinstance(t, dict) and "latencyMs" in t]
+    per_op = None
+    if args.profile and os.path.exists(args.profile):
+        with open(args.profile, encoding="utf-8") as fh:
+            layers = json.load(fh)
+        per_op = [{"name": str(layer["name"]), "op_type": "layer", "provider": "TensorRT",
+                   "ms": float(layer.get("averageMs", 0.0)), "calls": 1}
+                  for layer in layers if isinstance(layer, dict) and "name" in layer]
+        per_op.sort(key=lambda o: -o["ms"])
+    version = _command([run[0], "--help"], timeout=30) or ""
+    trt_version = next((w.strip("[]v") for ln in version.splitlines()[:3] for w in ln.split()
+                        if w.strip("[]v").replace(".", "").replace("#", "").isdigit() and "." in w), None)
+    return {"ok": True, "runtime": "tensorrt", "runtime_version": trt_version, "providers": ["TensorRT"],
+            "latencies_ms": latencies, "per_op": per_op, "engine_built": built,
+            "peak_host_memory_mb": None, "environment": fingerprint(None)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def require(args) -> None:
+    """Refuse early, before anything is copied, when the runtime asked for is not on the device."""
+    if args.require == "onnxruntime":
+        ort = _import_ort()
+        wanted = PROVIDERS.get(args.provider)
+        if wanted is None:
+            raise AgentError("bad-input", f"unknown provider '{args.provider}'; use one of {', '.join(PROVIDERS)}")
+        if wanted not in ort.get_available_providers():
+            raise AgentError("provider-missing", f"ONNX Runtime {ort.__version__} on the device has no {wanted} "
+                                                 f"(it has {', '.join(ort.get_available_providers())})")
+    elif args.require == "trtexec" and shutil.which(args.trtexec) is None:
+        raise AgentError("runtime-missing", f"trtexec not found at '{args.trtexec}' on the device; install TensorRT "
+                                            "(JetPack ships it at /usr/src/tensorrt/bin/trtexec)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgesmith-agent")
+    p.add_argument("--deadline", type=float, default=None, help="stop by itself after this many seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fingerprint")
+    f.add_argument("--require", choices=["onnxruntime", "trtexec"], default=None,
+                   help="fail (runtime-missing) unless this runtime is usable on the device")
+    f.add_argument("--provider", default="cpu")
+    f.add_argument("--trtexec", default="trtexec")
+    o = sub.add_parser("ort")
+    o.add_argument("--model", required=True)
+    o.add_argument("--inputs", required=True)
+    o.add_argument("--provider", default="cpu")
+    o.add_argument("--threads", type=int, default=None)
+    o.add_argument("--warmup", type=int, default=5)
+    o.add_argument("--iterations", type=int, default=50)
+    o.add_argument("--time-budget", type=float, default=None)
+    o.add_argument("--per-op-runs", type=int, default=0)
+    t = sub.add_parser("trtexec")
+    t.add_argument("--engine", required=True)
+    t.add_argument("--build-argv", required=True)
+    t.add_argument("--run-argv", required=True)
+    t.add_argument("--times", required=True)
+    t.add_argument("--profile", default=None)
+    t.add_argument("--inputs", default=None)
+    t.add_argument("--raw-inputs", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    arm_deadline(args.deadline)
+    try:
+        if args.command == "fingerprint":
+            require(args)
+            result = {"ok": True, "environment": fingerprint(None)}
+        elif args.command == "ort":
+            result = command_ort(args)
+        else:
+            result = command_trtexec(args)
+    except AgentError as exc:
+        fail(exc.kind, exc.message)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            fail("disk-full", f"no space left on the device ({exc})")
+        fail("failed", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # report every fault as one JSON line, never a bare traceback
+        fail("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    result["agent_version"] = AGENT_VERSION
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Generation profiles of decoders: time to first token per prompt length, prefill and decode
+tokens/s, the raw per-token decode latencies, peak RSS and load time, in the versioned Profile.
+
+Why two speeds and not one latency: prefill is GEMM-bound and decode bandwidth-bound, and they
+rank runtimes differently. On SmolLM2-135M with 2 threads (FIELD-NOTES § Decoders) PyTorch FP32
+eager reaches the first token of a 128-token prompt in 370-410 ms but decodes 13-14 tokens/s;
+llama.cpp on the Q4_1 file needs 485-512 ms and decodes 100-119 tokens/s. A profile keeps both, per
+prompt length, with every sample raw so that ``compare`` can put bootstrap intervals on each.
+
+How one profile is measured, on :func:`edgesmith.runtimes.generation.decode_loop` (the loop
+``generate`` runs, so what is timed is what users get):
+
+- prompts of exactly N tokens: the shipped corpus through the artifact's tokenizer (or ``texts``),
+  cut to N; random ids within the vocabulary when there is no tokenizer. The same prompts in every
+  round and for every artifact with the same tokenizer, so two profiles time the same work;
+- a round prefills every prompt length once (time to first token = prefill + choosing the first
+  token) and, after the first length, generates ``new_tokens`` greedily with EOS ignored (a forced
+  length: a model that stops early would otherwise look fast); ``warmup`` untimed rounds first;
+- the session's providers and options are read back from it, never copied from what was asked.
+
+Peak RSS: on Linux the kernel's high-water mark (VmHWM) is reset to the current RSS before loading
+(``/proc/self/clear_refs``), so the peak covers the load and the generation and not whatever the
+process did before; where that cannot be done it is ``getrusage``'s ``ru_maxrss`` (the process's
+lifetime peak) or psutil's. The profile says which.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
+from edgesmith.errors import BadInput
+from edgesmith.profiling.environment import fingerprint
+from edgesmith.profiling.measure import artifact_info
+from edgesmith.profiling.schema import ArtifactInfo, GenerationStats, Profile, RuntimeInfo, Shapes, Stats
+from edgesmith.stats import summarize
+
+log = logging.getLogger(__name__)
+
+GENERATION_TASK = "text-generation"
+DEFAULT_PROMPT_TOKENS = (128, 512)
+DEFAULT_NEW_TOKENS = 128
+DEFAULT_ROUNDS = 3
+DEFAULT_WARMUP = 1
+#: runtimes a generation profile runs on, by the artifact kind they take
+GENERATION_RUNTIMES = {"onnxruntime": OnnxModel, "torch": TorchModel}
+#: the options each runtime's decoder session takes (edgesmith.runtimes.generation), besides threads
+SESSION_OPTIONS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("provider", "allow_spinning", "graph_optimization"), "torch": ()}
+#: corpus sentences read per try when building a long prompt (doubled until the prompt is long enough)
+_SENTENCES_PER_TRY = 64
+
+
+def is_decoder(artifact: Artifact) -> bool:
+    """A causal LM (task text-generation): profiled as generation, not as one forward pass."""
+    return artifact.task == GENERATION_TASK
+
+
+def generation_runtime(artifact: Artifact, runtime: str | None) -> str:
+    """The runtime a decoder is profiled on: ``runtime``, or its own (ONNX Runtime for an ONNX
+    export, torch for a TorchModel); a runtime that cannot run it is one line naming the fix."""
+    own = next((name for name, cls in GENERATION_RUNTIMES.items() if isinstance(artifact, cls)), None)
+    if own is None:
+        raise BadInput(f"{artifact.name}: a {artifact.kind} decoder cannot be profiled for generation; "
+                       f"profile its ONNX export or the torch model ({', '.join(GENERATION_RUNTIMES)})")
+    name = runtime or own
+    if name not in GENERATION_RUNTIMES:
+        raise BadInput(f"runtime '{name}' has no generation loop; profile a decoder on "
+                       f"{' or '.join(GENERATION_RUNTIMES)}")
+    if name != own:
+        hint = "export it first (edgesmith export MODEL --to onnx)" if own == "torch" else "use --runtime onnxruntime"
+        raise BadInput(f"runtime '{name}' cannot run {artifact.name} (a {artifact.kind} model); {hint}")
+    return name
+
+
+def parse_prompt_tokens(value: str | Sequence[int]) -> list[int]:
+    """"128,512" (or a list) -> [128, 512]: positive, distinct, in the order given."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            lengths = [int(p) for p in parts]
+        except ValueError:
+            raise BadInput(f"--prompt-tokens '{value}': give comma-separated token counts, e.g. 128,512") from None
+    else:
+        lengths = [int(v) for v in value]
+    if not lengths:
+        raise BadInput("prompt tokens: give at least one prompt length, e.g. 128,512")
+    if any(n < 1 for n in lengths):
+        raise BadInput(f"prompt tokens {lengths}: every prompt length must be at least 1")
+    if len(set(lengths)) != len(lengths):
+        raise BadInput(f"prompt tokens {lengths}: a prompt length is listed twice; list each once")
+    return lengths
+
+
+def _check_arguments(new_tokens: int, batch: int, warmup: int, rounds: int) -> None:
+    if new_tokens < 2:
+        raise BadInput(f"new tokens must be at least 2 (the first is part of the time to first token, the rest "
+                       f"are decode steps); got {new_tokens}")
+    if batch < 1:
+        raise BadInput(f"batch must be at least 1 (got {batch})")
+    if warmup < 0:
+        raise BadInput(f"warmup must be 0 or more rounds (got {warmup})")
+    if rounds < 1:
+        raise BadInput(f"rounds must be at least 1 (got {rounds})")
+
+
+def check_context(prompt_tokens: list[int], new_tokens: int, max_positions: int | None, name: str) -> None:
+    """Every prompt fits the context, and the decode prompt with its new tokens: else one line."""
+    if not max_positions:
+        return
+    longest = max(prompt_tokens)
+    if longest > max_positions:
+        raise BadInput(f"{name}: a prompt of {longest} tokens is longer than the model's context of {max_positions} "
+                       f"tokens; give --prompt-tokens of at most {max_positions}")
+    first = prompt_tokens[0]
+    if first + new_tokens - 1 > max_positions:
+        raise BadInput(f"{name}: {first} prompt tokens + {new_tokens} new tokens exceed the model's context of "
+                       f"{max_positions}; lower --new-tokens to {max_positions - first + 1} or the first prompt length")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def _token_rows(tokenizer, length: int, batch: int, texts: Sequence[str] | None) -> np.ndarray:
+    """``batch`` rows of exactly ``length`` ids: consecutive sentences joined and tokenized (special
+    tokens such as BOS kept where the tokenizer adds them), each row from other sentences; the
+    sentences are read again from the start when there are too few."""
+    from edgesmith.data import builtin_corpus
+
+    per_row = _SENTENCES_PER_TRY
+    while True:
+        pool = [t for t in (texts if texts is not None else builtin_corpus(limit=per_row * batch)) if t]
+        if not pool:
+            raise BadInput("no texts to build prompts from; give non-empty texts")
+        rows = []
+        for row in range(batch):
+            chosen = [pool[(row * per_row + i) % len(pool)] for i in range(per_row)]
+            ids = list(tokenizer(" ".join(chosen), verbose=False)["input_ids"])
+            if len(ids) < length:
+                break
+            rows.append(ids[:length])
+        else:
+            return np.asarray(rows, dtype=np.int64)
+        per_row *= 2
+
+
+def prompt_batches(tokenizer, lengths: Sequence[int], batch: int, *, vocab_size: int,
+                   texts: Sequence[str] | None = None, seed: int = 0) -> tuple[dict[int, np.ndarray], str]:
+    """{length: ids [batch, length]} and where they came from ("tokenizer" or "random ids")."""
+    if tokenizer is not None:
+        return {n: _token_rows(tokenizer, n, batch, texts) for n in lengths}, "tokenizer"
+    if vocab_size < 1:
+        raise BadInput("the model has no tokenizer and no known vocabulary size to draw prompt ids from; save its "
+                       "tokenizer beside it")
+    rng = np.random.default_rng(seed)
+    return {n: rng.integers(0, vocab_size, size=(batch, n), dtype=np.int64) for n in lengths}, "random ids"
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak resident memory
+# ---------------------------------------------------------------------------------------------
+
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's high-water mark (VmHWM) to its current RSS (Linux); False where not possible."""
+    try:
+        with open(_CLEAR_REFS, "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vmhwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss(was_reset: bool) -> tuple[float | None, str]:
+    """(peak RSS in MiB, how it was read)."""
+    if was_reset:
+        hwm = _vmhwm_mb()
+        if hwm is not None:
+            return hwm, "VmHWM reset before loading (Linux /proc/self/clear_refs)"
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1), \
+            "getrusage ru_maxrss (the process's lifetime peak)"
+    except (AttributeError, OSError):  # pragma: no cover - no resource module (Windows)
+        pass
+    try:  # pragma: no cover - Windows
+        import psutil
+
+        info = psutil.Process().memory_info()
+        peak = getattr(info, "peak_wset", None)
+        return round((peak or info.rss) / 2**20, 1), "psutil " + ("peak_wset" if peak else "rss at the end")
+    except ImportError:  # pragma: no cover
+        return None, "unavailable"
+
+
+# ---------------------------------------------------------------------------------------------
+# The profile
+# ---------------------------------------------------------------------------------------------
+
+
+def _round(session, prompts: dict[int, np.ndarray], decode_at: int, new_tokens: int
+           ) -> tuple[dict[int, float], list[float]]:
+    """One round: the TTFT of every prompt length, and the decode latencies after ``decode_at``."""
+    from edgesmith.runtimes.generation import GenerationConfig, decode_loop
+
+    ttft: dict[int, float] = {}
+    decode: list[float] = []
+    for n, ids in prompts.items():
+        steps = new_tokens if n == decode_at else 1
+        cfg = GenerationConfig(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
+        run = decode_loop(session, ids, None, cfg)
+        session.reset()
+        ttft[n] = run.ttft_ms
+        if n == decode_at:  # ignore_eos forces the length; generation_profile checks the count
+            decode = run.latencies_ms
+    return ttft, decode
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]generation rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+
+
+def profile_generation(artifact: Artifact, runtime: str | None = None, *,
+                       prompt_tokens: Sequence[int] | str = DEFAULT_PROMPT_TOKENS,
+                       new_tokens: int = DEFAULT_NEW_TOKENS, batch: int = 1, warmup: int = DEFAULT_WARMUP,
+                       rounds: int = DEFAULT_ROUNDS, threads: int | None = None, label: str | None = None,
+                       texts: Sequence[str] | None = None, progress: bool = False, target: str = "cpu-local",
+                       **runtime_options: Any) -> Profile:
+    """Profile a decoder's generation on ``runtime`` (default: ONNX Runtime for an ONNX export,
+    torch for a TorchModel): TTFT and prefill tokens/s per prompt length, decode tokens/s and raw
+    per-token latencies over ``new_tokens`` forced greedy tokens after the first prompt length, for
+    ``rounds`` timed rounds after ``warmup`` untimed ones. ``runtime_options`` go to the session
+    (ONNX Runtime: provider, allow_spinning, graph_optimization)."""
+    from edgesmith.runtimes.generation import load_decoder
+
+    if not is_decoder(artifact):
+        raise BadInput(f"{artifact.name} is a {artifact.task} model; generation profiles are for causal LMs "
+                       "(text-generation): profile it with --batch/--seq instead")
+    lengths = parse_prompt_tokens(prompt_tokens)
+    _check_arguments(new_tokens, batch, warmup, rounds)
+    runtime_name = generation_runtime(artifact, runtime)
+    unknown = sorted(set(runtime_options) - set(SESSION_OPTIONS[runtime_name]))
+    if unknown:
+        allowed = ", ".join(SESSION_OPTIONS[runtime_name]) or "none"
+        raise BadInput(f"{runtime_name} decoder sessions take no option(s) {', '.join(unknown)} (they take: {allowed})")
+    info = artifact_info(artifact)
+    was_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    session = load_decoder(artifact, threads=threads, **runtime_options)
+    load_s = time.perf_counter() - t0
+    try:
+        check_context(lengths, new_tokens, session.max_positions, artifact.name)
+        prompts, source = prompt_batches(artifact.tokenizer, lengths, batch, vocab_size=session.vocab_size,
+                                         texts=texts)
+        decode_at = lengths[0]
+        for _ in range(warmup):
+            _round(session, prompts, decode_at, new_tokens)
+        ttft: dict[int, list[float]] = {n: [] for n in lengths}
+        decode_rounds: list[list[float]] = []
+        bar = _progress(progress)
+        task = bar.add_task("rounds", total=rounds) if bar else None
+        if bar:
+            bar.start()
+        try:
+            for _ in range(rounds):
+                times, decode = _round(session, prompts, decode_at, new_tokens)
+                for n, ms in times.items():
+                    ttft[n].append(ms)
+                decode_rounds.append(decode)
+                if bar:
+                    bar.advance(task)
+        finally:
+            if bar:
+                bar.stop()
+        providers = list(session.providers)
+        session_options = dict(getattr(session, "options", {}) or {})
+    finally:
+        session.close()
+    rss_mb, rss_source = peak_rss(was_reset)
+    used_threads = session_options.get("threads", threads)
+    prof = generation_profile(
+        label=label or f"{artifact.name} ({runtime_name})", artifact=info,
+        runtime=RuntimeInfo(name=runtime_name, providers=providers, options=session_options), target=target,
+        threads=int(used_threads) if used_threads else None, batch=batch, new_tokens=new_tokens, warmup=warmup,
+        ttft_ms=ttft, decode_ms=decode_rounds, load_s=load_s, peak_rss_mb=rss_mb, rss_source=rss_source,
+        prompt_source=source)
+    log.info("%s: decode %.1f tokens/s, TTFT %s", artifact.name, prof.throughput,
+             ", ".join(f"@{n} {np.median(v):.1f} ms" for n, v in ttft.items()))
+    return prof
+
+
+def generation_profile(*, label: str, artifact: ArtifactInfo, runtime: RuntimeInfo, target: str = "cpu-local",
+                       threads: int | None, batch: int, new_tokens: int, warmup: int,
+                       ttft_ms: Mapping[int, Sequence[float]], decode_ms: Sequence[Sequence[float]], load_s: float,
+                       peak_rss_mb: float | None, rss_source: str, prompt_source: str = "tokenizer") -> Profile:
+    """A generation Profile from raw samples, measured here or by another runtime's own loop (a
+    benchmark's llama.cpp or ORT GenAI side): ``ttft_ms`` {prompt length: one TTFT per round}, the
+    first length being the one decode followed; ``decode_ms`` one list of per-token latencies
+    (``new_tokens - 1``) per round. Tokens/s, statistics and the creation time are filled in."""
+    lengths = [int(n) for n in ttft_ms]
+    steps = new_tokens - 1
+    rounds = [list(map(float, r)) for r in decode_ms]
+    if not lengths or not rounds or any(len(r) != steps for r in rounds):
+        raise BadInput(f"a generation profile needs TTFT samples and {steps} decode latencies per round "
+                       f"(new_tokens - 1); got {[len(r) for r in rounds]}")
+    if any(len(v) != len(rounds) for v in ttft_ms.values()):
+        raise BadInput(f"a generation profile needs one TTFT per round ({len(rounds)}) at every prompt length")
+    generation = GenerationStats(
+        prompt_tokens=lengths, new_tokens=new_tokens, decode_prompt_tokens=lengths[0], decode_steps=steps,
+        batch=batch, rounds=len(rounds),
+        ttft_ms={str(n): [float(ms) for ms in v] for n, v in ttft_ms.items()},
+        prefill_tokens_per_s={str(n): [batch * int(n) * 1000.0 / ms for ms in v] for n, v in ttft_ms.items()},
+        decode_tokens_per_s=[batch * steps * 1000.0 / sum(r) for r in rounds],
+        load_s=round(load_s, 4), peak_rss_mb=peak_rss_mb, rss_source=rss_source, prompt_source=prompt_source)
+    latencies = [ms for r in rounds for ms in r]
+    return Profile(
+        kind="generation",
+        label=label,
+        artifact=artifact,
+        runtime=runtime,
+        target=target,
+        environment=fingerprint(threads=threads),
+        shapes=Shapes(batch=batch, seq=lengths[0]),
+        warmup=warmup,
+        iterations=len(rounds) * steps,
+        latencies_ms=latencies,
+        stats=Stats(**summarize(latencies)),
+        throughput=float(np.median(generation.decode_tokens_per_s)),
+        peak_host_memory_mb=peak_rss_mb,
+        generation=generation,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -1,0 +1,7 @@
+"""TensorRT: engines built from ONNX models, run natively, through ONNX Runtime's execution
+provider, or with trtexec on a device.
+
+- :mod:`~edgesmith.tensorrt.precision` (L1): weak vs strong typing, precision flags, fp16/bf16 graphs.
+- :mod:`~edgesmith.tensorrt.runtime` (L2): device identity, the engine session and runtime.
+- :mod:`~edgesmith.tensorrt.build` (L4): shape profiles, engine cache keys, the ``tensorrt`` pass.
+"""
