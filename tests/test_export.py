@@ -16,9 +16,11 @@ import edgesmith
 from edgesmith.artifacts import OnnxModel, TorchModel, default_model_path
 from edgesmith.data import builtin_corpus
 from edgesmith.errors import EXIT_GATE_FAILED, BadInput, ValidationFailed
-from edgesmith.export.onnx import ExportConfig, ExportPass, attention_shape, compare_outputs, validate
+from edgesmith.export.graph import attention_shape
+from edgesmith.export.onnx import ExportConfig, ExportPass
 from edgesmith.inputs import tokenize
 from edgesmith.passes import Context
+from edgesmith.validation import compare_outputs, validate
 
 VOCAB = 30522
 

@@ -16,7 +16,18 @@ from edgesmith.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EdgesmithError, firs
 
 
 def _register_commands() -> None:
-    from edgesmith.cli import devices, distill, doctor, early_exit, models, passes, profiles, run, sweep  # noqa: F401
+    from edgesmith.cli import (  # noqa: F401
+        devices,
+        distill,
+        doctor,
+        early_exit,
+        generate,
+        models,
+        passes,
+        profiles,
+        run,
+        sweep,
+    )
 
 
 def _is_a(exc: BaseException, class_name: str) -> bool:

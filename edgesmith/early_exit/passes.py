@@ -254,12 +254,8 @@ class EarlyExitPass(Pass):
                 ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         from safetensors.torch import save_model
 
-        from edgesmith.export.onnx import (
-            PROBE_POOL,
-            example_inputs,
-            prepare_module,
-            write_companions,
-        )
+        from edgesmith.export.graph import example_inputs, prepare_module, write_companions
+        from edgesmith.validation import PROBE_POOL
 
         cfg = self.config
         trained = artifact.derive(module=net.model)

@@ -26,7 +26,7 @@ def export_segments(net: ExitNetwork, folder: Path, *, input_names: list[str], o
     import onnx
 
     from edgesmith.errors import first_line
-    from edgesmith.export.onnx import quiet_exporter, root_cause
+    from edgesmith.export.graph import quiet_exporter, root_cause
 
     records = []
     feeds = dict(zip(input_names, example))
@@ -63,7 +63,7 @@ def validate_segments(net: ExitNetwork, folder: Path, segments: list[dict[str, A
     batches of real sentences; :class:`ValidationFailed` naming the segment when one is off."""
     import onnxruntime as ort
 
-    from edgesmith.export.onnx import measure, probe_feeds
+    from edgesmith.validation import measure, probe_feeds
 
     probes = probe_feeds(tokenizer, texts, input_names, batches=PROBE_BATCHES, seq_lengths=PROBE_SEQ_LENGTHS,
                          left_padding=False)

@@ -16,7 +16,7 @@
   ``<cache>/tensorrt/timing/<key>.cache`` per TensorRT version and GPU, reused by every build.
   ONNX Runtime's TensorRT provider keeps its engines under ``<cache>/tensorrt/ort-ep/<key>``.
 - **Validation**: every engine runs beside its ONNX model on probe inputs inside its profiles
-  (:func:`edgesmith.export.onnx.validate`); a breach fails the step (exit 3).
+  (:func:`edgesmith.validation.validate`); a breach fails the step (exit 3).
 """
 
 from __future__ import annotations
@@ -425,7 +425,7 @@ class TensorRTPass(Pass):
             return {"device": f"unavailable: {type(exc).__name__}"}
 
     def apply(self, artifact: Artifact, ctx: Context) -> Artifact:
-        from edgesmith.export.onnx import PROBE_POOL, validate
+        from edgesmith.validation import PROBE_POOL, validate
 
         assert isinstance(artifact, OnnxModel)
         cfg: TensorRTConfig = self.config  # type: ignore[assignment]

@@ -165,8 +165,8 @@ def quantization_meta(cfg: QuantizeConfig) -> dict[str, Any]:
 def optimize_and_validate(parent: OnnxModel, folder: Path, ctx: Context) -> tuple[OnnxModel, dict[str, Any]]:
     """ORT's transformer optimizer with the artifact's real head count and width, then the export's
     validation of the optimized graph against its input (ValidationFailed, exit 3, if it differs)."""
-    from edgesmith.export.onnx import validate
     from edgesmith.onnx_graph.optimize import optimized_copy
+    from edgesmith.validation import validate
 
     optimized, info = optimized_copy(parent, folder)
     result = validate(parent, optimized, OPTIMIZE_ATOL, OPTIMIZE_MIN_COSINE, label="graph optimization",
