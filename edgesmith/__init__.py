@@ -6,6 +6,9 @@
     o = es.export.to_onnx(m)
     q = es.compress.quantize(o)
     p = es.profile(q, runtime="onnxruntime")
+
+    llm = es.load("smollm2")                     # SmolLM2-135M-Instruct from its packaged Q4_1 GGUF
+    print(es.generate(llm, "What is the capital of France?").text)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from edgesmith.version import __version__
 
 __all__ = [
     "Artifact", "BadInput", "EdgesmithError", "GateFailed", "OnnxModel", "Recipe", "TorchModel",
-    "ValidationFailed", "compare", "compress", "evaluate", "export", "load", "profile", "run",
+    "ValidationFailed", "compare", "compress", "evaluate", "export", "generate", "load", "profile", "run",
 ]
 
 
@@ -39,6 +42,10 @@ def __getattr__(name: str):
         from edgesmith.profiling import compare
 
         return compare
+    if name == "generate":
+        from edgesmith.runtimes.generation import generate_text
+
+        return generate_text
     if name == "evaluate":
         from edgesmith.quality import evaluate
 

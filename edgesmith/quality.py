@@ -31,9 +31,13 @@ EMBEDDING_OUTPUT = "last_hidden_state"
 LOGITS_OUTPUT = "logits"
 
 #: metrics measured against the source itself: the source scores 1.0 on them by definition
-RELATIVE_METRICS = ("cosine", "cosine_min", "recall@k", "agreement", "logits_cosine")
+RELATIVE_METRICS = ("cosine", "cosine_min", "recall@k", "agreement", "logits_cosine", "top1")
 #: metrics with an absolute value: the source's own value is the reference
 ABSOLUTE_METRICS = ("accuracy",)
+#: metrics where lower is better, and the largest allowed rise over the reference is the gate:
+#: kld (KL divergence to the source, nats/token; the source's own is 0) and perplexity (vs the
+#: source's own perplexity on the same held-out text)
+LOWER_IS_BETTER = ("kld", "perplexity")
 _RECALL = re.compile(r"^recall@(\d+)$")
 
 
@@ -258,14 +262,44 @@ def evaluate(artifact: Artifact, reference: Artifact | None, texts: Sequence[str
         metrics = logits_agreement(ref, cand)
         if labels is not None:
             metrics["accuracy"] = accuracy(artifact, texts, labels, predictions=cand)
+    elif artifact.task == "text-generation":
+        metrics = decoder_fidelity(artifact, reference, reference_embeddings, is_reference=candidate_outputs is not None
+                                   and candidate_outputs is reference_embeddings)
+        if labels is not None:
+            log.info("labels are ignored for a text-generation model")
     else:
-        raise BadInput(f"evaluate measures feature-extraction and sequence-classification models, not {artifact.task}")
+        raise BadInput(f"evaluate measures feature-extraction, sequence-classification and text-generation models, "
+                       f"not {artifact.task}")
     log.info("%s: %s", artifact.name, ", ".join(f"{k_}={v:.4f}" for k_, v in metrics.items()))
     return metrics
 
 
-def reference_outputs(artifact: Artifact, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-    """What :func:`evaluate` compares against: pooled embeddings for encoders, logits for classifiers."""
+def decoder_fidelity(artifact: Artifact, reference: Artifact | None, prepared=None, *,
+                     is_reference: bool = False) -> dict[str, float]:
+    """A decoder's KL divergence, top-1 agreement and perplexity against the source on held-out
+    corpus text (:mod:`edgesmith.lm_quality`; the evaluation rows of a recipe are sentence-length,
+    so decoders score passages of their own that no calibration uses). ``prepared`` is the
+    source's :class:`~edgesmith.lm_quality.Reference` from :func:`reference_outputs`."""
+    from edgesmith.lm_quality import Reference, heldout_batches, logits_fn
+
+    if prepared is None:
+        if reference is None:
+            raise BadInput("decoder evaluation needs the source model")
+        prepared = Reference.build(logits_fn(reference), heldout_batches(reference.tokenizer or artifact.tokenizer))
+    if is_reference:  # the source against itself: by definition, without running it again
+        ppl = float(np.exp(prepared.nll))
+        return {"kld": 0.0, "top1": 1.0, "perplexity": ppl, "perplexity_reference": ppl}
+    result = prepared.compare(logits_fn(artifact))
+    return {k: float(v) for k, v in result.items() if k != "tokens"}
+
+
+def reference_outputs(artifact: Artifact, texts: Sequence[str], *, batch_size: int = 32):
+    """What :func:`evaluate` compares against: pooled embeddings for encoders, logits for
+    classifiers, the source's logits on held-out passages for decoders."""
+    if artifact.task == "text-generation":
+        from edgesmith.lm_quality import Reference, heldout_batches, logits_fn
+
+        return Reference.build(logits_fn(artifact), heldout_batches(artifact.tokenizer))
     if artifact.task == "sequence-classification":
         return logits(artifact, texts, batch_size=batch_size)
     if artifact.task == "feature-extraction":
@@ -289,19 +323,21 @@ def is_relative_metric(name: str) -> bool:
 
 
 def is_known_metric(name: str) -> bool:
-    return is_relative_metric(name) or name in ABSOLUTE_METRICS
+    return is_relative_metric(name) or name in ABSOLUTE_METRICS or name in LOWER_IS_BETTER
 
 
 def known_metrics() -> list[str]:
-    return [*RELATIVE_METRICS, *ABSOLUTE_METRICS]
+    return [*RELATIVE_METRICS, *ABSOLUTE_METRICS, *LOWER_IS_BETTER]
 
 
 def check_gates(metrics: dict[str, float], reference_metrics: dict[str, float],
                 gates: dict[str, float]) -> list[dict[str, Any]]:
     """Failed gates. A gate ``{metric: max_drop}`` fails when reference - value > max_drop.
 
-    The reference of cosine, recall and agreement metrics is 1.0 (the source against itself);
-    that of accuracy is the source's own value in ``reference_metrics``.
+    The reference of cosine, recall, agreement and top1 is 1.0 (the source against itself); that
+    of accuracy is the source's own value in ``reference_metrics``. For kld and perplexity (lower
+    is better) the gate is the largest allowed rise: value - reference > max_drop fails, with 0 as
+    kld's reference and the source's own perplexity as perplexity's.
     """
     failures = []
     for name, max_drop in gates.items():
@@ -314,14 +350,16 @@ def check_gates(metrics: dict[str, float], reference_metrics: dict[str, float],
             measured = ", ".join(metrics) or "nothing"
             hint = " (accuracy needs labels)" if name == "accuracy" else ""
             raise BadInput(f"gate on '{name}', but this evaluation measured only: {measured}{hint}")
-        if is_relative_metric(name):
+        if name == "kld":
+            reference = 0.0
+        elif is_relative_metric(name):
             reference = 1.0
         elif name in reference_metrics:
             reference = float(reference_metrics[name])
         else:
             raise BadInput(f"gate on '{name}' needs the source model's own {name}, which was not measured")
         value = float(metrics[name])
-        drop = reference - value
+        drop = value - reference if name in LOWER_IS_BETTER else reference - value
         if drop > max_drop + 1e-9:
             failures.append({"metric": name, "value": value, "reference": reference,
                              "drop": drop, "max_drop": float(max_drop)})

@@ -21,6 +21,7 @@ def _register_commands() -> None:
         distill,
         doctor,
         early_exit,
+        evaluate,
         generate,
         models,
         passes,
