@@ -33,6 +33,19 @@ ENTRY_POINT_GROUP = "edgesmith.passes"
 class PassConfig(StrictModel):
     """Base of every pass config: unknown keys are refused."""
 
+    #: fields added after step caches were filled: left out of the step's cache key while they
+    #: hold their default, so a cache filled before they existed is still hit
+    KEY_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = ()
+
+    def key_dump(self) -> dict[str, Any]:
+        """The config as the step cache keys it (see :attr:`KEY_OMITS_DEFAULT`)."""
+        data = self.model_dump(mode="json")
+        fields = type(self).model_fields
+        for name in self.KEY_OMITS_DEFAULT:
+            if name in data and data[name] == fields[name].get_default(call_default_factory=True):
+                del data[name]
+        return data
+
 
 @dataclass
 class Context:

@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from edgesmith.artifacts import META_FILE, ONNX_FILE, Artifact, load, resolve_model_path
+from edgesmith.artifacts import META_FILE, ONNX_FILE, Artifact, load, read_meta, resolve_model_path
 from edgesmith.cache import StepCache, package_versions
 from edgesmith.data import TextData, load_texts
 from edgesmith.errors import BadInput, GateFailed, first_line
@@ -62,13 +62,10 @@ def source_kind(model: str) -> str:
     """The artifact kind a recipe's model resolves to, read without loading the model."""
     path = resolve_model_path(model)
     if path.is_file():
-        return "onnx"
+        return "torch" if path.suffix == ".gguf" else "onnx"  # a GGUF loads as its FP32 torch model
     meta = path / META_FILE
     if meta.exists():
-        try:
-            return json.loads(meta.read_text()).get("kind", "torch")
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"{meta}: not valid JSON; the artifact folder is damaged, re-create it") from exc
+        return read_meta(meta)["kind"]
     if (path / ONNX_FILE).exists():
         return "onnx"
     return "torch"
@@ -168,7 +165,7 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
 
     current = source
     for i, step in enumerate(steps, 1):
-        config_json = step.config.model_dump(mode="json")
+        config_json = step.config.key_dump()
         extra = dict(step.pass_cls.environment_key())
         files = referenced_files_key(config_json)
         if files:

@@ -112,3 +112,42 @@ def test_gates_on_decoder_metrics():
     with pytest.raises(BadInput, match="unknown metric 'kl'"):
         check_gates(metrics, reference, {"kl": 0.1})
 
+
+
+def test_quantize_int4_through_the_pass_and_the_cli(capsys, exported, tmp_path, monkeypatch, cache_dir):
+    parent = es.load(str(exported))
+    q = es.compress.quantize(parent, mode="int4", block=32)
+    assert q.meta["precision"].startswith("int4") and q.meta["quantization"]["method"] == "rtn"
+    assert q.size_bytes() < parent.size_bytes()
+    fidelity = q.lineage[-1]["report"]["fidelity"]
+    assert 0 < fidelity["kld"] and 0 < fidelity["top1"] <= 1
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(capsys, "quantize", str(exported), "--mode", "int4", "--method", "rtn", "-o", str(tmp_path / "q"))
+    assert code == 0, err
+    assert (tmp_path / "q" / "model.onnx").exists()
+    code, _, err = _cli(capsys, "quantize", str(exported), "--mode", "int4", "--method", "entropy")
+    assert code == 2 and "static calibration method" in err
+    code, _, err = _cli(capsys, "quantize", str(exported), "--mode", "dynamic", "--block", "64")
+    assert code == 2 and "block" in err and "dynamic" in err
+
+
+def test_new_options_leave_existing_cache_keys_unchanged():
+    """Options added for decoders are left out of a step's cache key while at their default, so a
+    cache filled before they existed is still hit."""
+    from edgesmith.compress.quantization import QuantizeConfig
+    from edgesmith.export.onnx import ExportConfig
+
+    assert "decode_steps" not in ExportConfig().key_dump()
+    assert "decode_steps" in ExportConfig(decode_steps=8).key_dump()
+    key = QuantizeConfig(mode="dynamic").key_dump()
+    assert not {"block", "symmetric", "accuracy_level", "quantize_lm_head", "gguf_file", "max_kld", "fallback"} & set(key)
+    assert key["method"] == "minmax"
+    assert QuantizeConfig(mode="int4").key_dump()["method"] == "rtn"
+
+
+def test_int4_on_an_encoder_is_one_line_exit_2(capsys, tiny_bert_dir, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(capsys, "export", str(tiny_bert_dir), "-o", str(tmp_path / "enc"))
+    assert code == 0, err
+    code, _, err = _cli(capsys, "quantize", str(tmp_path / "enc"), "--mode", "int4")
+    assert code == 2 and "weight-only quantization for decoders" in " ".join(err.split()) and "Traceback" not in err

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 VOCAB = 400
@@ -121,10 +120,9 @@ def export_decoder(model, tokenizer_folder: Path, folder: Path, *, with_past: bo
     return artifact
 
 
-@pytest.fixture(scope="session")
-def tiny_decoder(tmp_path_factory) -> SimpleNamespace:
+def build_tiny_decoder(tmp_path_factory) -> SimpleNamespace:
     """The tokenizer, the torch model (a TorchModel) and its two ONNX exports (``plain``: input_ids
-    and attention_mask; ``past``: the decoder layout's inputs with an empty cache)."""
+    and attention_mask; ``past``: the decoder layout's inputs with an empty cache); a few seconds."""
     from edgesmith.artifacts import TorchModel
 
     base = tmp_path_factory.mktemp("tiny-decoder")

@@ -7,12 +7,21 @@ A bad input prints one line naming what is wrong and how to fix it; ``--debug`` 
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.markup import escape
 
 from edgesmith.cli.root import app, err_console
-from edgesmith.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EdgesmithError, first_line
+from edgesmith.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EdgesmithError,
+    NoSpace,
+    first_line,
+    no_space,
+    no_space_cause,
+)
 
 
 def _register_commands() -> None:
@@ -37,12 +46,19 @@ def _is_a(exc: BaseException, class_name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    # OpenMP threads (PyTorch's) spin-wait after each op by default; in one process beside ONNX
+    # Runtime sessions, or on a shared 2-core machine, they take the cores from whatever runs next
+    # (SmolLM2 FP32 decode with threads = 2 at load ~9: 0.5 tokens/s spinning, 8.7 passive). Must be
+    # set before torch starts its thread pool; a value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _register_commands()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
         rv = app(args=args, prog_name="edgesmith", standalone_mode=False)
     except EdgesmithError as exc:
+        if not isinstance(exc, NoSpace) and no_space_cause(exc) is not None:
+            exc = no_space(None, exc)  # a full disk under any message: say that, not the step's hint
         if debug:
             err_console.print_exception()
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -57,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         if _is_a(exc, "Abort"):
             err_console.print("aborted")
             sys.exit(EXIT_INTERNAL)
+        if no_space_cause(exc) is not None:  # a full disk is the user's to fix, whichever writer met it
+            if debug:
+                err_console.print_exception()
+            err_console.print(f"[red]error:[/] {escape(str(no_space(None, exc)))}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_BAD_INPUT)
         if debug:
             err_console.print_exception()
         err_console.print(f"[red]internal error:[/] {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR
+from edgesmith.cli.common import CACHE_DIR, JSON_OUT
 from edgesmith.cli.root import app
-from edgesmith.cli.shortcut import run_one_pass
+from edgesmith.cli.shortcut import ONE_PASS_RUNS_DIR, run_one_pass
 from edgesmith.errors import BadInput
 
 OUTPUT = typer.Option(None, "--output", "-o", help="Copy the result to this folder.")
@@ -36,7 +36,7 @@ def prune_command(
     check_latency: bool = typer.Option(True, "--latency-check/--no-latency-check",
                                        help="Time parent and pruned model in torch and warn when pruned is slower."),
     output: Path | None = OUTPUT,
-    runs_dir: Path = RUNS_DIR,
+    runs_dir: Path | None = ONE_PASS_RUNS_DIR,
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:
@@ -55,12 +55,20 @@ def prune_command(
 @app.command("quantize")
 def quantize_command(
     model: str = typer.Argument(..., help="ONNX model: an .onnx file or an edgesmith ONNX folder."),
-    mode: str = typer.Option("dynamic", "--mode", help="dynamic | static (calibrated QDQ) | fp16."),
+    mode: str = typer.Option("dynamic", "--mode", help="dynamic | static (calibrated QDQ) | fp16 | int4 | "
+                             "int8-weight (weight-only MatMulNBits, for decoders)."),
     per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor",
                                             help="Per-channel weight scales (INT8 default: per channel)."),
     calibration: str | None = typer.Option(None, "--calibration",
                                            help="Static: texts to calibrate on (jsonl/csv/parquet/txt, streamed)."),
-    method: str | None = typer.Option(None, "--method", help="Static calibration: minmax | entropy | percentile."),
+    method: str | None = typer.Option(None, "--method", help="Static calibration: minmax | entropy | percentile. "
+                                      "int4/int8-weight: rtn | hqq | gptq | k-quant | gguf (the GGUF's own 4-bit "
+                                      "blocks repacked exactly)."),
+    block: int | None = typer.Option(None, "--block", help="int4/int8-weight: weights per scale (32)."),
+    max_kld: float | None = typer.Option(None, "--max-kld", help="int4/int8-weight: KL budget (nats/token); the "
+                                         "most sensitive layers stay 8-bit until it holds."),
+    lm_head: bool | None = typer.Option(None, "--lm-head/--no-lm-head",
+                                        help="int4/int8-weight: quantize the LM head too (default) or keep it float."),
     samples: int | None = typer.Option(None, "--samples", help="Static: number of calibration texts (256)."),
     max_drop: list[str] = typer.Option([], "--max-drop",
                                        help="Accuracy-aware gate METRIC=DROP, e.g. cosine=0.01 (repeatable)."),
@@ -69,13 +77,15 @@ def quantize_command(
     speed_check: bool = typer.Option(False, "--speed-check", help="Time against the parent; flag if slower."),
     data: str | None = typer.Option(None, "--data", help="Texts for fidelity and gates (default: built-in corpus)."),
     output: Path | None = OUTPUT,
-    runs_dir: Path = RUNS_DIR,
+    runs_dir: Path | None = ONE_PASS_RUNS_DIR,
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Quantize an ONNX model: INT8 dynamic or static (QDQ), or FP16; accuracy-aware with --max-drop."""
+    """Quantize an ONNX model: INT8 dynamic or static (QDQ), FP16, or weight-only INT4/INT8 for decoders;
+    accuracy-aware with --max-drop (or --max-kld)."""
     options: dict = {"mode": mode}
-    given = {"per_channel": per_channel, "calibration": calibration, "method": method, "calibration_samples": samples}
+    given = {"per_channel": per_channel, "calibration": calibration, "method": method, "calibration_samples": samples,
+             "block": block, "max_kld": max_kld, "quantize_lm_head": lm_head}
     options.update({key: value for key, value in given.items() if value is not None})
     if max_drop:
         options["max_drop"] = parse_gates(max_drop)

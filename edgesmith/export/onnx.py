@@ -53,6 +53,8 @@ class ExportConfig(PassConfig):
     #: decoders (causal LMs): greedy steps that must agree token for token with PyTorch
     decode_steps: int = Field(32, ge=1)
 
+    KEY_OMITS_DEFAULT = ("decode_steps",)
+
 
 # ---------------------------------------------------------------------------------------------
 # The pass

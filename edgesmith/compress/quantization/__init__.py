@@ -51,13 +51,14 @@ from edgesmith.compress.quantization.config import (
     OPTIMIZE_MIN_COSINE,
     PROBE_POOL,
     STATIC_WEIGHT_OPS,
+    WEIGHT_ONLY_MODES,
     QuantizeConfig,
     dynamic_supported_ops,
 )
 from edgesmith.compress.quantization.int8 import write_int8
 from edgesmith.errors import BadInput, ValidationFailed
 from edgesmith.onnx_graph.nodes import name_nodes
-from edgesmith.passes import Context, Pass, register
+from edgesmith.passes import Context, Pass, make_config, register
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,17 @@ class QuantizePass(Pass):
     def apply(self, artifact: Artifact, ctx: Context) -> Artifact:
         assert isinstance(artifact, OnnxModel)
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        if cfg.mode in WEIGHT_ONLY_MODES:  # MatMulNBits, measured by KL divergence for decoders
+            from edgesmith.compress.weight_only import WeightOnlyConfig, quantize_weight_only
+
+            if artifact.task != "text-generation":
+                raise BadInput(f"pass 'quantize': mode {cfg.mode} is weight-only quantization for decoders (causal "
+                               f"LMs); {artifact.name} is a {artifact.task} model: use mode dynamic or static")
+            try:
+                options = cfg.weight_only(artifact)
+            except ValueError as exc:
+                raise BadInput(f"pass 'quantize': {exc}") from exc
+            return quantize_weight_only(artifact, make_config(WeightOnlyConfig, options, where="pass 'quantize'"), ctx)
         folder = ctx.scratch("quantize")
         try:
             quantized, report = build(artifact, folder, cfg, ctx)
@@ -187,7 +199,3 @@ def write_fp16(model, output: Path, cfg: QuantizeConfig) -> dict[str, Any]:
         raise BadInput("FP16 conversion left every node in FP32 (is the graph already FP16, or all its ops blocked?)")
     return {"fp16": {"count": split["fp16"]}, "float": {"count": split["fp32"]},
             "io_types": "fp32" if cfg.keep_io_types else "fp16"}
-
-
-# the torch-side pass registers with the quantize module (the registry imports this module)
-import edgesmith.compress.quantization.torch_int8

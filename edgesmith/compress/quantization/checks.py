@@ -16,8 +16,8 @@ from edgesmith.passes import Context
 def measure_fidelity(parent: OnnxModel, quantized: OnnxModel, ctx: Context) -> dict[str, Any]:
     """compare_outputs on probe batches (max/mean abs diff, min cosine of pooled rows), plus mean
     cosine and neighbour recall (encoders) or prediction agreement (classifiers) on corpus texts."""
-    from edgesmith.validation import compare_outputs
     from edgesmith.quality import evaluate
+    from edgesmith.validation import compare_outputs
 
     probe = compare_outputs(parent, quantized, texts=ctx.corpus(PROBE_POOL))
     result: dict[str, Any] = {"max_abs": probe["max_abs"], "mean_abs": probe["mean_abs"],

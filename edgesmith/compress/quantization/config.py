@@ -27,6 +27,12 @@ _STATIC_ONLY = ("calibration", "text_field", "calibration_samples", "calibration
                 "ffn_down_float", "activation_matmuls", "extra_op_types")
 _FP16_ONLY = ("keep_io_types", "fp16_float_ops")
 _INT8_ONLY = ("per_channel", "op_types", "reduce_range", "weight_type", "max_drop", "gate_against", "eval_texts")
+#: weight-only modes (MatMulNBits; edgesmith.compress.weight_only) and their own options
+WEIGHT_ONLY_MODES = {"int4": 4, "int8-weight": 8}
+_WEIGHT_ONLY = ("block", "symmetric", "accuracy_level", "quantize_lm_head", "gguf_file", "max_kld", "fallback")
+#: calibration methods of static mode, and the weight-only methods
+STATIC_METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_METHODS = ("rtn", "hqq", "gptq", "k-quant", "gguf")
 
 
 def dynamic_supported_ops() -> list[str]:
@@ -67,7 +73,7 @@ class QuantizeConfig(PassConfig):
     cosine to the parent), ``speed_check`` (time parent and result, record ``slower_than_parent``).
     """
 
-    mode: Literal["dynamic", "static", "fp16"] = "dynamic"
+    mode: Literal["dynamic", "static", "fp16", "int4", "int8-weight"] = "dynamic"
     per_channel: bool = True
     op_types: list[str] = ["MatMul", "Gemm"]
     quantize_embeddings: bool = False
@@ -81,7 +87,7 @@ class QuantizeConfig(PassConfig):
     calibration_batch: int = 8
     calibration_seq: int = 128
     calibration_chunk: int = 4
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["minmax", "entropy", "percentile", "rtn", "hqq", "gptq", "k-quant", "gguf"] = "minmax"
     percentile: float = 99.999
     activation_type: Literal["uint8", "int8"] = "uint8"
     symmetric_activations: bool = False
@@ -91,6 +97,15 @@ class QuantizeConfig(PassConfig):
     # fp16
     keep_io_types: bool = True
     fp16_float_ops: list[str] = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Pow", "ReduceMean", "Exp"]
+    # weight-only (int4, int8-weight); method: rtn (default), hqq, gptq, k-quant, or gguf (the GGUF's own
+    # 4-bit blocks repacked exactly: gguf_file, default the GGUF the model was loaded from)
+    block: int = 32
+    symmetric: bool = False
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    quantize_lm_head: bool = True
+    gguf_file: str | None = None
+    max_kld: float | None = None
+    fallback: Literal["int8", "float"] = "int8"
     # all modes
     optimize: bool = False
     speed_check: bool = False
@@ -146,11 +161,17 @@ class QuantizeConfig(PassConfig):
                 raise ValueError(f"the allowed drop of {name} must be 0 or more (got {drop})")
         return value
 
+    KEY_OMITS_DEFAULT = _WEIGHT_ONLY
+
     @model_validator(mode="after")
     def _options_fit_mode(self) -> QuantizeConfig:
         given = self.model_fields_set
-        foreign = {"dynamic": (*_STATIC_ONLY, *_FP16_ONLY), "static": (*_FP16_ONLY, "quantize_embeddings"),
-                   "fp16": (*_STATIC_ONLY, *_INT8_ONLY, "quantize_embeddings")}[self.mode]
+        weight_static = tuple(n for n in _STATIC_ONLY if n != "method")
+        foreign = {"dynamic": (*_STATIC_ONLY, *_FP16_ONLY, *_WEIGHT_ONLY),
+                   "static": (*_FP16_ONLY, "quantize_embeddings", *_WEIGHT_ONLY),
+                   "fp16": (*_STATIC_ONLY, *_INT8_ONLY, "quantize_embeddings", *_WEIGHT_ONLY),
+                   "int4": (*weight_static, *_FP16_ONLY, *_INT8_ONLY),
+                   "int8-weight": (*weight_static, *_FP16_ONLY, *_INT8_ONLY)}[self.mode]
         wrong = [name for name in foreign if name in given]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} do(es) not apply to mode '{self.mode}'")
@@ -160,6 +181,15 @@ class QuantizeConfig(PassConfig):
                 raise ValueError(f"static mode quantizes weight op types {', '.join(STATIC_WEIGHT_OPS)}, not {', '.join(bad)}")
         if self.method != "percentile" and "percentile" in given:
             raise ValueError("percentile applies to method: percentile only")
+        if self.mode in WEIGHT_ONLY_MODES:
+            if "method" not in given:
+                self.method = "rtn"
+            elif self.method not in WEIGHT_METHODS:
+                raise ValueError(f"method '{self.method}' is a static calibration method; mode {self.mode} takes "
+                                 f"{', '.join(WEIGHT_METHODS)}")
+        elif self.method not in STATIC_METHODS:
+            raise ValueError(f"method '{self.method}' is a weight-only method (mode int4 or int8-weight); "
+                             f"mode {self.mode} takes {', '.join(STATIC_METHODS)}")
         return self
 
     @property
@@ -168,4 +198,25 @@ class QuantizeConfig(PassConfig):
 
     @property
     def precision(self) -> str:
+        if self.mode in WEIGHT_ONLY_MODES:
+            return f"int{WEIGHT_ONLY_MODES[self.mode]}-weight"
         return "fp16" if self.mode == "fp16" else f"{self.weight_type}-{self.mode}"
+
+    def weight_only(self, model) -> dict:
+        """The options of :class:`edgesmith.compress.weight_only.WeightOnlyConfig` this config means
+        for ``model`` (the GGUF it was loaded from is the default ``gguf_file`` of method gguf)."""
+        options = {"method": self.method, "accuracy_level": self.accuracy_level,
+                   "quantize_lm_head": self.quantize_lm_head}
+        given = self.model_fields_set
+        if self.method == "gguf":
+            options["gguf_file"] = self.gguf_file or ((model.meta or {}).get("gguf") or {}).get("path")
+            if not options["gguf_file"]:
+                raise ValueError("method gguf needs gguf_file: the .gguf the model was dequantized from "
+                                 "(recorded automatically when the model was loaded from a GGUF)")
+        else:
+            options.update(bits=WEIGHT_ONLY_MODES[self.mode], block=self.block, symmetric=self.symmetric)
+            if self.max_kld is not None:
+                options.update(max_kld=self.max_kld, fallback=self.fallback)
+        if "quantize_embeddings" in given:
+            options["quantize_embedding"] = self.quantize_embeddings
+        return options
