@@ -47,7 +47,9 @@ def run_once(workers: int, out: Path) -> dict:
     seconds = time.perf_counter() - started
     summary = json.loads((folder / "pareto.json").read_text())
     return {"workers": workers, "seconds": seconds, "load_before": load_before, "load_after": os.getloadavg(),
-            "summary": summary, "folder": folder, "command": " ".join(command[1:])}
+            "summary": summary, "folder": folder,
+            # printed in BENCHMARKS.md: paths relative to the repository, never this machine's
+            "command": " ".join(command[1:]).replace(str(HERE.parent) + "/", "")}
 
 
 def front_table(summary: dict) -> list[str]:
