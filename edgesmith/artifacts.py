@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from edgesmith.errors import BadInput, first_line
+from edgesmith.errors import BadInput, bad_safetensors, dangling_link, first_line, is_safetensors_error
 from edgesmith.storage import atomic_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -358,11 +358,18 @@ class EarlyExitModel(FolderArtifact):
         assert self.folder is not None
         path = self.folder / EXIT_POLICY_FILE
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadInput(f"{path}: cannot read the exit policy ({exc}); re-create the early-exit model") from exc
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+            raise BadInput(f"{path}: cannot read the exit policy ({first_line(exc, 160)}); re-create the early-exit "
+                           "model") from exc
         if not isinstance(data, dict) or not isinstance(data.get("segments"), list) or not data["segments"]:
             raise BadInput(f"{path}: no segments listed; re-create the early-exit model")
+        inside = self.folder.resolve()
+        for seg in data["segments"]:
+            name = seg.get("file") if isinstance(seg, dict) else None
+            if not isinstance(name, str) or not (self.folder / name).resolve().is_relative_to(inside):
+                raise BadInput(f"{path}: segment file {name!r} is not a file inside the model folder; re-create the "
+                               "early-exit model")
         return data
 
     @property
@@ -445,6 +452,8 @@ def resolve_model_path(model: str | Path | None) -> Path:
         return smollm2_gguf_path()
     path = Path(model).expanduser()
     if not path.exists():
+        if dangling_link(path):
+            raise dangling_link(path)
         raise BadInput(f"model '{model}' not found: give a model folder, an .onnx or .gguf file, 'minilm' for the "
                        "default model or 'smollm2' for the packaged decoder LLM")
     return path
@@ -454,6 +463,8 @@ def load(model: str | Path | None = None, *, task: str | None = None, trust_remo
     """Load an artifact: ``"minilm"`` (the default model), ``"smollm2"`` (the packaged decoder LLM),
     a Hugging Face folder, an edgesmith artifact folder, an ``.onnx`` file or a ``.gguf`` file."""
     path = resolve_model_path(model)
+    if path.is_dir() and path.suffix in (".onnx", ".gguf"):
+        raise BadInput(f"{path}: is a folder, not a{'n' if path.suffix == '.onnx' else ''} {path.suffix} file")
     if path.is_file():
         if path.suffix in (".engine", ".plan", ".trt") and (path.parent / META_FILE).exists():
             return load(path.parent, task=task, trust_remote_code=trust_remote_code)
@@ -465,9 +476,12 @@ def load(model: str | Path | None = None, *, task: str | None = None, trust_remo
         if path.suffix != ".onnx":
             raise BadInput(f"{path}: not a model folder, an .onnx or a .gguf file")
         return _load_onnx_file(path, task)
+    for entry in sorted(path.iterdir()):  # a model file that is a link to nowhere would read as absent
+        if dangling_link(entry):
+            raise dangling_link(entry)
     meta_path = path / META_FILE
     if meta_path.exists():
-        meta = _read_meta(meta_path)
+        meta = read_meta(meta_path)
         kind = meta.get("kind")
         if kind == "onnx":
             return _load_onnx_folder(path, meta)
@@ -483,15 +497,27 @@ def load(model: str | Path | None = None, *, task: str | None = None, trust_remo
     raise BadInput(f"{path}: no config.json, model.onnx or edgesmith.json in this folder; give a Hugging Face model folder or an edgesmith artifact")
 
 
-def _read_meta(meta_path: Path) -> dict:
+def read_meta(meta_path: Path) -> dict:
+    """An artifact folder's ``edgesmith.json``, checked: BadInput naming the file when it is damaged."""
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{meta_path}: not valid JSON ({exc}); the artifact folder is damaged, re-create it") from exc
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSON and UTF-8 errors are ValueErrors; a folder is an OSError
+        raise BadInput(f"{meta_path}: not valid JSON ({first_line(exc, 160)}); the artifact folder is damaged, "
+                       "re-create it") from exc
     if not isinstance(meta, dict) or "kind" not in meta:
         raise BadInput(f"{meta_path}: missing 'kind'; the artifact folder is damaged, re-create it")
-    if meta.get("schema", 0) > SCHEMA_VERSION:
+    schema = meta.get("schema", 0)
+    if not isinstance(schema, int) or isinstance(schema, bool) or not isinstance(meta["kind"], str):
+        raise BadInput(f"{meta_path}: 'schema' must be a number and 'kind' a name (got {schema!r}, "
+                       f"{meta['kind']!r}); the artifact folder is damaged, re-create it")
+    if schema > SCHEMA_VERSION:
         raise BadInput(f"{meta_path}: written by a newer edgesmith (schema {meta['schema']}); upgrade edgesmith")
+    if meta["kind"] not in ARTIFACT_KINDS:
+        raise BadInput(f"{meta_path}: unknown artifact kind {meta['kind']!r} (known: {', '.join(ARTIFACT_KINDS)})")
+    for key, kind in (("lineage", list), ("meta", dict), ("structure", dict)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise BadInput(f"{meta_path}: '{key}' must be a {'list' if kind is list else 'mapping'}; the artifact "
+                           "folder is damaged, re-create it")
     return meta
 
 
@@ -514,18 +540,32 @@ def load_huggingface(path: str | Path, *, task: str | None = None, trust_remote_
     import transformers
 
     path = Path(path)
+    if (path / "config.json").is_dir():
+        raise BadInput(f"{path / 'config.json'}: is a folder, not a config file; re-save the model")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, and the strict config classes' own validation errors
         raise BadInput(f"{path}/config.json: cannot read it as a transformers config ({first_line(exc)})") from exc
+    weights = weights_file_of(path)
+    if weights.is_dir():
+        raise BadInput(f"{weights}: is a folder, not a weights file; re-save the model")
     task = task or task_of_config(config)
     _check_task(task)
     try:
         from edgesmith.structure import auto_class
 
-        module = auto_class(task).from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BadInput(f"{path}: transformers could not load the weights ({first_line(exc)})") from exc
+        module, info = auto_class(task).from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                        output_loading_info=True)
+    except Exception as exc:  # safetensors' own error type is not an OSError
+        if is_safetensors_error(exc):
+            raise bad_safetensors(weights_file_of(path), exc) from exc
+        if isinstance(exc, (OSError, ValueError, RuntimeError)):
+            raise BadInput(f"{path}: transformers could not load the weights ({first_line(exc)})") from exc
+        raise
+    missing = sorted((info or {}).get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values and go on: a model that only looks right
+        raise BadInput(f"{weights_file_of(path)}: lacks {len(missing)} weight(s) the model needs "
+                       f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); re-save the model")
     module.eval()
     tokenizer = _load_tokenizer(path)
     name = "minilm" if is_default_model(path) else path.name
@@ -533,12 +573,61 @@ def load_huggingface(path: str | Path, *, task: str | None = None, trust_remote_
                       meta={"source": str(path)})
 
 
+def weights_file_of(folder: Path) -> Path:
+    """The folder's safetensors weights (``model.safetensors``, or the pattern of its shards)."""
+    single = folder / "model.safetensors"
+    if single.exists() or not any(folder.glob("model-*-of-*.safetensors")):
+        return single
+    return folder / "model-*-of-*.safetensors"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def has_tokenizer(model: str | Path | None) -> bool:
+    """Whether a model (as :func:`load` takes it) comes with a tokenizer, read from its files only."""
+    path = resolve_model_path(model)
+    if path.suffix == ".gguf":
+        return True  # the GGUF carries its vocabulary
+    folder = path.parent if path.is_file() else path
+    return any((folder / f).exists() for f in TOKENIZER_FILES)
+
+
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(str(path))
+    folders = [path / f for f in (*TOKENIZER_FILES, "special_tokens_map.json") if (path / f).is_dir()]
+    if folders:
+        raise BadInput(f"{folders[0]}: is a folder, not a tokenizer file; save the tokenizer again "
+                       "(tokenizer.save_pretrained)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # tokenizers and transformers raise many types for a damaged file
+        raise BadInput(f"{_damaged_tokenizer_file(path)}: cannot load the tokenizer ({first_line(exc, 160)}); "
+                       "save it again (tokenizer.save_pretrained)") from exc
+
+
+def _damaged_tokenizer_file(folder: Path) -> Path | str:
+    """The tokenizer file of ``folder`` that does not read as JSON (or is not a file), else all of them."""
+    present = [folder / f for f in (*TOKENIZER_FILES, "special_tokens_map.json") if (folder / f).exists()]
+    for f in present:
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            else:
+                f.read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            return f
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception:  # the Rust library's own exception type
+            return folder / "tokenizer.json"
+    return ", ".join(str(f) for f in present)
 
 
 def _load_torch_folder(path: Path, meta: dict, *, trust_remote_code: bool) -> TorchModel:
@@ -576,17 +665,37 @@ def _load_gguf(path: Path, task: str | None) -> TorchModel:
 def _load_onnx_folder(path: Path, meta: dict) -> OnnxModel:
     if not (path / ONNX_FILE).exists():
         raise BadInput(f"{path}: edgesmith.json says kind 'onnx' but {ONNX_FILE} is missing; re-create the artifact")
+    check_onnx_file(path / ONNX_FILE)
     return OnnxModel(task=meta.get("task", "feature-extraction"), name=meta.get("name", path.name),
                      lineage=meta.get("lineage", []), meta=meta.get("meta", {}), folder=path)
+
+
+#: files that passed check_onnx_file in this process, by (path, size, mtime): a file is checked once
+_CHECKED_ONNX: set[tuple[str, int, int]] = set()
+
+
+def check_onnx_file(path: Path) -> None:
+    """onnx's checker on the file (the graph, and that external data stays inside its folder);
+    BadInput naming the file when it fails. About a second for a 500 MB graph, once per process."""
+    import onnx
+
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder, not an ONNX model file; re-create the artifact")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED_ONNX:
+        return
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises several types for a damaged file
+        raise BadInput(f"{path}: not a valid ONNX model ({first_line(exc)[:200]})") from exc
+    _CHECKED_ONNX.add(key)
 
 
 def _load_onnx_file(path: Path, task: str | None) -> OnnxModel:
     import onnx
 
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # onnx raises several types for a damaged file
-        raise BadInput(f"{path}: not a valid ONNX model ({first_line(exc)[:200]})") from exc
+    check_onnx_file(path)
     folder = path.parent
     if task is None:
         outputs = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, dangling_link
 
 BUILTIN = {"wordnet": "wordnet-examples.jsonl"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -60,6 +60,8 @@ def load_texts(path: str | Path, *, text_field: str = "text", label_field: str |
         path = builtin_path(name)
     path = Path(path).expanduser()
     if not path.exists():
+        if dangling_link(path):
+            raise dangling_link(path)
         raise BadInput(f"data file {path} not found; give a local .jsonl, .csv, .parquet or .txt file, or builtin:wordnet")
     want = None if limit is None else offset + limit
     rows = list(_iter_rows(path, text_field, label_field, want))
@@ -74,6 +76,19 @@ def load_texts(path: str | Path, *, text_field: str = "text", label_field: str |
 
 
 def _iter_rows(path: Path, text_field: str, label_field: str | None, want: int | None):
+    """(text, label) rows of a data file; a file that is not UTF-8 text or cannot be read is a BadInput."""
+    try:
+        yield from _read_rows(path, text_field, label_field, want)
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
+    except (OSError, csv.Error) as exc:
+        raise BadInput(f"{path}: cannot read it ({exc}); give a local .jsonl, .csv, .parquet or .txt file") from exc
+
+
+def _read_rows(path: Path, text_field: str, label_field: str | None, want: int | None):
+    if path.is_dir() and path.suffix.lower() in SUFFIXES:
+        raise BadInput(f"{path}: is a folder, not a {path.suffix} file; give the data file (or a saved datasets "
+                       "folder)")
     if path.is_dir():
         yield from _iter_records(_datasets_folder(path), path, text_field, label_field, want)
         return

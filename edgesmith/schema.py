@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, dangling_link, first_line
 
 
 class StrictModel(BaseModel):
@@ -53,9 +53,11 @@ def read_yaml(path: Path, missing: str) -> Any:
     """The YAML (or JSON) document at ``path``; :class:`BadInput` with ``missing`` when there is no
     such file, or naming the line of a syntax error."""
     if not path.exists():
-        raise BadInput(missing)
+        raise dangling_link(path) or BadInput(missing)
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, or not text
+        raise BadInput(f"{path}: cannot read it as YAML text ({first_line(exc, 120)})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""

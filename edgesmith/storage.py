@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edgesmith.errors import NoSpace, no_space, no_space_cause
+
 HASH_CHUNK = 1 << 20
 
 
@@ -41,9 +43,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_if_no_space(exc, path)
         raise
 
 
@@ -73,9 +76,16 @@ def atomic_dir(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_no_space(exc, final)
         raise
+
+
+def _raise_if_no_space(exc: BaseException, path: Path) -> None:
+    """A full disk (or quota) under a write becomes the one-line :class:`~edgesmith.errors.NoSpace`."""
+    if not isinstance(exc, NoSpace) and isinstance(exc, Exception) and no_space_cause(exc) is not None:
+        raise no_space(path, exc) from exc
 
 
 def _pid_alive(pid: int) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgesmith.errors import BadInput, first_line
+from edgesmith.errors import BadInput, bad_safetensors, first_line, is_safetensors_error
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,15 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (never torch.load)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder, not a weights file; re-save the model")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors' own error type for a damaged header or file
+        if is_safetensors_error(exc):
+            raise bad_safetensors(path, exc) from exc
+        raise
 
 
 def _weights_file(folder: Path) -> Path:
@@ -50,7 +57,7 @@ def _fresh_model(folder: Path, task: str, trust_remote_code: bool) -> nn.Module:
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, and the strict config classes' own validation errors
         raise _damaged(folder, f"config.json cannot be read ({first_line(exc)})") from exc
     return auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
 
@@ -140,16 +147,23 @@ def build_with_structure(folder: Path, task: str, structure: dict, trust_remote_
     if not isinstance(structure, dict):
         raise _damaged(folder, "edgesmith.json's structure is not a mapping")
     model = _fresh_model(folder, task, trust_remote_code)
-    tensors = read_tensors(_weights_file(folder))
+    weights = _weights_file(folder)
+    tensors = read_tensors(weights)
     _reshape_modules(model, tensors, folder)
     _apply_structure(model, structure, folder)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     complete = _complete_tied(model, tensors)
+    missing = sorted(set(model.state_dict()) - set(complete))
+    if missing:
+        raise BadInput(f"{weights}: lacks {len(missing)} weight(s) the model needs ({', '.join(missing[:3])}"
+                       f"{', …' if len(missing) > 3 else ''}); the artifact folder is damaged, re-create it")
     try:
         model.load_state_dict(complete, strict=True)
     except RuntimeError as exc:
-        raise _damaged(folder, f"the weights do not fit the model ({first_line(exc)[:300]})") from exc
+        reason = " ".join(str(exc).split())[:300]  # torch's first line only says "Error(s) in loading"
+        raise BadInput(f"{weights}: the weights do not fit the model ({reason}); the artifact folder is damaged, "
+                       "re-create it") from exc
     return model.eval()
 
 

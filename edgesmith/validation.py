@@ -68,6 +68,94 @@ def probe_feeds(tokenizer, texts: Sequence[str], input_names: Sequence[str], *, 
     return probes
 
 
+def config_limits(*artifacts: Artifact) -> dict[str, int | None]:
+    """``vocab_size``, ``max_positions`` and ``pad_token_id`` from the first artifact whose config
+    says them: a TorchModel's config, else the ``config.json`` beside a folder artifact's files."""
+    import json
+
+    found: dict[str, int | None] = {"vocab_size": None, "max_positions": None, "pad_token_id": None}
+    for art in artifacts:
+        config = getattr(art, "config", None)
+        values: dict[str, Any] = {}
+        if config is not None:
+            values = {k: getattr(config, k, None) for k in ("vocab_size", "max_position_embeddings", "n_positions",
+                                                            "pad_token_id")}
+        elif getattr(art, "folder", None) is not None and (art.folder / "config.json").is_file():
+            try:
+                values = json.loads((art.folder / "config.json").read_text())
+            except (OSError, ValueError):
+                values = {}
+            values = values if isinstance(values, dict) else {}
+        positions = values.get("max_position_embeddings") or values.get("n_positions")
+        for key, value in (("vocab_size", values.get("vocab_size")), ("max_positions", positions),
+                           ("pad_token_id", values.get("pad_token_id"))):
+            if found[key] is None and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                found[key] = value
+    return found
+
+
+def id_feeds(rng: np.random.Generator, lengths: Sequence[int], seq: int, input_names: Sequence[str], *,
+             vocab_size: int, side: str = "right", pad_token_id: int | None = None) -> dict[str, np.ndarray]:
+    """One batch of random token ids within the vocabulary (rows of ``lengths`` real tokens, padded
+    to ``seq`` on ``side``): model inputs made from the config when there is no tokenizer."""
+    batch = len(lengths)
+    low = min(5, vocab_size - 1)  # keep clear of the usual special ids
+    ids = np.full((batch, seq), pad_token_id if pad_token_id is not None and pad_token_id < vocab_size else 0,
+                  dtype=np.int64)
+    mask = np.zeros((batch, seq), dtype=np.int64)
+    for row, length in enumerate(lengths):
+        length = max(1, min(int(length), seq))
+        cols = slice(0, length) if side == "right" else slice(seq - length, seq)
+        ids[row, cols] = rng.integers(low, vocab_size, size=length)
+        mask[row, cols] = 1
+    feeds = {}
+    for name in input_names:
+        if name == "input_ids":
+            feeds[name] = ids
+        elif name == "attention_mask":
+            feeds[name] = mask
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros_like(ids)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(seq), ids.shape).astype(np.int64)
+        else:
+            raise BadInput(f"the model needs an input named '{name}', which token-id probes cannot make; "
+                           "save a tokenizer beside the model (tokenizer.save_pretrained)")
+    return feeds
+
+
+#: length of a "padded to the longest row" probe made from the config (no tokenizer)
+ID_PROBE_LONGEST = 24
+
+
+def id_probe_feeds(limits: dict[str, int | None], input_names: Sequence[str], *, batches: Sequence[int],
+                   seq_lengths: Sequence[int], left_padding: bool, seed: int = 0
+                   ) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """The probes of :func:`probe_feeds` (same batch sizes, lengths and padding sides) made of random
+    token ids within the config's vocabulary, for a model saved without a tokenizer."""
+    vocab = limits.get("vocab_size")
+    if not vocab or vocab < 2:
+        raise BadInput("no tokenizer and no vocab_size in the config to make probe inputs from; save a tokenizer "
+                       "beside the model (tokenizer.save_pretrained)")
+    cap = max(2, (limits.get("max_positions") or 4096) - 2)  # RoBERTa-like position offsets take 2
+    rng = np.random.default_rng(seed)
+    sides = ["right", "left"] if left_padding else ["right"]
+    probes = []
+    for batch in batches:
+        if batch < 1:
+            raise BadInput(f"probe batch size must be at least 1, got {batch}")
+        for fixed in [None, *seq_lengths]:
+            seq = min(fixed or ID_PROBE_LONGEST, cap)
+            lengths = [max(1, round(seq * (j + 1) / batch)) for j in range(batch)]  # the longest row fills seq
+            for side in sides:
+                feeds = id_feeds(rng, lengths, seq, input_names, vocab_size=vocab, side=side,
+                                 pad_token_id=limits.get("pad_token_id"))
+                mask = attention_mask_of(feeds)
+                probes.append(({"batch": batch, "seq": seq, "padding": side,
+                                "padded_positions": int(mask.size - mask.sum())}, feeds))
+    return probes
+
+
 def _pick_output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     return outputs[name] if name in outputs else next(iter(outputs.values()))
 
@@ -108,7 +196,8 @@ def compare_outputs(reference: Artifact, candidate: Artifact, *, texts: list[str
     """Run both artifacts on the same probe inputs and measure how far the candidate is.
 
     Each artifact runs on its default runtime (torch for a TorchModel, ONNX Runtime for an
-    OnnxModel). ``texts`` default to the shipped WordNet corpus; ``left_padding`` defaults to
+    OnnxModel). ``texts`` default to the shipped WordNet corpus; with no tokenizer anywhere the probes
+    are random token ids within the config's vocabulary (:func:`id_probe_feeds`); ``left_padding`` defaults to
     True for text-generation. ``accept`` (given a probe's description: batch, seq, padding) keeps
     only the probes a candidate can run, such as the shapes a TensorRT engine was built for. Returns ``max_abs`` and ``mean_abs`` over non-padded positions,
     ``min_cosine`` of mask-mean-pooled rows, the output compared, and the same per probe.
@@ -116,19 +205,20 @@ def compare_outputs(reference: Artifact, candidate: Artifact, *, texts: list[str
     from edgesmith.runtimes.base import default_runtime_for, get_runtime
 
     tokenizer = tokenizer or reference.tokenizer or candidate.tokenizer
-    if tokenizer is None:
-        raise BadInput(f"neither {reference.name} nor {candidate.name} has a tokenizer to make probe inputs; "
-                       "save one beside the model (tokenizer.save_pretrained)")
-    if texts is None:
-        from edgesmith.data import builtin_corpus
-
-        texts = builtin_corpus(limit=PROBE_POOL)
     if left_padding is None:
         left_padding = reference.task == "text-generation"
     names = list(dict.fromkeys([*reference.input_names, *candidate.input_names]))
     output = reference.output_names[0]
-    probes = probe_feeds(tokenizer, texts, names, batches=batches, seq_lengths=seq_lengths,
-                         left_padding=left_padding)
+    if tokenizer is None:  # a checkpoint saved without its tokenizer: token ids from the config
+        probes = id_probe_feeds(config_limits(reference, candidate), names, batches=batches,
+                                seq_lengths=seq_lengths, left_padding=left_padding)
+    else:
+        if texts is None:
+            from edgesmith.data import builtin_corpus
+
+            texts = builtin_corpus(limit=PROBE_POOL)
+        probes = probe_feeds(tokenizer, texts, names, batches=batches, seq_lengths=seq_lengths,
+                             left_padding=left_padding)
     if accept is not None:
         probes = [(desc, feeds) for desc, feeds in probes if accept(desc)]
         if not probes:

@@ -18,6 +18,7 @@ from edgesmith.errors import (
     EXIT_INTERNAL,
     EdgesmithError,
     NoSpace,
+    file_system_error,
     first_line,
     no_space,
     no_space_cause,
@@ -44,6 +45,17 @@ def _is_a(exc: BaseException, class_name: str) -> bool:
     return any(cls.__name__ == class_name for cls in type(exc).__mro__)
 
 
+def _no_space(exc: BaseException) -> EdgesmithError:
+    """The one line of a full disk met by a writer that did not say what it wrote: the failing file
+    when the OSError names it, else the places edgesmith writes to."""
+    cause = no_space_cause(exc)
+    if cause is not None and cause.filename:
+        return no_space(None, exc)
+    from edgesmith.cache import default_cache_dir
+
+    return no_space(f"the cache ({default_cache_dir()}) or the output folder", exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     # OpenMP threads (PyTorch's) spin-wait after each op by default; in one process beside ONNX
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=args, prog_name="edgesmith", standalone_mode=False)
     except EdgesmithError as exc:
         if not isinstance(exc, NoSpace) and no_space_cause(exc) is not None:
-            exc = no_space(None, exc)  # a full disk under any message: say that, not the step's hint
+            exc = _no_space(exc)  # a full disk under any message: say that, not the step's hint
         if debug:
             err_console.print_exception()
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -73,10 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         if _is_a(exc, "Abort"):
             err_console.print("aborted")
             sys.exit(EXIT_INTERNAL)
-        if no_space_cause(exc) is not None:  # a full disk is the user's to fix, whichever writer met it
+        # a full disk, a file in the way of a folder, no permission: the user's to fix, whichever writer met it
+        mapped = _no_space(exc) if no_space_cause(exc) is not None else file_system_error(exc)
+        if mapped is not None:
             if debug:
                 err_console.print_exception()
-            err_console.print(f"[red]error:[/] {escape(str(no_space(None, exc)))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(mapped))}", highlight=False, soft_wrap=True)
             sys.exit(EXIT_BAD_INPUT)
         if debug:
             err_console.print_exception()

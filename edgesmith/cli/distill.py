@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR
+from edgesmith.cli.common import CACHE_DIR, JSON_OUT
 from edgesmith.cli.root import app
-from edgesmith.cli.shortcut import run_one_pass
+from edgesmith.cli.shortcut import ONE_PASS_RUNS_DIR, run_one_pass
 from edgesmith.errors import BadInput
 
 LOSS_NAMES = ("cosine", "kl", "hidden_mse", "task")
@@ -68,7 +68,7 @@ def distill_command(
     max_length: int = typer.Option(128, "--max-length"),
     seed: int = typer.Option(0, "--seed"),
     output: Path | None = OUTPUT,
-    runs_dir: Path = RUNS_DIR,
+    runs_dir: Path | None = ONE_PASS_RUNS_DIR,
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:

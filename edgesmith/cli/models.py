@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgesmith.cli.common import CACHE_DIR, JSON_OUT, RUNS_DIR, console, print_json
+from edgesmith.cli.common import CACHE_DIR, JSON_OUT, console, print_json
 from edgesmith.cli.root import app
-from edgesmith.cli.shortcut import run_one_pass
+from edgesmith.cli.shortcut import ONE_PASS_RUNS_DIR, run_one_pass
 from edgesmith.errors import BadInput
 
 
@@ -66,7 +66,7 @@ def export_command(
                                 "or auto (python when installed, else trtexec)."),
     trtexec: str = typer.Option("trtexec", "--trtexec", help="tensorrt: path of the trtexec tool."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Copy the exported folder here."),
-    runs_dir: Path = RUNS_DIR,
+    runs_dir: Path | None = ONE_PASS_RUNS_DIR,
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:

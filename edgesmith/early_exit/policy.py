@@ -177,6 +177,8 @@ class ExitPolicy:
                        thresholds=None if per_exit is None else [float(t) for t in per_exit])
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInput(f"{source}: not a valid exit policy ({exc}); re-create the early-exit model") from exc
+        except BadInput as exc:  # an unknown policy name (a newer edgesmith's) or one that does not fit the task
+            raise BadInput(f"{source}: {exc}") from exc
 
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         Path(path).write_text(json.dumps({**self.to_json(), **(extra or {})}, indent=2))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesmith.artifacts import TorchModel
-from edgesmith.errors import BadInput, EdgesmithError, first_line
+from edgesmith.errors import BadInput, EdgesmithError, first_line, no_space, no_space_cause
 from edgesmith.inputs import tokenize
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,24 @@ def select_output(out: Any, name: str):
 
 
 def example_inputs(model: TorchModel, input_names: Sequence[str]) -> tuple:
-    """Real token ids of TRACE_SHAPE (with some padding) when a tokenizer is there, else ones."""
+    """Token ids of TRACE_SHAPE (with some padding): real sentences when a tokenizer is there, else
+    random ids within the config's vocabulary (a checkpoint saved without its tokenizer), else ones."""
+    import numpy as np
     import torch
+
+    from edgesmith.validation import config_limits, id_feeds
 
     batch, seq = TRACE_SHAPE
     if model.tokenizer is not None:
         from edgesmith.data import builtin_corpus
 
         feeds = tokenize(model.tokenizer, builtin_corpus(limit=batch), input_names=list(input_names), seq=seq)
+        return tuple(torch.from_numpy(feeds[n]) for n in input_names)
+    limits = config_limits(model)
+    if limits["vocab_size"] and limits["vocab_size"] > 1:
+        lengths = [seq - 3 * (batch - 1 - row) for row in range(batch)]
+        feeds = id_feeds(np.random.default_rng(0), lengths, seq, input_names, vocab_size=limits["vocab_size"],
+                         pad_token_id=limits["pad_token_id"])
         return tuple(torch.from_numpy(feeds[n]) for n in input_names)
     return tuple(torch.ones((batch, seq), dtype=torch.long) for _ in input_names)
 
@@ -120,11 +130,15 @@ def export_graph(module, path: Path, *, input_names: Sequence[str], output_name:
                               output_names=[output_name], dynamic_shapes=dynamic, external_data=False,
                               verbose=False, report=False, **options)
     except Exception as exc:  # the exporter raises many types; the user gets its reason in one line
+        if no_space_cause(exc) is not None:  # a full disk is not the exporter's fault: no attention hint
+            raise no_space(path, exc) from exc
         raise BadInput(f"export of {label} to ONNX failed: {root_cause(exc)} "
                        "(try attention='sdpa' or another opset; --debug shows the exporter's trace)") from exc
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx raises several checker/inference error types
+        if no_space_cause(exc) is not None:
+            raise no_space(path, exc) from exc
         raise EdgesmithError(f"export of {label}: the ONNX graph fails onnx.checker ({first_line(exc)})") from exc
 
 
@@ -138,10 +152,15 @@ def root_cause(exc: BaseException) -> str:
 
 def write_companions(model: TorchModel, folder: Path) -> None:
     """config.json and tokenizer files beside model.onnx (a deployable, Optimum-like folder)."""
-    if model.config is not None:
-        model.config.save_pretrained(str(folder))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(folder))
+    try:
+        if model.config is not None:
+            model.config.save_pretrained(str(folder))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(folder))
+    except OSError as exc:
+        if no_space_cause(exc) is not None:
+            raise no_space(folder, exc) from exc
+        raise
 
 
 def attention_shape(module) -> dict[str, Any]:

