@@ -362,11 +362,16 @@ def validate_decoder(torch_model: TorchModel, onnx_model: OnnxModel | str | Path
                                    f"(row {row}, position {pos}, batch {ids.shape[0]} left-padded prompts of "
                                    f"{', '.join(str(int(n)) for n in mask.sum(axis=1))} tokens)")
         decode = compare_greedy(reference, candidate, ids, mask, steps=steps, atol=atol, label=label)
+        rows_ref, rows_cand = ref_all[real].astype(np.float64), cand_all[real].astype(np.float64)
+        cosines = (rows_ref * rows_cand).sum(-1) / np.clip(
+            np.linalg.norm(rows_ref, axis=-1) * np.linalg.norm(rows_cand, axis=-1), 1e-12, None)
     finally:
         reference.close()
         candidate.close()
     return {"probe": source, "batch": int(ids.shape[0]), "prompt_tokens": [int(n) for n in mask.sum(axis=1)],
-            "prefill_max_abs": prefill, "atol": atol, **decode, "providers": candidate.providers}
+            "prefill_max_abs": prefill, "atol": atol, **decode, "providers": candidate.providers,
+            # the names every export reports: max abs diff and the lowest cosine of a position's logits
+            "max_abs": prefill, "min_cosine": float(cosines.min())}
 
 
 def compare_greedy(reference, candidate, ids: np.ndarray, mask: np.ndarray, *, steps: int, atol: float,
