@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean bench gpu-wheels
+.PHONY: demo test setup clean bench bench-llm gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: $(STAMP)
 # profiles/bench/. Creates bench/.venv-optimum on first use (then runs offline). ~15 min on 2 cores.
 bench: $(STAMP)
 	$(BIN)/python bench/harness.py
+
+# The decoder benchmark on SmolLM2 (issue 16): llama.cpp (bench/.venv-llamacpp, compiled once:
+# ~10 min on 2 cores), ORT GenAI's builder, PyTorch, Optimum (bench/.venv-optimum) and edgesmith's
+# artifacts, side by side in rotating rounds; writes bench/results/llm_*.md, then BENCHMARKS.md.
+bench-llm: $(STAMP)
+	$(BIN)/python bench/llm_peers.py --optimum --rounds 5 --new-tokens 64
+	$(BIN)/python bench/llm_backends.py --fused --rounds 3
+	$(BIN)/python bench/harness.py --render-only
 
 clean:
 	rm -rf runs .pytest_cache

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 #: the other benchmarks' result files, in this order (matched on the file stem's prefix); the rest follow by name
-RESULT_ORDER = ("prune", "quantize", "distill", "sweep")
+RESULT_ORDER = ("prune", "quantize", "distill", "sweep", "llm_goal", "llm_peers", "llm_backends")
 GOAL_SPEEDUP_TORCH = 12.0
 GOAL_SPEEDUP_OPTIMUM = 1.5
 GOAL_COSINE = 0.99

@@ -52,8 +52,12 @@ class ExportConfig(PassConfig):
     probe_seq_lengths: list[int] = list(DEFAULT_SEQ_LENGTHS)
     #: decoders (causal LMs): greedy steps that must agree token for token with PyTorch
     decode_steps: int = Field(32, ge=1)
+    #: decoders: ``dynamo`` (edgesmith's own KV-cached graph, any padding) or ``genai`` (ORT GenAI's
+    #: model builder: fused GroupQueryAttention, faster on the CPU, unpadded batches only; see
+    #: :mod:`edgesmith.export.decoder_genai`)
+    backend: Literal["dynamo", "genai"] = "dynamo"
 
-    KEY_OMITS_DEFAULT = ("decode_steps",)
+    KEY_OMITS_DEFAULT = ("decode_steps", "backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +81,9 @@ class ExportPass(Pass):
         folder = ctx.scratch("export")
         if artifact.task == "text-generation":
             return self._decoder(artifact, folder, cfg, ctx)
+        if cfg.backend != "dynamo":
+            raise BadInput(f"backend {cfg.backend} builds causal LMs only; {artifact.name} is a {artifact.task} model "
+                           "(drop backend, or use backend dynamo)")
         module = prepare_module(artifact, cfg.attention)
         input_names = artifact.input_names
         output = artifact.output_names[0]
@@ -102,14 +109,21 @@ class ExportPass(Pass):
     @staticmethod
     def _decoder(artifact: TorchModel, folder: Path, cfg: ExportConfig, ctx: Context) -> OnnxModel:
         """A causal LM: one KV-cached graph for prefill and decode, validated token for token
-        (:mod:`edgesmith.export.decoder`)."""
+        (:mod:`edgesmith.export.decoder`, or with backend genai :mod:`edgesmith.export.decoder_genai`)."""
         from edgesmith.export.decoder import write_decoder
 
         if cfg.attention != "eager":
             raise BadInput("decoders export with eager attention only (SDPA gives wrong values on left-padded "
                            "positions under the dynamo exporter); drop attention='sdpa'")
+        if cfg.backend == "genai" and cfg.opset is not None:
+            raise BadInput("opset applies to backend dynamo; ORT GenAI's builder picks its own (drop opset)")
         try:
-            candidate = write_decoder(artifact, folder, opset=cfg.opset, atol=cfg.atol, steps=cfg.decode_steps)
+            if cfg.backend == "genai":
+                from edgesmith.export.decoder_genai import write_genai_decoder
+
+                candidate = write_genai_decoder(artifact, folder, atol=cfg.atol, steps=cfg.decode_steps)
+            else:
+                candidate = write_decoder(artifact, folder, opset=cfg.opset, atol=cfg.atol, steps=cfg.decode_steps)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

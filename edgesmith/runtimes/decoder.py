@@ -15,6 +15,12 @@ between calls:
   CUDA provider and costs nothing here.
   During prefill it asks for the last position's logits only (the graph's ``logits_to_keep`` input):
   SmolLM2's prefill of 128 tokens takes 239 ms so against 271 ms with every position's logits.
+  It also runs the ``genai`` layout (ORT GenAI's builder graphs, :mod:`edgesmith.export.decoder_genai`:
+  no ``position_ids``, GroupQueryAttention takes positions from the mask as if every row's tokens
+  came first). Those are recorded ``meta["decoder"]["padding"] = "unpadded-only"``: a padded prefill
+  is refused (one line, exit 2), and :meth:`~DecoderSession.logits` moves each row's real tokens to
+  the front before the run and its logits back after it (:func:`right_align`), exact on every real
+  position.
 - :class:`TorchDecoderSession` runs a Hugging Face causal LM with a ``DynamicCache`` in a manual
   loop: the PyTorch baseline, and the reference the export is validated against.
 
@@ -155,6 +161,18 @@ def _check_batch(input_ids: np.ndarray, attention_mask: np.ndarray | None) -> tu
     return ids, np.ascontiguousarray(mask)
 
 
+def right_align(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's real tokens moved to the front (padding after them), in order: ``(ids, mask,
+    order)`` with ``new[i] = old[i, order[i]]``; ``out[i, order[i]] = result[i]`` undoes it."""
+    order = np.argsort(1 - mask, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(mask, order, axis=1), order
+
+
+def padded_before_tokens(mask: np.ndarray) -> bool:
+    """Whether some row has padding before one of its real tokens (left or inner padding)."""
+    return bool((np.diff(mask, axis=1) > 0).any())
+
+
 def decoder_meta(model: OnnxModel) -> dict[str, Any]:
     """``meta["decoder"]`` of an ONNX decoder, or what its config.json says where that is missing."""
     meta = dict((model.meta or {}).get("decoder") or {})
@@ -177,6 +195,10 @@ class OrtDecoderSession(DecoderSession):
     """An ONNX decoder in ONNX Runtime with the KV cache kept as OrtValues between steps."""
 
     runtime = "onnxruntime"
+    #: shared KV buffers (genai layout): at least this many positions, and room for this many
+    #: tokens past the prompt before the first doubling (SmolLM2: 46 KB a position for all layers)
+    kv_min_capacity = 256
+    kv_margin = 64
 
     def __init__(self, model: OnnxModel, *, provider: str = "cpu", threads: int | None = None,
                  allow_spinning: bool = DEFAULT_ALLOW_SPINNING, graph_optimization: str = "all",
@@ -241,6 +263,15 @@ class OrtDecoderSession(DecoderSession):
         self.max_positions = meta.get("max_positions")
         self.eos_token_ids = [int(t) for t in meta.get("eos_token_ids") or []]
         self.pad_token_id = meta.get("pad_token_id")
+        self._unpadded_only = meta.get("padding") == "unpadded-only"
+        self._layout = meta.get("layout")
+        # GroupQueryAttention writes the new keys/values into its past buffer when past and present
+        # are one tensor (ORT GenAI's past_present_share_buffer): no copy of the cache per token
+        self._shared = self._layout == "genai" and provider == "cpu"
+        if self._shared:
+            self.options["kv_cache"] = "shared-buffer"
+        self._buffers: list[Any] | None = None
+        self._capacity = 0
         self._past: list[Any] | None = None
         self._binding = self.session.io_binding()
 
@@ -291,17 +322,70 @@ class OrtDecoderSession(DecoderSession):
         return [self._value(np.zeros((batch, h, 0, d), dtype=self._cache_dtype)) for h, d in self._empty.values()]
 
     def _forward(self, ids, mask, positions, *, start, keep):
+        if start and self._unpadded_only and not mask.all():
+            raise BadInput(f"{self.model.path}: this {self._layout or 'unpadded-only'}-layout decoder (ORT GenAI's "
+                           "builder graph) cannot run a padded batch with a KV cache (its attention takes positions "
+                           "from the mask); generate one prompt at a time or export with backend dynamo")
+        if self._shared:
+            return self._run_shared(ids, mask, start=start, keep=keep)
         past = self._empties(ids.shape[0]) if start else self._past
         logits, self._past = self._run(ids, mask, positions, past, keep)
         return logits
 
+    def _run_shared(self, ids: np.ndarray, mask: np.ndarray, *, start: bool, keep: int) -> np.ndarray:
+        """One run with each layer's past and present bound to the same preallocated buffer
+        [batch, kv_heads, capacity, head_dim]; GroupQueryAttention appends in place and reads the
+        first ``mask.shape[1]`` positions. The buffer doubles (one copy) when it is full."""
+        total = int(mask.shape[1])
+        if start or self._buffers is None:
+            self._allocate(ids.shape[0], total)
+        elif total > self._capacity:
+            self._allocate(ids.shape[0], total, keep_from=self._buffers)
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        alive = [self._value(ids), self._value(mask)]
+        binding.bind_ortvalue_input("input_ids", alive[0])
+        binding.bind_ortvalue_input("attention_mask", alive[1])
+        if self._has_keep:
+            alive.append(self._value(np.array(keep, dtype=np.int64)))
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, alive[-1])
+        for past, present, buffer in zip(self._past_names, self._present_names, self._buffers):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[-1].numpy()
+        del alive
+        return logits.astype(np.float32, copy=False)
+
+    def _allocate(self, batch: int, total: int, keep_from: list[Any] | None = None) -> None:
+        capacity = max(self.kv_min_capacity, 1 << (total + self.kv_margin - 1).bit_length())
+        if self.max_positions:
+            capacity = max(total, min(capacity, int(self.max_positions)))
+        buffers = []
+        for i, (heads, dim) in enumerate(self._empty.values()):
+            array = np.zeros((batch, heads, capacity, dim), dtype=self._cache_dtype)
+            if keep_from is not None:
+                array[:, :, :self._capacity] = keep_from[i].numpy()
+            buffers.append(self._value(array))
+        self._buffers, self._capacity = buffers, capacity
+
     def _full(self, ids, mask, positions):
+        if self._unpadded_only and padded_before_tokens(mask):
+            ids, mask, order = right_align(ids, mask)
+            logits, _ = self._run(ids, mask, positions_from_mask(mask), self._empties(ids.shape[0]), 0)
+            out = np.empty_like(logits)
+            np.put_along_axis(out, order[:, :, None], logits, axis=1)
+            return out
         logits, _ = self._run(ids, mask, positions, self._empties(ids.shape[0]), 0)
         return logits
 
     def reset(self) -> None:
         super().reset()
         self._past = None
+        self._buffers = None
+        self._capacity = 0
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()

@@ -1,0 +1,63 @@
+"""edgesmith's own decoder artifacts as a benchmark contender (edgesmith's ``.venv``): an ONNX decoder
+folder that ``edgesmith export`` / ``edgesmith quantize`` wrote, run by edgesmith's
+:class:`~edgesmith.runtimes.decoder.OrtDecoderSession` (KV cache kept in ONNX Runtime through IO
+binding, intra-op spinning off, the LM head on the last position during prefill).
+
+Greedy and forced-length like every other worker (EOS ignored); TTFT = prefill + the first argmax;
+held-out logits with every position's logits from one forward pass (``logits_to_keep`` 0).
+
+    .venv/bin/python bench/llm_peer_edgesmith.py measure PROMPTS --model FOLDER --threads 2
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+_t0 = time.perf_counter()
+import numpy as np
+from llm_worker import main
+
+from edgesmith.artifacts import load
+from edgesmith.runtimes.decoder import OrtDecoderSession
+
+IMPORT_S = time.perf_counter() - _t0
+
+
+class EdgesmithBackend:
+    def __init__(self, folder: str, threads: int) -> None:
+        self.folder, self.threads = folder, threads
+        self.artifact = load(folder)
+        self.session = OrtDecoderSession(self.artifact, threads=threads)
+
+    def info(self) -> dict:
+        from importlib import metadata
+
+        quant = self.artifact.meta.get("quantization") or {}
+        return {"runtime": "edgesmith onnxruntime", "providers": list(self.session.providers),
+                "onnxruntime": metadata.version("onnxruntime"), "threads": self.threads, "model": self.folder,
+                "precision": self.artifact.meta.get("precision", "fp32"), "method": quant.get("method"),
+                "layout": (self.artifact.meta.get("decoder") or {}).get("layout")}
+
+    def generate(self, ids: list[int], new_tokens: int, mode: str | None):
+        self.session.reset()
+        stamps = [time.perf_counter()]
+        logits = self.session.prefill(np.asarray([ids], dtype=np.int64))
+        tokens = [int(logits[0].argmax())]
+        stamps.append(time.perf_counter())
+        for _ in range(new_tokens - 1):
+            logits = self.session.step(np.asarray([tokens[-1]], dtype=np.int64))
+            tokens.append(int(logits[0].argmax()))
+            stamps.append(time.perf_counter())
+        return tokens, stamps
+
+    def logits(self, ids: list[int]):
+        return np.asarray(self.session.logits(np.asarray([ids], dtype=np.int64))[0], dtype=np.float32)
+
+
+def _args(p) -> None:
+    p.add_argument("--model", required=True, help="an edgesmith decoder folder (ONNX with a KV cache)")
+
+
+if __name__ == "__main__":
+    sys.exit(main(lambda a: EdgesmithBackend(a.model, a.threads), sys.argv[1:], IMPORT_S, _args))

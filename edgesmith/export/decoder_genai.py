@@ -1,0 +1,438 @@
+"""Export a causal LM with ORT GenAI's model builder (the "genai" layout), checked on unpadded prompts.
+
+The builder's graph is validated token for token against PyTorch on each probe prompt alone.
+
+ORT GenAI's builder (``python -m onnxruntime_genai.models.builder``) writes the graph itself,
+op by op, from the checkpoint's weights: fused ``GroupQueryAttention`` (rotary embedding and the
+KV-cache concatenation inside one kernel), ``SkipSimplifiedLayerNormalization`` for the residual
+adds and norms, SiLU as one op. Per decoded token that is ~330 nodes for SmolLM2-135M against
+~2,200 in the dynamo graph's eager attention (:mod:`edgesmith.export.decoder`), and on a CPU the
+per-node cost of ONNX Runtime (5-10 us) is a large part of a 10-20 ms token (numbers in
+``bench/results/llm_backends.md``). It also survives transformers upgrades, since it does not
+trace the Python model.
+
+What it does not do: it has no ``position_ids`` input — GroupQueryAttention derives each row's
+positions from the attention mask's row sums, as if every row's real tokens came first — so a
+left-padded batch is wrong on its padded rows (SmolLM2: logits off by 29-32; unpadded rows match
+PyTorch to 1.5e-4). Its graphs are therefore recorded as ``meta["decoder"]["padding"] =
+"unpadded-only"``: :class:`~edgesmith.runtimes.decoder.OrtDecoderSession` refuses a padded prefill
+for them (one line, exit 2) and realigns left-padded rows to the right for full-sequence logits
+(scoring, KL divergence), which is exact for every real position.
+
+The export, in a temporary folder:
+
+1. the module (as it is in memory: a pruned or distilled model too) and its tokenizer are saved
+   with ``save_pretrained`` (the builder refuses a checkpoint without a tokenizer);
+2. the builder runs in a subprocess, FP32 on the CPU, with :data:`BUILDER_OPTIONS` — q/k/v kept
+   as three MatMuls (``fuse_qkv=false``) so that weight-only quantization with method ``gguf``
+   (:mod:`edgesmith.gguf.repack`, which matches each weight to *one* GGUF tensor by value) repacks
+   every projection; a failure is one line with the builder's last stderr line (BadInput, exit 2);
+3. the graph is edited (:func:`adapt_graph`): the tied embedding, which the builder stores as the
+   LM head's [hidden, vocab] matrix read through a Transpose by the embedding Gather, is stored
+   once as the [vocab, hidden] table (the Gather reads it directly, the LM head through the
+   Transpose, as in the dynamo export), so that the weight-only quantizers see the embedding and
+   the LM head as the usual pair; and a ``logits_to_keep`` input (Hugging Face's meaning: 0 keeps
+   every position, N the last N) slices the hidden states before the LM head, so a prefill does not
+   run the 49,152-wide head over the whole prompt. The folder then has the edgesmith input names
+   plus ``logits_to_keep`` (no ``position_ids``) and is no longer an ORT GenAI runtime folder (its
+   ``genai_config.json`` is not kept: that runtime does not feed ``logits_to_keep``);
+4. validation (:func:`validate_unpadded`): the probe prompts of the dynamo export, each alone
+   (batch 1, no padding): every position's prefill logits within ``atol`` of PyTorch, then
+   ``steps`` greedy tokens through each runtime's own KV-cache loop, token for token. A breach is
+   :class:`~edgesmith.errors.ValidationFailed` (exit 3) and nothing is written.
+
+Layer L4 (an exporter): imports artifacts, errors, storage, runtimes and the dynamo exporter's
+validation helpers.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.artifacts import META_FILE, ONNX_FILE, OnnxModel, TorchModel
+from edgesmith.errors import BadInput, EdgesmithError, ValidationFailed, first_line
+from edgesmith.export.decoder import (
+    DEFAULT_ATOL,
+    DEFAULT_STEPS,
+    _run_candidate,
+    compare_greedy,
+    decoder_record,
+    probe_batch,
+)
+from edgesmith.export.graph import write_companions
+from edgesmith.runtimes.decoder import LOGITS_TO_KEEP, OrtDecoderSession, TorchDecoderSession
+from edgesmith.storage import atomic_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "genai"
+PADDING = "unpadded-only"
+BUILDER_MODULE = "onnxruntime_genai.models.builder"
+#: the builder's --extra_options: q/k/v as separate MatMuls, so a GGUF repack matches each one
+#: (a fused qkv weight is three GGUF tensors side by side, which the repack's matcher does not take)
+BUILDER_OPTIONS = {"fuse_qkv": "false"}
+#: seconds the builder may take (SmolLM2-135M: 14-18 s on 2 shared cores)
+BUILDER_TIMEOUT_S = 1800
+DATA_FILE = ONNX_FILE + ".data"
+#: files of the builder's output folder that are not kept (see the module docstring, step 3)
+DROPPED_FILES = ("genai_config.json",)
+
+
+def builder_available() -> bool:
+    """Whether ``onnxruntime_genai`` (and so its model builder) is installed."""
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def builder_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnxruntime-genai")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# The export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_genai_decoder(model: TorchModel, out_folder: str | Path, *, atol: float = DEFAULT_ATOL,
+                         steps: int = DEFAULT_STEPS, probe: Any = None, threads: int | None = None) -> OnnxModel:
+    """Build ``model`` with ORT GenAI's builder into ``out_folder`` (replaced atomically) and
+    validate it; nothing is written when the build or the validation fails."""
+    out_folder = Path(out_folder)
+    with atomic_dir(out_folder) as tmp:
+        candidate = write_genai_decoder(model, tmp, atol=atol, steps=steps, probe=probe, threads=threads)
+        write_json_atomic(tmp / META_FILE, candidate._meta_json())
+    candidate.folder = out_folder
+    return candidate
+
+
+def write_genai_decoder(model: TorchModel, folder: Path, *, atol: float = DEFAULT_ATOL, steps: int = DEFAULT_STEPS,
+                        probe: Any = None, threads: int | None = None) -> OnnxModel:
+    """Build the graph into ``folder`` with its companions and validate it; returns the OnnxModel
+    (``meta["decoder"]`` with layout ``genai``, ``meta["validation"]``). On a failure the caller
+    removes ``folder`` (the export pass's scratch folder, or atomic_dir's)."""
+    check_exportable(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgesmith-genai-") as tmp:
+        source, built = Path(tmp) / "source", Path(tmp) / "built"
+        save_source(model, source)
+        run_builder(source, built, Path(tmp) / "cache", label=model.name)
+        adapted = adapt_graph(built / ONNX_FILE, folder, label=model.name)
+        for item in built.iterdir():
+            if item.is_file() and not item.name.startswith(ONNX_FILE) and item.name not in DROPPED_FILES:
+                shutil.copy2(item, folder / item.name)
+    export_s = time.perf_counter() - t0
+    write_companions(model, folder)
+    generation_config = getattr(model.module, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(folder))
+    meta = {**copy.deepcopy(model.meta), **graph_meta(model, folder / ONNX_FILE),
+            "decoder": genai_record(model, adapted), "export_seconds": round(export_s, 2)}
+    candidate = OnnxModel(task="text-generation", name=model.name, lineage=copy.deepcopy(model.lineage), meta=meta,
+                          folder=folder)
+    result = validate_unpadded(model, candidate, probe, steps=steps, atol=atol, threads=threads)
+    candidate.meta["validation"] = result
+    log.info("built %s with ORT GenAI's builder in %.1f s: prefill max abs diff %.2e, %d greedy steps equal on %d "
+             "unpadded prompts (decode max abs diff %.2e)", model.name, export_s, result["prefill_max_abs"],
+             result["steps"], len(result["prompt_tokens"]), result["decode_max_abs"])
+    return candidate
+
+
+def check_exportable(model: TorchModel) -> None:
+    if model.task != "text-generation" or not model.is_huggingface:
+        raise BadInput(f"{model.name}: the genai backend builds Hugging Face causal LMs (task text-generation), "
+                       f"got a {model.task} {type(model.module).__name__}; use backend dynamo")
+    if not builder_available():
+        raise BadInput("the genai backend needs ONNX Runtime GenAI's model builder: pip install onnxruntime-genai "
+                       "onnx-ir onnxscript (or use backend dynamo)")
+    if model.tokenizer is None:
+        raise BadInput(f"{model.name}: ORT GenAI's builder needs the model's tokenizer; put the tokenizer files "
+                       "(tokenizer.json, tokenizer_config.json) in the model folder, or use backend dynamo")
+    if model.structure:
+        raise BadInput(f"{model.name}: the model's shapes differ from its config (pruned heads or layers), which "
+                       "ORT GenAI's builder reads; export it with backend dynamo")
+
+
+def save_source(model: TorchModel, folder: Path) -> None:
+    """The module as it is, FP32 safetensors and tokenizer, for the builder to read."""
+    module = model.module
+    config = getattr(module, "config", None)
+    try:
+        if config is not None and getattr(config, "quantization_config", None) is not None:
+            raise BadInput(f"{model.name}: the module is still a quantized checkpoint (quantization_config); load "
+                           "its float weights (edgesmith load converts a GGUF to an FP32 folder) or use backend dynamo")
+        module.save_pretrained(str(folder))
+        model.tokenizer.save_pretrained(str(folder))
+    except EdgesmithError:
+        raise
+    except Exception as exc:  # transformers raises ValueError, OSError, NotImplementedError...
+        raise BadInput(f"{model.name}: cannot save the model for ORT GenAI's builder ({first_line(exc)}); "
+                       "use backend dynamo") from exc
+
+
+def builder_argv(source: Path, out: Path, cache: Path) -> list[str]:
+    options = [f"{k}={v}" for k, v in BUILDER_OPTIONS.items()]
+    return [sys.executable, "-m", BUILDER_MODULE, "-i", str(source), "-o", str(out), "-p", "fp32", "-e", "cpu",
+            "-c", str(cache), "--extra_options", *options]
+
+
+def run_builder(source: Path, out: Path, cache: Path, *, label: str, timeout: float = BUILDER_TIMEOUT_S) -> None:
+    """The builder in a subprocess (it imports torch and transformers, sets global state and prints
+    a lot); a failure is one line with the last line it wrote to stderr."""
+    argv = builder_argv(source, out, cache)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    log.debug("running %s", " ".join(argv))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise BadInput(f"ORT GenAI's builder did not finish building {label} within {timeout:.0f} s; "
+                       "use backend dynamo") from exc
+    if proc.returncode != 0 or not (out / ONNX_FILE).exists():
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        last = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+        raise BadInput(f"ORT GenAI's builder cannot build {label}: {last} (use backend dynamo)")
+    log.debug("builder output:\n%s", proc.stdout[-4000:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing the builder's graph
+# ---------------------------------------------------------------------------------------------
+
+
+def adapt_graph(source: Path, folder: Path, *, label: str) -> dict[str, Any]:
+    """Write the builder's graph into ``folder`` with the tied embedding stored once as the
+    [vocab, hidden] table and a ``logits_to_keep`` input before the LM head (module docstring,
+    step 3). Returns what was done: ``{"logits": "selectable" | "all", "tied_embedding": bool}``."""
+    import onnx
+
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:  # onnx raises DecodeError, OSError...
+        raise EdgesmithError(f"{label}: cannot read the builder's graph ({first_line(exc)})") from exc
+    graph = model.graph
+    tied = untie_embedding_transpose(graph)
+    keep = add_logits_to_keep(graph)
+    if not keep:
+        log.warning("%s: no LM head MatMul found in the builder's graph; logits of every position are computed", label)
+    decomposed = decompose_simplified_layernorm(graph)
+    onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    try:
+        onnx.checker.check_model(str(folder / ONNX_FILE))
+    except Exception as exc:  # onnx's checker raises its own ValidationError
+        raise BadInput(f"{label}: ORT GenAI's builder wrote a graph that fails onnx.checker ({first_line(exc)}); "
+                       "use backend dynamo") from exc
+    return {"logits": "selectable" if keep else "all", "tied_embedding": tied, "decomposed_norms": decomposed}
+
+
+def _lm_head(graph):
+    """The MatMul whose output is (or alone feeds) the ``logits`` output."""
+    producers = {o: n for n in graph.node for o in n.output}
+    name = "logits"
+    for _ in range(6):  # logits <- [Cast/Mul/Tanh/Add...] <- MatMul
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return node
+        name = node.input[0]
+    return None
+
+
+def untie_embedding_transpose(graph) -> bool:
+    """``Gather(Transpose(W), ids)`` with W the LM head's [hidden, vocab] weight -> ``Gather(E, ids)``
+    and ``MatMul(x, Transpose(E))`` with E = W^T stored once. Returns whether it applied."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    head = _lm_head(graph)
+    if head is None or head.input[1] not in inits:
+        return False
+    weight = inits[head.input[1]]
+    for node in graph.node:
+        if node.op_type != "Gather" or node.input[0] not in producers:
+            continue
+        transpose = producers[node.input[0]]
+        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
+        if transpose.op_type != "Transpose" or transpose.input[0] != weight.name or perm not in ([], [[1, 0]]):
+            continue
+        table = numpy_helper.to_array(weight).T.copy()
+        name = "model.embed_tokens.weight"
+        while name in inits:
+            name += "_"
+        graph.initializer.append(numpy_helper.from_array(table, name))
+        node.input[0] = name
+        transpose.input[0] = name
+        head.input[1] = transpose.output[0]
+        keep = [i for i in graph.initializer if i.name != weight.name]
+        graph.ClearField("initializer")
+        graph.initializer.extend(keep)
+        return True
+    return False
+
+
+def add_logits_to_keep(graph) -> bool:
+    """An int64 scalar input ``logits_to_keep``: the LM head sees hidden positions
+    ``[(seq - keep) % seq, seq)`` only (0 keeps all). Returns whether it applied."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    head = _lm_head(graph)
+    if head is None or any(i.name == LOGITS_TO_KEEP for i in graph.input):
+        return False
+    hidden = head.input[0]
+    base = "/model/logits_to_keep"
+    consts = {f"{base}/one": np.array([1], dtype=np.int64), f"{base}/end": np.array([np.iinfo(np.int64).max]),
+              f"{base}/axis": np.array([1], dtype=np.int64)}
+    graph.initializer.extend(numpy_helper.from_array(v.astype(np.int64), k) for k, v in consts.items())
+    nodes = [
+        helper.make_node("Shape", [hidden], [f"{base}/seq"], name=f"{base}/Shape", start=1, end=2),
+        helper.make_node("Reshape", [LOGITS_TO_KEEP, f"{base}/one"], [f"{base}/keep"], name=f"{base}/Reshape"),
+        helper.make_node("Sub", [f"{base}/seq", f"{base}/keep"], [f"{base}/rest"], name=f"{base}/Sub"),
+        helper.make_node("Mod", [f"{base}/rest", f"{base}/seq"], [f"{base}/start"], name=f"{base}/Mod"),
+        helper.make_node("Slice", [hidden, f"{base}/start", f"{base}/end", f"{base}/axis"], [f"{base}/hidden"],
+                         name=f"{base}/Slice"),
+    ]
+    head.input[0] = f"{base}/hidden"
+    index = list(graph.node).index(head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    for output in graph.output:
+        if output.name == "logits" and len(output.type.tensor_type.shape.dim) == 3:
+            dim = output.type.tensor_type.shape.dim[1]
+            dim.Clear()
+            dim.dim_param = "logits_sequence_length"
+    return True
+
+
+def decompose_simplified_layernorm(graph) -> int:
+    """The builder writes ONNX Runtime's contrib op ``SimplifiedLayerNormalization`` (RMSNorm) in
+    the *default* domain, which onnx's checker (and so edgesmith's loader) rejects; it is rewritten
+    as ``x / Sqrt(ReduceMean(Pow(x, 2)) + eps) * scale``, the pattern ONNX Runtime's own
+    optimizer fuses back into that op when the session loads. Returns how many were rewritten
+    (SmolLM2: one, the first layer's input norm; the others are SkipSimplifiedLayerNormalization
+    in com.microsoft)."""
+    from onnx import helper, numpy_helper
+
+    count = 0
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis, eps = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
+        base = (node.name or f"/simplified_layernorm_{count}") + "/decomposed"
+        graph.initializer.extend([numpy_helper.from_array(np.array(2.0, dtype=np.float32), f"{base}/two"),
+                                  numpy_helper.from_array(np.array(eps, dtype=np.float32), f"{base}/eps"),
+                                  numpy_helper.from_array(np.array([axis], dtype=np.int64), f"{base}/axes")])
+        x, scale = node.input[0], node.input[1]
+        nodes += [
+            helper.make_node("Pow", [x, f"{base}/two"], [f"{base}/sq"], name=f"{base}/Pow"),
+            helper.make_node("ReduceMean", [f"{base}/sq", f"{base}/axes"], [f"{base}/mean"], name=f"{base}/ReduceMean",
+                             keepdims=1),
+            helper.make_node("Add", [f"{base}/mean", f"{base}/eps"], [f"{base}/var"], name=f"{base}/Add"),
+            helper.make_node("Sqrt", [f"{base}/var"], [f"{base}/std"], name=f"{base}/Sqrt"),
+            helper.make_node("Div", [x, f"{base}/std"], [f"{base}/normed"], name=f"{base}/Div"),
+            helper.make_node("Mul", [f"{base}/normed", scale], [node.output[0]], name=f"{base}/Mul"),
+        ]
+        count += 1
+    if count:
+        graph.ClearField("node")
+        graph.node.extend(nodes)
+    return count
+
+
+def graph_meta(model: TorchModel, path: Path) -> dict[str, Any]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"model_type": getattr(model.config, "model_type", None), "opset": opset,
+            "exporter": f"onnxruntime-genai model builder {builder_version()} ({', '.join(f'{k}={v}' for k, v in BUILDER_OPTIONS.items())})",
+            "attention": "GroupQueryAttention", "source_hash": model.content_hash()}
+
+
+def genai_record(model: TorchModel, adapted: dict[str, Any]) -> dict[str, Any]:
+    """``meta["decoder"]`` for a builder graph: the dynamo record's fields with layout ``genai``."""
+    import torch
+
+    config = model.config.get_text_config(decoder=True)
+    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    dtype = next(model.module.parameters()).dtype
+    shape = {"num_layers": int(config.num_hidden_layers), "num_kv_heads": heads, "head_dim": head_dim,
+             "dtype": torch.float32 if dtype != torch.float32 else dtype}
+    record = decoder_record(model, shape)
+    record.update({"layout": LAYOUT, "padding": PADDING, "logits": adapted["logits"],
+                   "logits_input": LOGITS_TO_KEEP if adapted["logits"] == "selectable" else None})
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def unpadded_rows(model: TorchModel, probe: Any = None, *, steps: int = DEFAULT_STEPS) -> tuple[list[np.ndarray], str]:
+    """The dynamo export's probe prompts (:func:`~edgesmith.export.decoder.probe_batch`), each
+    without its padding: a list of [1, n] id arrays of different lengths."""
+    ids, mask, source = probe_batch(model, probe, steps=steps)
+    return [ids[i][mask[i].astype(bool)][None, :] for i in range(ids.shape[0])], source
+
+
+def validate_unpadded(torch_model: TorchModel, onnx_model: OnnxModel | str | Path, probe: Any = None, *,
+                      steps: int = DEFAULT_STEPS, atol: float = DEFAULT_ATOL, threads: int | None = None) -> dict:
+    """PyTorch against ONNX Runtime on each probe prompt alone (batch 1, no padding): every
+    position's prefill logits within ``atol``, then ``steps`` greedy tokens token for token
+    (:func:`~edgesmith.export.decoder.compare_greedy`). Raises :class:`ValidationFailed`."""
+    if not isinstance(onnx_model, OnnxModel):
+        folder = Path(onnx_model)
+        meta = json.loads((folder / META_FILE).read_text()).get("meta", {}) if (folder / META_FILE).exists() else {}
+        onnx_model = OnnxModel(task="text-generation", name=folder.name, folder=folder, meta=meta)
+    rows, source = unpadded_rows(torch_model, probe, steps=steps)
+    label = f"genai export of {torch_model.name}"
+    reference = TorchDecoderSession(torch_model, threads=threads)
+    candidate = OrtDecoderSession(onnx_model, threads=threads)
+    prefill, worst, equal, ties = 0.0, 0.0, [], []
+    try:
+        for index, row in enumerate(rows):
+            ref_all = reference.logits(row)
+            cand_all = _run_candidate(candidate.logits, label, row)
+            if ref_all.shape != cand_all.shape:
+                raise ValidationFailed(f"{label}: ONNX logits have shape {cand_all.shape}, PyTorch {ref_all.shape}")
+            diff = np.nan_to_num(np.abs(ref_all - cand_all), nan=np.inf).max(axis=-1)[0]
+            if not diff.max() <= atol:
+                raise ValidationFailed(f"{label} fails validation: prefill logits max abs diff {diff.max():.3g} > atol "
+                                       f"{atol:g} (prompt {index} of {row.shape[1]} tokens, position {int(diff.argmax())})")
+            prefill = max(prefill, float(diff.max()))
+            decode = compare_greedy(reference, candidate, row, np.ones_like(row), steps=steps, atol=atol,
+                                    label=f"{label} (prompt {index} of {row.shape[1]} tokens)")
+            worst = max(worst, decode["decode_max_abs"])
+            equal += decode["tokens_equal"]
+            ties += [{**t, "row": index} for t in decode["ties"]]
+    finally:
+        reference.close()
+        candidate.close()
+    return {"probe": source, "batch": 1, "padding": "none (each prompt alone)",
+            "prompt_tokens": [int(r.shape[1]) for r in rows], "prefill_max_abs": prefill, "atol": atol, "steps": steps,
+            "tokens_equal": equal, "decode_max_abs": worst, "ties": ties, "providers": candidate.providers}
