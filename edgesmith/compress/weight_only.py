@@ -72,6 +72,7 @@ from pydantic import field_validator, model_validator
 
 from edgesmith.artifacts import META_FILE, ONNX_FILE, OnnxModel
 from edgesmith.errors import BadInput, GateFailed
+from edgesmith.onnx_graph.nodes import name_nodes
 from edgesmith.passes import Context, PassConfig, make_config
 
 log = logging.getLogger(__name__)
@@ -217,18 +218,6 @@ class Candidates:
 
     def members(self, group: str) -> list[str]:
         return [n for n, g in self.groups.items() if g == group]
-
-
-def name_nodes(graph) -> None:
-    """Give every unnamed node a unique name (the quantizer and the report select nodes by name)."""
-    taken = {n.name for n in graph.node if n.name}
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            candidate = f"{node.op_type}_{i}"
-            while candidate in taken:
-                candidate += "_"
-            node.name = candidate
-            taken.add(candidate)
 
 
 def materialize_transposed_weights(graph) -> int:

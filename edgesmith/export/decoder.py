@@ -113,10 +113,7 @@ def write_decoder(model: TorchModel, folder: Path, *, opset: int | None = None, 
     t0 = time.perf_counter()
     export_decoder_graph(module, folder / ONNX_FILE, shape, opset=opset, label=model.name)
     export_s = time.perf_counter() - t0
-    write_companions(model, folder)
-    generation_config = getattr(model.module, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(str(folder))
+    write_decoder_companions(model, folder)
     meta = {**copy.deepcopy(model.meta), **graph_meta(model, folder / ONNX_FILE),
             "decoder": decoder_record(model, shape), "export_seconds": round(export_s, 2)}
     candidate = OnnxModel(task="text-generation", name=model.name, lineage=copy.deepcopy(model.lineage), meta=meta,
@@ -127,6 +124,14 @@ def write_decoder(model: TorchModel, folder: Path, *, opset: int | None = None, 
              "(decode max abs diff %.2e)", model.name, export_s, result["prefill_max_abs"], result["steps"],
              result["decode_max_abs"])
     return candidate
+
+
+def write_decoder_companions(model: TorchModel, folder: Path) -> None:
+    """Config, tokenizer (with its chat template) and generation config beside the graph."""
+    write_companions(model, folder)
+    generation_config = getattr(model.module, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(folder))
 
 
 def prepare_decoder(model: TorchModel):

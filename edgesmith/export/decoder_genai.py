@@ -71,8 +71,8 @@ from edgesmith.export.decoder import (
     compare_greedy,
     decoder_record,
     probe_batch,
+    write_decoder_companions,
 )
-from edgesmith.export.graph import write_companions
 from edgesmith.runtimes.decoder import LOGITS_TO_KEEP, OrtDecoderSession, TorchDecoderSession
 from edgesmith.storage import atomic_dir, write_json_atomic
 
@@ -140,10 +140,7 @@ def write_genai_decoder(model: TorchModel, folder: Path, *, atol: float = DEFAUL
             if item.is_file() and not item.name.startswith(ONNX_FILE) and item.name not in DROPPED_FILES:
                 shutil.copy2(item, folder / item.name)
     export_s = time.perf_counter() - t0
-    write_companions(model, folder)
-    generation_config = getattr(model.module, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(str(folder))
+    write_decoder_companions(model, folder)
     meta = {**copy.deepcopy(model.meta), **graph_meta(model, folder / ONNX_FILE),
             "decoder": genai_record(model, adapted), "export_seconds": round(export_s, 2)}
     candidate = OnnxModel(task="text-generation", name=model.name, lineage=copy.deepcopy(model.lineage), meta=meta,
