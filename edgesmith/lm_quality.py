@@ -302,9 +302,20 @@ def onnx_logits(model: OnnxModel, *, threads: int | None = None, provider: str =
     outputs = [o.name for o in session.session.get_outputs()]
     logits_name = "logits" if "logits" in outputs else outputs[0]
 
+    from edgesmith.runtimes.decoder import padded_before_tokens, right_align
+
+    realign = unpadded_only(model)
+
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        order = None
+        if realign and padded_before_tokens(np.asarray(attention_mask)):
+            input_ids, attention_mask, order = right_align(np.asarray(input_ids), np.asarray(attention_mask))
         feeds = spec.feeds(input_ids, attention_mask)
         logits = session.session.run([logits_name], feeds)[0]
+        if order is not None:
+            back = np.empty_like(logits)
+            np.put_along_axis(back, order[:, :, None], logits, axis=1)
+            logits = back
         if logits.ndim != 3 or logits.shape[1] != input_ids.shape[1]:
             raise BadInput(f"{model.path}: output {logits_name} has shape {list(logits.shape)} for {input_ids.shape[1]} "
                            "tokens; scoring needs logits for every position (re-export with logits: all)")
@@ -312,6 +323,12 @@ def onnx_logits(model: OnnxModel, *, threads: int | None = None, provider: str =
 
     run.session = session  # type: ignore[attr-defined]  # kept alive with the callable
     return run
+
+
+def unpadded_only(model: Any) -> bool:
+    """A decoder graph that is only right on unpadded or right-padded rows (``meta["decoder"]
+    ["padding"] == "unpadded-only"``: ORT GenAI builder graphs, edgesmith.export.decoder_genai)."""
+    return isinstance(model, OnnxModel) and ((model.meta or {}).get("decoder") or {}).get("padding") == "unpadded-only"
 
 
 def logits_fn(model: Artifact | LogitsFn, **options: Any) -> LogitsFn:
@@ -408,6 +425,8 @@ def lm_fidelity(candidate: Artifact | LogitsFn, reference: Artifact | LogitsFn, 
     "perplexity_reference", "tokens"}``."""
     if batches is None:
         tokenizer = tokenizer or getattr(candidate, "tokenizer", None) or getattr(reference, "tokenizer", None)
+        if any(unpadded_only(m) for m in (candidate, reference)):
+            padding_side = "right"  # ORT GenAI builder graphs: wrong on left-padded rows, right on right-padded
         batches = heldout_batches(tokenizer, count=passages_count, tokens=passage_tokens, batch_size=batch_size,
                                   padding_side=padding_side)
     options = {"threads": threads} if threads else {}

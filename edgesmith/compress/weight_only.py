@@ -245,6 +245,12 @@ def materialize_transposed_weights(graph) -> int:
             done[t.output[0]] = name
         node.input[1] = done[t.output[0]]
         count += 1
+    if count:  # a Transpose nothing reads any more would keep its float table alive in the quantized graph
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        live = [n for n in graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
+        if len(live) != len(graph.node):
+            graph.ClearField("node")
+            graph.node.extend(live)
     return count
 
 

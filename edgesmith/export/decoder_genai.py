@@ -5,11 +5,13 @@ The builder's graph is validated token for token against PyTorch on each probe p
 ORT GenAI's builder (``python -m onnxruntime_genai.models.builder``) writes the graph itself,
 op by op, from the checkpoint's weights: fused ``GroupQueryAttention`` (rotary embedding and the
 KV-cache concatenation inside one kernel), ``SkipSimplifiedLayerNormalization`` for the residual
-adds and norms, SiLU as one op. Per decoded token that is ~330 nodes for SmolLM2-135M against
-~2,200 in the dynamo graph's eager attention (:mod:`edgesmith.export.decoder`), and on a CPU the
-per-node cost of ONNX Runtime (5-10 us) is a large part of a 10-20 ms token (numbers in
-``bench/results/llm_backends.md``). It also survives transformers upgrades, since it does not
-trace the Python model.
+adds and norms, SiLU as one op. SmolLM2-135M: 412 nodes against 1,928 in the dynamo graph's eager
+attention (:mod:`edgesmith.export.decoder`); after the exact GGUF repack 914 against 2,317 run per
+token. On a CPU the per-node cost of ONNX Runtime is a large part of a 10-20 ms token: the repacked
+genai graph decodes 27 % faster than the repacked dynamo graph in the same rounds (37.1 against 29.1
+tokens/s on the loaded 2-core machine, ``bench/results/llm_backends.md``). The runtime keeps its
+cache in place (:class:`~edgesmith.runtimes.decoder.OrtDecoderSession`'s shared buffer: +9-13 %).
+It also survives transformers upgrades, since it does not trace the Python model.
 
 What it does not do: it has no ``position_ids`` input — GroupQueryAttention derives each row's
 positions from the attention mask's row sums, as if every row's real tokens came first — so a
