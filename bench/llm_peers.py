@@ -80,7 +80,8 @@ class Spec:
     worker: str  # contenders with the same worker share one process (same model, two modes)
     mode: str | None = None
     size_bytes: int | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # shown under the table
+    error: str | None = None  # set when the contender could not be made: a failed row, no worker
 
 
 def _size(*paths: Path) -> int:
@@ -170,8 +171,18 @@ def specs(keys: list[str], src: dict[str, Any], *, threads: int = 2) -> list[Spe
             spec = Spec(key, "Optimum ORTModelForCausalLM FP32", "optimum", optimum_env.python(),
                         "llm_peer_optimum.py", ["--model", str(folder), *t], worker=key,
                         size_bytes=_size(folder) if folder.exists() else None)
-            if not (src.get("optimum_export") or {}).get("ok"):
-                spec.notes.append("export failed: " + str((src.get("optimum_export") or {}).get("error")))
+            export = src.get("optimum_export") or {}
+            if not export.get("ok"):
+                spec.error = "export failed: " + str(export.get("error"))
+            for change in export.get("config_changes") or []:
+                spec.notes.append(f"exported from a copy of the FP32 config with {change}: transformers 4.57 "
+                                  "(optimum-onnx's pin) does not read transformers 5's `rope_parameters` and would "
+                                  "silently export rope_theta 10000")
+            if export.get("ok"):
+                spec.notes.append(f"export {export.get('export_s', 0):.0f} s; logits max |diff| "
+                                  f"{export.get('max_abs_logit_diff', float('nan')):.1e} vs transformers 4.57, greedy "
+                                  f"{'equal' if export.get('greedy_equal') else 'different'}; one model.onnx with the "
+                                  "tied embedding stored twice (Optimum's weight deduplication needs accelerate)")
             out.append(spec)
         else:
             raise SystemExit(f"unknown contender {key!r}; known: {', '.join(DEFAULT + ('optimum-fp32',))}")
@@ -245,9 +256,10 @@ def measure(contenders: list[Spec], prompts: str, *, rounds: int = 3, new_tokens
         results[spec.key] = {"label": spec.label, "family": spec.family, "mode": spec.mode, "worker": spec.worker,
                              "size_bytes": spec.size_bytes, "status": "ok", "notes": list(spec.notes),
                              "runs": {n: [] for n in lengths}}
-        if spec.worker in workers or any(n.startswith("export failed") for n in spec.notes):
-            if spec.notes:
-                results[spec.key]["status"] = "failed"
+        if spec.error:
+            results[spec.key].update(status="failed", notes=results[spec.key]["notes"] + [spec.error])
+            continue
+        if spec.worker in workers:
             continue
         try:
             workers[spec.worker] = Worker(spec, prompts, work / "logs", timeout)
@@ -408,7 +420,8 @@ def markdown(doc: dict[str, Any]) -> str:
     first = lengths[0]
     head = ["contender", "status", f"decode tok/s @{first} [95% CI]", "× PyTorch decode [95% CI]"]
     head += [f"TTFT @{n} ms [95% CI]" for n in lengths]
-    head += ["size MB", "peak RSS MB", "load s", f"greedy = FP32 ({s['new_tokens']} tok @{first})"]
+    head += ["size MB", "peak RSS MB", "load s", f"greedy = FP32 ({s['new_tokens']} tok @{first})",
+             "load avg in its runs"]
     with_q = any(r.get("quality") for r in doc["contenders"].values())
     if with_q:
         head += ["KL to FP32", "top-1", "ppl"]
@@ -427,7 +440,8 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{r['load_s']:.2f}" if r.get("load_s") is not None else "-",
                   ("reference" if key == REFERENCE else
                    f"{ag['identical_prefix']}/{ag['of']} identical prefix, {ag['matches']}/{ag['of']} equal")
-                  if ag else "-"]
+                  if ag else "-",
+                  "{:.1f}–{:.1f}".format(min(ld), max(ld)) if (ld := [x for e in sm.values() for x in e["load1"]]) else "-"]
         if with_q:
             q = r.get("quality") or {}
             cells += [f"{q['kld']:.4f}" if q else "-", f"{q['top1']:.3f}" if q else "-",
@@ -452,6 +466,10 @@ def markdown(doc: dict[str, Any]) -> str:
         uncontended = []
     la = doc["load_average"]
     notes = [f"- `{k}`: " + "; ".join(r["notes"]) for k, r in doc["contenders"].items() if r.get("notes")]
+    if "GGML_AMX_INT8=OFF" in str(doc["versions"].get("cmake_args")):
+        notes.append("- llama.cpp is built without its AMX kernels on this AMX CPU: a native build's AMX path crashes "
+                     "(SIGSEGV in `llama_decode`) on every batch of more than one token here, for Q4_1, Q4_0, Q8_0 "
+                     "and Q4_K_M alike (llama.cpp #20824); see `bench/llamacpp_env.py`")
     return "\n".join([
         "# Decoder peers: SmolLM2-135M-Instruct on the CPU",
         "",
@@ -459,9 +477,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} logical cores, threads = {s['threads']} for every contender; "
         f"load average (1 min) at start {la['start'][0]:.2f}, end {la['end'][0]:.2f}, "
-        f"during the rounds {min(la['rounds']):.2f}–{max(la['rounds']):.2f}"
-        + (" — **the machine was busy (other jobs): absolute numbers are low and noisy; compare within a round**"
-           if max(la['rounds'] + [la['start'][0]]) > 1.5 else "") + ".",
+        f"during the rounds {min(la['rounds']):.2f}–{max(la['rounds']):.2f} (this benchmark's own 2 threads "
+        "count ~2)" + _contention_line(doc) + ".",
         f"{s['rounds']} rounds in a rotating order, each a warm-up of {s['warmup_tokens']} tokens then one greedy "
         f"generation of {s['new_tokens']} new tokens (EOS ignored) per prompt length ({', '.join(lengths)} tokens "
         "of held-out corpus text, the same token ids for everyone). Medians over rounds with 95 % bootstrap "
@@ -475,6 +492,17 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         *(["Notes:", *notes, ""] if notes else []),
     ])
+
+
+def _contention_line(doc: dict[str, Any]) -> str:
+    """How many timed runs did not get their cores (CPU share below FULL_SHARE), when measured."""
+    shares = [sh for r in doc["contenders"].values() for e in (r.get("summary") or {}).values()
+              for sh in e.get("cpu_share", []) if sh is not None]
+    if not shares:
+        return ""
+    low = sum(sh < FULL_SHARE for sh in shares)
+    text = f"; {low} of {len(shares)} timed runs got less than {FULL_SHARE:.0%} of their cores (other jobs)"
+    return text + (" — **mostly contended: absolute numbers are low and noisy**" if low > len(shares) / 2 else "")
 
 
 def machine() -> dict[str, Any]:
