@@ -41,6 +41,7 @@ threads = 2 decoded SmolLM2 at 0.5 tokens/s with OpenMP's default and 8.7 with P
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from typing import Any
 
 import numpy as np
@@ -137,12 +138,14 @@ class DecoderSession(Session):
             raise BadInput(f"{total} tokens exceed the model's context of {self.max_positions}; "
                            "shorten the prompt or lower max_new_tokens")
 
+    @abstractmethod
     def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, *, start: bool,
-                 keep: int) -> np.ndarray:  # pragma: no cover - each subclass defines it
-        raise NotImplementedError
+                 keep: int) -> np.ndarray:
+        """Run ``ids`` after the cache (``start``: a new sequence); the last ``keep`` positions' logits."""
 
-    def _full(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _full(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Every position's logits of ``ids``, without touching the cache."""
 
 
 def _check_batch(input_ids: np.ndarray, attention_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
