@@ -410,6 +410,52 @@ class EarlyExitModel(FolderArtifact):
         return model
 
 
+# ---------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp)
+# ---------------------------------------------------------------------------------------------
+
+GGUF_FILE = "model.gguf"
+
+
+@dataclass
+class GgufModel(FolderArtifact):
+    """A GGUF file for llama.cpp (``model.gguf``) with the tokenizer and config files of its source.
+    ``meta["gguf_export"]`` records the quant type, every tensor's type and the verdict against the
+    source (:mod:`edgesmith.export.gguf`)."""
+
+    kind: ClassVar[str] = "gguf"
+
+    @property
+    def path(self) -> Path:
+        assert self.folder is not None
+        return self.folder / GGUF_FILE
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits"]
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(sha256_file(self.path).encode())
+        digest.update(self.task.encode())
+        return digest.hexdigest()
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    @classmethod
+    def load_folder(cls, path: Path, meta: dict) -> GgufModel:
+        if not (path / GGUF_FILE).exists():
+            raise BadInput(f"{path}: edgesmith.json says kind 'gguf' but {GGUF_FILE} is missing; write it again with "
+                           "`edgesmith export MODEL --to gguf`")
+        return cls(task=meta.get("task", "text-generation"), name=meta.get("name", path.name),
+                   lineage=meta.get("lineage", []), meta=meta.get("meta", {}), folder=path)
+
+
 def copy_companions(source: Path, target: Path) -> None:
     """Tokenizer, config and other files of the input folder; not its graph or edgesmith.json."""
     for f in source.iterdir():
@@ -419,7 +465,7 @@ def copy_companions(source: Path, target: Path) -> None:
 
 
 ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel, "tensorrt": TensorRTEngine,
-                                             "early-exit": EarlyExitModel}
+                                             "early-exit": EarlyExitModel, "gguf": GgufModel}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +704,8 @@ def _load_gguf(path: Path, task: str | None) -> TorchModel:
     model.name = SMOLLM2_NAME if is_smollm2(path) else path.stem
     model.meta = {"source": str(path), "gguf": {
         "path": str(path.resolve()), "sha256": record["sha256"], "architecture": record["architecture"],
-        "quant_summary": record["quant_summary"], "quant_types": record["quant_types"], "folder": str(folder)}}
+        "quant_summary": record["quant_summary"], "quant_types": record["quant_types"], "folder": str(folder)},
+        "origin": {"gguf": str(path.resolve())}}
     return model
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
+from edgesmith.artifacts import GGUF_FILE, Artifact, GgufModel, OnnxModel, TorchModel
 from edgesmith.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -331,12 +331,42 @@ def unpadded_only(model: Any) -> bool:
     return isinstance(model, OnnxModel) and ((model.meta or {}).get("decoder") or {}).get("padding") == "unpadded-only"
 
 
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_logits(model: GgufModel, runtime: str = "auto", *, threads: int | None = None) -> tuple[LogitsFn, str]:
+    """A logits callable for a GGUF artifact and the name of what computes it: llama.cpp (one row
+    at a time: its session holds one sequence) when installed, else transformers reading the file
+    back (its weights dequantized: the weights' rounding only, not llama.cpp's 8-bit activations)."""
+    if runtime == "llamacpp" or (runtime == "auto" and llamacpp_available()):
+        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
+
+        session = LlamaCppDecoderSession(model.path, threads=threads)
+
+        def logits(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+            rows = [session.logits(input_ids[i:i + 1], attention_mask[i:i + 1]) for i in range(input_ids.shape[0])]
+            return np.concatenate(rows, axis=0)
+
+        return logits, "llama.cpp"
+    import torch
+    import transformers
+
+    module = transformers.AutoModelForCausalLM.from_pretrained(str(model.folder), gguf_file=GGUF_FILE,
+                                                               dtype=torch.float32).eval()
+    return torch_logits(TorchModel(task="text-generation", module=module, tokenizer=model.tokenizer)), "transformers"
+
+
 def logits_fn(model: Artifact | LogitsFn, **options: Any) -> LogitsFn:
     """A logits callable for an artifact (TorchModel or decoder OnnxModel), or the callable itself."""
     if isinstance(model, TorchModel):
         return torch_logits(model)
     if isinstance(model, OnnxModel):
         return onnx_logits(model, **options)
+    if isinstance(model, GgufModel):
+        return gguf_logits(model, threads=options.get("threads"))[0]
     if callable(model):
         return model
     raise BadInput(f"cannot score a {getattr(model, 'kind', type(model).__name__)} model as a decoder; "

@@ -125,6 +125,8 @@ class Pass(ABC):
         if out is artifact:
             raise RuntimeError(f"pass '{self.name}' returned its input; passes must return a new artifact")
         report, ctx.report = ctx.report, {}
+        if ORIGIN_KEY in artifact.meta and ORIGIN_KEY not in out.meta:  # where the first artifact came from
+            out.meta[ORIGIN_KEY] = artifact.meta[ORIGIN_KEY]
         out.lineage = lineage_before + [{
             "pass": self.name,
             "config": self.config.model_dump(mode="json"),
@@ -158,7 +160,12 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize-segments": "edgesmith.early_exit.passes:QuantizeSegmentsPass",
     "export": "edgesmith.export.onnx:ExportPass",
     "tensorrt": "edgesmith.tensorrt.build:TensorRTPass",
+    "gguf": "edgesmith.export.gguf:GgufPass",
 }
+
+#: ``meta`` key every pass carries from its input to its output: where the source model came from
+#: (``{"gguf": path}`` for a model read from a GGUF; GGUF export reads the file's tokenizer name there)
+ORIGIN_KEY = "origin"
 
 #: passes registered by @register (scripts, plug-ins) and built-ins once imported
 _REGISTRY: dict[str, type[Pass]] = {}

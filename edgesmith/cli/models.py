@@ -50,8 +50,17 @@ def inspect_command(
 
 @app.command("export")
 def export_command(
-    model: str = typer.Argument("minilm", help="Model folder or 'minilm' (--to onnx); an ONNX model (--to tensorrt)."),
-    to: str = typer.Option("onnx", "--to", help="Target format: onnx or tensorrt."),
+    model: str = typer.Argument("minilm", help="Model folder, 'minilm' or 'smollm2' (--to onnx, --to gguf); an ONNX "
+                                "model (--to tensorrt)."),
+    to: str = typer.Option("onnx", "--to", help="Target format: onnx, gguf (llama.cpp) or tensorrt."),
+    quant: str = typer.Option("f16", "--quant", help="gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; K-quants "
+                              "(q4_k_m, q5_k_m, q6_k, ...) with llama-cpp-python installed."),
+    embeddings: str | None = typer.Option(None, "--embeddings", help="gguf: type of the token embedding "
+                                          "(default q8_0 under 4/5-bit quants)."),
+    tokenizer_pre: str | None = typer.Option(None, "--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name "
+                                             "(default: the source GGUF's, else 'default')."),
+    max_kld: float | None = typer.Option(None, "--max-kld", help="gguf: fail (exit 3) above this KL to the source."),
+    min_top1: float | None = typer.Option(None, "--min-top1", help="gguf: fail (exit 3) below this top-1 agreement."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     atol: float | None = typer.Option(None, "--atol", help="Largest allowed max abs difference in validation "
                                       "(default: 1e-3 for onnx; per precision for tensorrt)."),
@@ -70,14 +79,25 @@ def export_command(
     cache_dir: Path | None = CACHE_DIR,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Export to ONNX (dynamic batch and sequence) or build a TensorRT engine from an ONNX model,
-    validated against its source on probe inputs."""
+    """Export to ONNX (dynamic batch and sequence), write a GGUF for llama.cpp, or build a TensorRT
+    engine from an ONNX model, validated against its source."""
     if to == "onnx":
         options = {**({"atol": atol} if atol is not None else {}), **({"opset": opset} if opset else {})}
         run_one_pass(model, "export", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
         return
+    if to == "gguf":
+        options = {"quant": quant, **({"embeddings": embeddings} if embeddings else {}),
+                   **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {}),
+                   **({"max_kld": max_kld} if max_kld is not None else {}),
+                   **({"min_top1": min_top1} if min_top1 is not None else {})}
+        from edgesmith.export.gguf import GgufConfig
+        from edgesmith.passes import make_config
+
+        make_config(GgufConfig, options, where="export --to gguf")  # a typo fails before any run folder
+        run_one_pass(model, "gguf", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
+        return
     if to != "tensorrt":
-        raise BadInput(f"--to {to}: only 'onnx' and 'tensorrt' are supported")
+        raise BadInput(f"--to {to}: only 'onnx', 'gguf' and 'tensorrt' are supported")
     options = {"precision": precision, "workspace_mib": workspace, "optimization_level": opt_level,
                "backend": backend, "trtexec": trtexec, **({"shapes": shapes} if shapes else {}),
                **({"atol": atol} if atol is not None else {})}

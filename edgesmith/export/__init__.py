@@ -1,5 +1,5 @@
-"""Exporters: ``to_onnx`` (TorchModel -> OnnxModel) and ``to_tensorrt`` (OnnxModel -> TensorRTEngine),
-each validated against its source."""
+"""Exporters: ``to_onnx`` (TorchModel -> OnnxModel), ``to_gguf`` (a causal LM -> GgufModel for
+llama.cpp) and ``to_tensorrt`` (OnnxModel -> TensorRTEngine), each validated against its source."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from edgesmith.artifacts import Artifact
 
-__all__ = ["to_onnx", "to_tensorrt"]
+__all__ = ["to_gguf", "to_onnx", "to_tensorrt"]
 
 
 def to_onnx(model: Artifact, ctx=None, **options: Any) -> Artifact:
@@ -22,3 +22,10 @@ def to_tensorrt(model: Artifact, ctx=None, **options: Any) -> Artifact:
     from edgesmith.passes import get_pass
 
     return get_pass("tensorrt")(**options)(model, ctx)
+
+
+def to_gguf(model: Artifact, ctx=None, **options: Any) -> Artifact:
+    """Write a causal LM as a GGUF for llama.cpp and validate it (see ``GgufConfig``: ``quant="q4_1"``)."""
+    from edgesmith.passes import get_pass
+
+    return get_pass("gguf")(**options)(model, ctx)
