@@ -5,7 +5,6 @@ GPT-2) and a byte-level BPE tokenizer trained here with a chat template."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -333,10 +332,8 @@ def test_bad_inputs(llama, llama_onnx, tokenizer):
         generate(session, None, "hi")
 
 
-def _smollm2_fp32_folder() -> Path | None:
-    """The FP32 SmolLM2 folder from edgesmith.gguf (helper A1's module), when it exists here."""
-    if importlib.util.find_spec("edgesmith.gguf.source") is None:
-        return None
+def _smollm2_fp32_folder() -> Path:
+    """The FP32 SmolLM2 folder (the packaged GGUF dequantized once, cached)."""
     from edgesmith.gguf import source
 
     return Path(source.gguf_to_folder(source.smollm2_gguf_path()))
@@ -345,8 +342,6 @@ def _smollm2_fp32_folder() -> Path | None:
 @pytest.mark.slow
 def test_packaged_smollm2_exports_and_validates(tmp_path):
     folder = _smollm2_fp32_folder()
-    if folder is None:
-        pytest.skip("edgesmith.gguf.source (the SmolLM2 FP32 folder) is not in this checkout")
     model = load(folder)
     onnx_model = export_decoder(model, tmp_path / "smollm2", threads=2)
     check = onnx_model.meta["validation"]
