@@ -78,12 +78,14 @@ def _variants(args, work: Path) -> dict[str, dict]:
                      "types": report["tensor_types"]}
 
     add("edgesmith q4_1", source, "q4_1", None, "FP32 source -> edgesmith GGUF q4_1 (token_embd q8_0)")
+    add("edgesmith q4_1, q4_1 embeddings", source, "q4_1", "q4_1", "FP32 source -> q4_1 everywhere")
     add("edgesmith q4_0, q4_0 embeddings", source, "q4_0", "q4_0", "FP32 source -> q4_0 everywhere")
+    add("edgesmith q4_k_m", source, "q4_k_m", None, "FP32 source -> F32 GGUF -> llama.cpp's quantizer (Q4_K_M)")
     for spec in args.student:
         label, _, folder = spec.partition("=")
         student = es.load(folder, task="text-generation")
         add(f"{label} q4_1", student, "q4_1", None, f"{label}: {folder} -> q4_1 (token_embd q8_0)")
-        add(f"{label} q4_0, q4_0 embeddings", student, "q4_0", "q4_0", f"{label} -> q4_0 everywhere")
+        add(f"{label} q4_1, q4_1 embeddings", student, "q4_1", "q4_1", f"{label} -> q4_1 everywhere")
     return out, source
 
 

@@ -419,16 +419,19 @@ GGUF_FILE = "model.gguf"
 
 @dataclass
 class GgufModel(FolderArtifact):
-    """A GGUF file for llama.cpp (``model.gguf``) with the tokenizer and config files of its source.
-    ``meta["gguf_export"]`` records the quant type, every tensor's type and the verdict against the
-    source (:mod:`edgesmith.export.gguf`)."""
+    """A GGUF file for llama.cpp: ``model.gguf`` with the tokenizer and config files of its source
+    (written by :mod:`edgesmith.export.gguf`, whose ``meta["gguf_export"]`` records the quant type,
+    every tensor's type and the verdict against the source), or any ``.gguf`` file run as it is
+    (``file`` names it inside ``folder``; never dequantized)."""
+
+    file: str = GGUF_FILE
 
     kind: ClassVar[str] = "gguf"
 
     @property
     def path(self) -> Path:
         assert self.folder is not None
-        return self.folder / GGUF_FILE
+        return self.folder / self.file
 
     @property
     def input_names(self) -> list[str]:
@@ -446,6 +449,20 @@ class GgufModel(FolderArtifact):
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size
+
+    def _write(self, folder: Path) -> None:
+        if self.file == GGUF_FILE:
+            super()._write(folder)
+        else:  # a file run as it is: only the file travels, under the artifact's name for it
+            shutil.copy2(self.path, folder / GGUF_FILE)
+
+    def save(self, folder: str | Path) -> Path:
+        moved = self.folder is None or Path(folder).resolve() != self.folder.resolve()
+        if not moved and self.file != GGUF_FILE:
+            raise BadInput(f"{self.path}: save a GGUF run as it is into a new folder (it becomes {GGUF_FILE} there)")
+        out = super().save(folder)
+        self.file = GGUF_FILE
+        return out
 
     @classmethod
     def load_folder(cls, path: Path, meta: dict) -> GgufModel:
