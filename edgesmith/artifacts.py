@@ -202,6 +202,11 @@ class FolderArtifact(Artifact):
             self.__dict__["_tokenizer"] = None if self.folder is None else _load_tokenizer(self.folder)
         return self.__dict__["_tokenizer"]
 
+    def use_tokenizer(self, tokenizer) -> None:
+        """Use ``tokenizer`` instead of the folder's tokenizer files (a GGUF run as it is tokenizes
+        with llama.cpp's own vocabulary)."""
+        self.__dict__["_tokenizer"] = tokenizer
+
     def _write(self, folder: Path) -> None:
         import shutil
 

@@ -71,12 +71,21 @@ def _autocast_importable() -> bool:
     return autocast_available()
 
 
+def _llamacpp_importable() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu`-marked tests where no CUDA device is present, and tests marked `tensorrt` where
     TensorRT's Python package is missing, each with the reason."""
     cuda = torch.cuda.is_available()
     tensorrt = _tensorrt_importable()
     autocast = any("modelopt" in item.keywords for item in items) and _autocast_importable()
+    llamacpp = not any("llamacpp" in item.keywords for item in items) or _llamacpp_importable()
     for item in items:
         if "gpu" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
@@ -85,3 +94,6 @@ def pytest_collection_modifyitems(config, items):
         elif "modelopt" in item.keywords and not autocast:
             item.add_marker(pytest.mark.skip(reason="NVIDIA Model Optimizer's AutoCast is not installed "
                                                     "(pip install 'edgesmith[modelopt]')"))
+        elif "llamacpp" in item.keywords and not llamacpp:
+            item.add_marker(pytest.mark.skip(reason="llama-cpp-python is not importable (pip install "
+                                                    "'edgesmith[llamacpp]')"))

@@ -199,7 +199,7 @@ def test_agent_imports_only_the_standard_library_and_the_runtime():
         elif isinstance(node, ast.ImportFrom):
             modules.add((node.module or "").split(".")[0])
     assert "edgesmith" not in modules
-    assert modules - set(sys.stdlib_module_names) - {"__future__"} <= {"numpy", "onnxruntime"}
+    assert modules - set(sys.stdlib_module_names) - {"__future__"} <= {"numpy", "onnxruntime", "llama_cpp"}
 
 
 def test_trtexec_command_lines():

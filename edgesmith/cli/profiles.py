@@ -18,9 +18,9 @@ from edgesmith.cli.root import app
 
 @app.command("profile")
 def profile_command(
-    artifact: str = typer.Argument(..., help="Model folder, .onnx file, or 'minilm'."),
-    runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime or tensorrt (default: the "
-                                       "artifact's own)."),
+    artifact: str = typer.Argument(..., help="Model folder, .onnx or .gguf file, 'minilm' or 'smollm2'."),
+    runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime, tensorrt or llamacpp (a "
+                                       ".gguf file as it is) (default: the artifact's own)."),
     provider: str = typer.Option("cpu", "--provider", help="Execution provider / device: cpu, cuda, tensorrt."),
     device: str | None = typer.Option(None, "--device", help="torch device: cpu, cuda or cuda:N (same as --provider "
                                       "for --runtime torch)."),
@@ -62,16 +62,24 @@ def profile_command(
     A decoder (text-generation) is profiled as generation: time to first token per prompt length,
     prefill and decode tokens/s, raw per-token latencies, peak RSS, load time."""
     from edgesmith.artifacts import load
-    from edgesmith.profiling.generation import is_decoder
+    from edgesmith.profiling.generation import LLAMACPP, is_decoder
 
-    art = load(artifact)
+    if runtime == LLAMACPP:  # the GGUF file as it is: never dequantized into a torch model
+        from edgesmith.runtimes.llamacpp import load_gguf_file
+
+        art = load_gguf_file(artifact)
+    else:
+        art = load(artifact)
     if is_decoder(art):
+        remote = runtime == LLAMACPP  # llama.cpp decoders also profile on a device over ssh
         forward_flags = [flag for flag, used in (
             ("--seq", seq != 128), ("--iterations", iterations != 50), ("--time-budget", time_budget is not None),
-            ("--target", target is not None), ("--host", host is not None), ("--ssh-config", ssh_config is not None),
+            ("--target", target is not None and not remote), ("--host", host is not None and not remote),
+            ("--ssh-config", ssh_config is not None and not remote),
             ("--estimate", estimate), ("--per-op", per_op), ("--precision", precision is not None),
-            ("--timeout", timeout is not None), ("--device", device is not None), ("--dtype", dtype is not None),
-            ("--compile", compile_), ("--cuda-graphs", cuda_graphs), ("--provider-option", bool(provider_option)))
+            ("--timeout", timeout is not None and not remote), ("--device", device is not None),
+            ("--dtype", dtype is not None), ("--compile", compile_), ("--cuda-graphs", cuda_graphs),
+            ("--provider-option", bool(provider_option)))
             if used]
         if forward_flags:
             from edgesmith.errors import BadInput
@@ -79,9 +87,15 @@ def profile_command(
             raise BadInput(f"{', '.join(forward_flags)} appl{'y' if len(forward_flags) > 1 else 'ies'} to "
                            f"one-forward-pass profiles; {art.name} is a decoder: give --prompt-tokens, --new-tokens "
                            "and --rounds")
+        remote_prof = None
+        if remote and (target is not None or host is not None or ssh_config is not None or timeout is not None):
+            remote_prof = _remote_generation(art, target=target, host=host, ssh_config=ssh_config,
+                                             targets_dir=targets_dir, prompt_tokens=prompt_tokens,
+                                             new_tokens=new_tokens, rounds=rounds, warmup=warmup, threads=threads,
+                                             timeout=timeout, label=label, batch=batch)
         _generation_profile(art, runtime=runtime, provider=provider, batch=batch, warmup=warmup,
                             prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, threads=threads,
-                            label=label, output=output, as_json=as_json)
+                            label=label, output=output, as_json=as_json, prof=remote_prof)
         return
     generation_flags = [flag for flag, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens),
                                                   ("--rounds", rounds)) if value is not None]
@@ -135,15 +149,17 @@ def profile_command(
 
 def _generation_profile(art, *, runtime: str | None, provider: str, batch: int, warmup: int | None,
                         prompt_tokens: str | None, new_tokens: int | None, rounds: int | None, threads: int | None,
-                        label: str | None, output: Path | None, as_json: bool) -> None:
-    """Profile a decoder's generation, write the profile, print TTFT per prompt length and decode speed."""
+                        label: str | None, output: Path | None, as_json: bool, prof=None) -> None:
+    """Profile a decoder's generation (unless ``prof`` was measured on a device), write the
+    profile, print TTFT per prompt length and decode speed."""
     import numpy as np
 
     from edgesmith.profiling import profile
 
-    prof = profile(art, runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, warmup=warmup,
-                   provider=provider, batch=batch, threads=threads, label=label,
-                   progress=err_console.is_terminal and not as_json)
+    if prof is None:
+        prof = profile(art, runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
+                       warmup=warmup, provider=provider, batch=batch, threads=threads, label=label,
+                       progress=err_console.is_terminal and not as_json)
     if output is not None:
         prof.save(output)
     if as_json:
@@ -166,6 +182,29 @@ def _generation_profile(art, *, runtime: str | None, provider: str, batch: int, 
     console.print(f"load {gen.load_s:.2f} s  peak RSS {rss} ({gen.rss_source})")
     if output is not None:
         console.print(f"profile: {output}")
+
+
+def _remote_generation(art, *, target: str | None, host: str | None, ssh_config: Path | None,
+                       targets_dir: list[Path], prompt_tokens: str | None, new_tokens: int | None,
+                       rounds: int | None, warmup: int | None, threads: int | None, timeout: float | None,
+                       label: str | None, batch: int):
+    """A GGUF decoder's generation profile on a device over ssh (llama-cpp-python or llama-bench there)."""
+    from edgesmith.errors import BadInput
+    from edgesmith.profiling.generation import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_TOKENS, DEFAULT_ROUNDS, DEFAULT_WARMUP
+    from edgesmith.profiling.remote import profile_remote_generation
+    from edgesmith.targets import get_target
+
+    if target is None:
+        raise BadInput("--host, --ssh-config and --timeout need --target NAME (list them with `edgesmith targets`)")
+    if batch != 1:
+        raise BadInput(f"the llama.cpp runtime runs one sequence at a time; give --batch 1 (got {batch})")
+    tgt = get_target(target, host=host, extra_dirs=targets_dir)
+    if tgt.is_local:
+        return None
+    return profile_remote_generation(
+        art, tgt, prompt_tokens=prompt_tokens or DEFAULT_PROMPT_TOKENS, new_tokens=new_tokens or DEFAULT_NEW_TOKENS,
+        rounds=rounds or DEFAULT_ROUNDS, warmup=DEFAULT_WARMUP if warmup is None else warmup, threads=threads,
+        ssh_config=ssh_config, timeout_s=timeout, label=label)
 
 
 def _gpu_options(art, runtime: str | None, provider: str, device: str | None, dtype: str | None, compile_: bool,

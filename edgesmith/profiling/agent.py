@@ -18,6 +18,12 @@ Commands:
 - ``trtexec``: build a TensorRT engine with ``trtexec`` if the cached one is missing (into a temp
   name, renamed when complete), then time it with ``trtexec --exportTimes`` (and per-layer times
   with ``--exportProfile``).
+- ``llamacpp``: a GGUF decoder's generation profile (time to first token per prompt length, then
+  decode latencies), with llama-cpp-python when ``import llama_cpp`` works on the device (a greedy
+  loop like edgesmith's own: prompts of exactly N tokens cut from the texts sent along, every
+  token's latency raw), else with llama.cpp's ``llama-bench`` (``-o json``: one prefill test per
+  prompt length, one decode test of ``new_tokens - 1`` tokens at the depth of the first prompt;
+  llama-bench reports whole runs, so each decode token's latency is its run's mean).
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ def library_versions() -> dict:
     from importlib import metadata
 
     versions: dict = {}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt"):
+    for dist in ("onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt", "llama-cpp-python"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -384,6 +390,188 @@ def command_trtexec(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# llama.cpp: llama-cpp-python or llama-bench
+# ---------------------------------------------------------------------------------------------
+
+LLAMACPP_MISSING = ("neither llama-cpp-python (python3 -c 'import llama_cpp') nor llama-bench is on the device; "
+                    "pip install llama-cpp-python there, or put llama.cpp's llama-bench on its PATH")
+
+
+def _llama_cpp_module():
+    try:
+        import llama_cpp
+    except (ImportError, OSError):
+        return None
+    return llama_cpp
+
+
+def llamacpp_tool(llama_bench: str) -> str:
+    """``llama-cpp-python`` when it imports here, else ``llama-bench`` when on PATH; else runtime-missing."""
+    if _llama_cpp_module() is not None:
+        return "llama-cpp-python"
+    if shutil.which(llama_bench):
+        return "llama-bench"
+    raise AgentError("runtime-missing", LLAMACPP_MISSING)
+
+
+def parse_llama_bench(text: str) -> list[dict]:
+    """llama-bench's ``-o json`` document: a list of tests, each with ``n_prompt``, ``n_gen``,
+    ``n_depth`` (newer builds), ``samples_ns`` / ``samples_ts`` (one per repetition), ``avg_ts``,
+    ``stddev_ts``, and the build (``build_commit``, ``build_number``, ``backends``, ``cpu_info``)."""
+    start = text.find("[")
+    try:
+        tests = json.loads(text[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        tests = None
+    if not isinstance(tests, list) or not all(isinstance(t, dict) for t in tests):
+        raise AgentError("failed", "llama-bench printed no JSON test list (is it a llama-bench with -o json?)")
+    for test in tests:
+        if not isinstance(test.get("samples_ns"), list) or not test["samples_ns"]:
+            raise AgentError("failed", "llama-bench's JSON has a test without samples_ns; use a newer llama-bench")
+    return tests
+
+
+def _run_llama_bench(argv: list[str]) -> list[dict]:
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        lines = [ln for ln in (out.stderr + out.stdout).splitlines() if ln.strip()]
+        tail = " / ".join(lines[-2:])[:400]
+        if "failed to load model" in tail or "error loading model" in tail:
+            raise AgentError("bad-model", f"llama-bench cannot load the GGUF: {tail}")
+        raise AgentError("failed", f"llama-bench failed (exit {out.returncode}): {tail}")
+    return parse_llama_bench(out.stdout)
+
+
+def llama_bench_profile(args, lengths: list[int]) -> dict:
+    """Prefill of each prompt length, then decode of ``new_tokens - 1`` tokens after the first,
+    ``rounds`` repetitions each (llama-bench's own warm-up run first unless ``warmup`` is 0)."""
+    base = [args.llama_bench, "-m", args.model, "-r", str(args.rounds), "-o", "json"]
+    if args.threads:
+        base += ["-t", str(args.threads)]
+    if args.warmup == 0:
+        base += ["--no-warmup"]
+    prefill = _run_llama_bench(base + ["-p", ",".join(map(str, lengths)), "-n", "0"])
+    steps = args.new_tokens - 1
+    depth = lengths[0]
+    try:
+        decode = _run_llama_bench(base + ["-p", "0", "-n", str(steps), "-d", str(depth)])
+    except AgentError as exc:  # a llama-bench older than -d/--n-depth: decode after an empty context
+        if any(word in exc.message for word in ("invalid parameter", "-d", "depth", "unknown argument")):
+            decode = _run_llama_bench(base + ["-p", "0", "-n", str(steps)])
+            depth = 0
+        else:
+            raise
+    ttft = {}
+    for n in lengths:
+        test = next((t for t in prefill if t.get("n_prompt") == n and not t.get("n_gen")), None)
+        if test is None:
+            raise AgentError("failed", f"llama-bench's JSON has no prefill test of {n} tokens")
+        ttft[str(n)] = [ns / 1e6 for ns in test["samples_ns"]]
+    gen = next((t for t in decode if t.get("n_gen") == steps and not t.get("n_prompt")), None)
+    if gen is None:
+        raise AgentError("failed", f"llama-bench's JSON has no decode test of {steps} tokens")
+    decode_ms = [[ns / 1e6 / steps] * steps for ns in gen["samples_ns"]]
+    build = {k: gen.get(k) for k in ("build_commit", "build_number", "backends", "cpu_info", "model_type",
+                                        "n_threads", "n_batch", "n_ubatch", "flash_attn", "type_k", "type_v")}
+    return {"tool": "llama-bench", "ttft_ms": ttft, "decode_ms": decode_ms, "decode_depth": int(gen.get("n_depth",
+            depth) or 0), "per_token": "run mean (llama-bench reports whole runs)",
+            "samples_ts": {"decode": gen.get("samples_ts"), **{f"prefill {t.get('n_prompt')}": t.get("samples_ts")
+                                                               for t in prefill}},
+            "runtime_version": f"llama.cpp b{build.get('build_number')} ({build.get('build_commit')})",
+            "build": build, "load_s": None, "peak_host_memory_mb": None, "threads": build.get("n_threads")}
+
+
+def _prompt_rows(llm, text: str, lengths: list[int]) -> dict:
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    if len(ids) < max(lengths) + 8:
+        raise AgentError("bad-input", f"the prompt text has {len(ids)} tokens; {max(lengths)} are needed")
+    return {n: ids[:n] for n in lengths}
+
+
+def llama_cpp_python_profile(args, lengths: list[int]) -> dict:
+    """Time the greedy loop in llama-cpp-python: per round, every prompt length prefilled (TTFT =
+    prefill + argmax), and ``new_tokens - 1`` decode steps after the first length."""
+    import numpy as np
+
+    llama_cpp = _llama_cpp_module()
+    if not args.prompt_text:
+        raise AgentError("bad-input", "llama-cpp-python profiles need --prompt-text (the text prompts are cut from)")
+    with open(args.prompt_text, encoding="utf-8") as fh:
+        text = fh.read()
+    n_ctx = max(max(lengths), lengths[0] + args.new_tokens - 1)
+    t0 = time.perf_counter()
+    try:
+        llm = llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+    except ValueError as exc:
+        raise AgentError("bad-model", f"llama.cpp cannot load the GGUF ({exc})") from None
+    load_s = time.perf_counter() - t0
+    vocab = llm.n_vocab()
+    prompts = _prompt_rows(llm, text, lengths)
+
+    def last_argmax() -> int:
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(vocab,))))
+
+    def one_round() -> tuple[dict, list]:
+        ttft, decode = {}, []
+        for n in lengths:
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(prompts[n])
+            token = last_argmax()
+            ttft[str(n)] = (time.perf_counter() - t) * 1000.0
+            if n == lengths[0]:
+                for _ in range(args.new_tokens - 1):
+                    t = time.perf_counter()
+                    llm.eval([token])
+                    token = last_argmax()
+                    decode.append((time.perf_counter() - t) * 1000.0)
+        return ttft, decode
+
+    for _ in range(args.warmup):
+        one_round()
+    ttft_ms: dict = {str(n): [] for n in lengths}
+    decode_ms = []
+    for _ in range(args.rounds):
+        ttft, decode = one_round()
+        for n, ms in ttft.items():
+            ttft_ms[n].append(ms)
+        decode_ms.append(decode)
+    from importlib import metadata
+
+    threads = llm.context_params.n_threads
+    return {"tool": "llama-cpp-python", "ttft_ms": ttft_ms, "decode_ms": decode_ms, "decode_depth": lengths[0],
+            "per_token": "measured", "runtime_version": metadata.version("llama-cpp-python"),
+            "build": {"system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+                      "n_ctx": n_ctx, "n_batch": llm.n_batch},
+            "load_s": load_s, "peak_host_memory_mb": peak_host_memory_mb(), "threads": threads}
+
+
+def command_llamacpp(args) -> dict:
+    try:
+        lengths = [int(n) for n in args.prompt_tokens.split(",") if n.strip()]
+    except ValueError:
+        raise AgentError("bad-input", f"prompt tokens '{args.prompt_tokens}': give comma-separated counts") from None
+    if not lengths or min(lengths) < 1 or args.new_tokens < 2 or args.rounds < 1:
+        raise AgentError("bad-input", "give prompt lengths >= 1, new tokens >= 2 and rounds >= 1")
+    if not os.path.exists(args.model):
+        raise AgentError("bad-model", f"{args.model} is not on the device")
+    tool = args.tool or llamacpp_tool(args.llama_bench)
+    if tool == "llama-cpp-python":
+        if _llama_cpp_module() is None:
+            raise AgentError("runtime-missing", "llama-cpp-python does not import on the device (pip install "
+                                                "llama-cpp-python)")
+        result = llama_cpp_python_profile(args, lengths)
+    else:
+        if not shutil.which(args.llama_bench):
+            raise AgentError("runtime-missing", f"llama-bench not found at '{args.llama_bench}' on the device")
+        result = llama_bench_profile(args, lengths)
+    return {"ok": True, "runtime": "llamacpp", "providers": ["llama.cpp-cpu"], **result,
+            "environment": fingerprint(result.get("threads") or args.threads)}
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -398,6 +586,8 @@ def require(args) -> None:
         if wanted not in ort.get_available_providers():
             raise AgentError("provider-missing", f"ONNX Runtime {ort.__version__} on the device has no {wanted} "
                                                  f"(it has {', '.join(ort.get_available_providers())})")
+    elif args.require == "llamacpp":
+        llamacpp_tool(args.llama_bench)
     elif args.require == "trtexec" and shutil.which(args.trtexec) is None:
         raise AgentError("runtime-missing", f"trtexec not found at '{args.trtexec}' on the device; install TensorRT "
                                             "(JetPack ships it at /usr/src/tensorrt/bin/trtexec)")
@@ -408,10 +598,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=None, help="stop by itself after this many seconds")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fingerprint")
-    f.add_argument("--require", choices=["onnxruntime", "trtexec"], default=None,
+    f.add_argument("--require", choices=["onnxruntime", "trtexec", "llamacpp"], default=None,
                    help="fail (runtime-missing) unless this runtime is usable on the device")
     f.add_argument("--provider", default="cpu")
     f.add_argument("--trtexec", default="trtexec")
+    f.add_argument("--llama-bench", default="llama-bench")
     o = sub.add_parser("ort")
     o.add_argument("--model", required=True)
     o.add_argument("--inputs", required=True)
@@ -421,6 +612,17 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--iterations", type=int, default=50)
     o.add_argument("--time-budget", type=float, default=None)
     o.add_argument("--per-op-runs", type=int, default=0)
+    g = sub.add_parser("llamacpp")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt-tokens", required=True, help="comma-separated prompt lengths; decode follows the first")
+    g.add_argument("--new-tokens", type=int, required=True)
+    g.add_argument("--rounds", type=int, default=3)
+    g.add_argument("--warmup", type=int, default=1)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--prompt-text", default=None, help="text the prompts are cut from (llama-cpp-python)")
+    g.add_argument("--tool", choices=["llama-cpp-python", "llama-bench"], default=None,
+                   help="default: llama-cpp-python where it imports, else llama-bench")
+    g.add_argument("--llama-bench", default="llama-bench")
     t = sub.add_parser("trtexec")
     t.add_argument("--engine", required=True)
     t.add_argument("--build-argv", required=True)
@@ -441,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             result = {"ok": True, "environment": fingerprint(None)}
         elif args.command == "ort":
             result = command_ort(args)
+        elif args.command == "llamacpp":
+            result = command_llamacpp(args)
         else:
             result = command_trtexec(args)
     except AgentError as exc:

@@ -54,7 +54,10 @@ DEFAULT_WARMUP = 1
 GENERATION_RUNTIMES = {"onnxruntime": OnnxModel, "torch": TorchModel}
 #: the options each runtime's decoder session takes (edgesmith.runtimes.generation), besides threads
 SESSION_OPTIONS: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("provider", "allow_spinning", "graph_optimization"), "torch": ()}
+    "onnxruntime": ("provider", "allow_spinning", "graph_optimization"), "torch": (),
+    "llamacpp": ("n_ctx", "n_batch", "flash_attn")}
+#: llama.cpp (edgesmith.runtimes.llamacpp) runs a GGUF file as it is, whatever artifact carries it
+LLAMACPP = "llamacpp"
 #: corpus sentences read per try when building a long prompt (doubled until the prompt is long enough)
 _SENTENCES_PER_TRY = 64
 
@@ -66,7 +69,16 @@ def is_decoder(artifact: Artifact) -> bool:
 
 def generation_runtime(artifact: Artifact, runtime: str | None) -> str:
     """The runtime a decoder is profiled on: ``runtime``, or its own (ONNX Runtime for an ONNX
-    export, torch for a TorchModel); a runtime that cannot run it is one line naming the fix."""
+    export, torch for a TorchModel, llama.cpp for a GGUF file); a runtime that cannot run it is one
+    line naming the fix."""
+    if runtime == LLAMACPP or artifact.kind == "gguf":
+        from edgesmith.runtimes.llamacpp import gguf_path
+
+        if runtime not in (None, LLAMACPP):
+            raise BadInput(f"runtime '{runtime}' cannot run {artifact.name} (a GGUF file loaded as it is); use "
+                           "--runtime llamacpp, or export the model to ONNX first")
+        gguf_path(artifact)  # one line when the artifact has no GGUF file
+        return LLAMACPP
     own = next((name for name, cls in GENERATION_RUNTIMES.items() if isinstance(artifact, cls)), None)
     if own is None:
         raise BadInput(f"{artifact.name}: a {artifact.kind} decoder cannot be profiled for generation; "
@@ -74,7 +86,7 @@ def generation_runtime(artifact: Artifact, runtime: str | None) -> str:
     name = runtime or own
     if name not in GENERATION_RUNTIMES:
         raise BadInput(f"runtime '{name}' has no generation loop; profile a decoder on "
-                       f"{' or '.join(GENERATION_RUNTIMES)}")
+                       f"{', '.join(GENERATION_RUNTIMES)} or {LLAMACPP} (a GGUF file)")
     if name != own:
         hint = "export it first (edgesmith export MODEL --to onnx)" if own == "torch" else "use --runtime onnxruntime"
         raise BadInput(f"runtime '{name}' cannot run {artifact.name} (a {artifact.kind} model); {hint}")
@@ -272,9 +284,16 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
         allowed = ", ".join(SESSION_OPTIONS[runtime_name]) or "none"
         raise BadInput(f"{runtime_name} decoder sessions take no option(s) {', '.join(unknown)} (they take: {allowed})")
     info = artifact_info(artifact)
+    if runtime_name == LLAMACPP:
+        runtime_options = _llamacpp_options(artifact, lengths, new_tokens, runtime_options)
     was_reset = reset_peak_rss()
     t0 = time.perf_counter()
-    session = load_decoder(artifact, threads=threads, **runtime_options)
+    if runtime_name == LLAMACPP:
+        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
+
+        session = LlamaCppDecoderSession(artifact, threads=threads, **runtime_options)
+    else:
+        session = load_decoder(artifact, threads=threads, **runtime_options)
     load_s = time.perf_counter() - t0
     try:
         check_context(lengths, new_tokens, session.max_positions, artifact.name)
@@ -315,6 +334,18 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
     log.info("%s: decode %.1f tokens/s, TTFT %s", artifact.name, prof.throughput,
              ", ".join(f"@{n} {np.median(v):.1f} ms" for n, v in ttft.items()))
     return prof
+
+
+def _llamacpp_options(artifact: Artifact, lengths: list[int], new_tokens: int, options: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """llama.cpp allocates its KV cache for ``n_ctx`` positions up front: unless asked otherwise,
+    just what the prompts and new tokens need (so peak RSS holds no unused cache), after checking
+    they fit the model's training context (read from the GGUF's vocab-only load)."""
+    from edgesmith.runtimes.llamacpp import gguf_path, training_context
+
+    check_context(lengths, new_tokens, training_context(gguf_path(artifact)), artifact.name)
+    needed = max(max(lengths), lengths[0] + new_tokens - 1)
+    return {"n_ctx": needed, **options}
 
 
 def generation_profile(*, label: str, artifact: ArtifactInfo, runtime: RuntimeInfo, target: str = "cpu-local",

@@ -13,6 +13,11 @@ whose environment is the device's fingerprint. Every argument reaching the remot
 
 On TensorRT targets (Jetson), the engine is built on the device with ``trtexec`` (engines are
 device-specific), cached there by key, and copied back into the local cache.
+
+A GGUF decoder on ``--runtime llamacpp`` (:func:`profile_remote_generation`) is profiled as
+generation by the agent's ``llamacpp`` command, with the device's llama-cpp-python or its
+``llama-bench``; the GGUF file is copied like any model file, and the result is a generation
+profile in the same schema as a local one.
 """
 
 from __future__ import annotations
@@ -155,6 +160,92 @@ def profile_remote(artifact: Artifact, target, *, ssh_config: str | Path | None 
         peak_host_memory_mb=result.get("peak_host_memory_mb"),
         per_op=[OpTime(**op) for op in result["per_op"]] if result.get("per_op") else None,
     )
+
+
+def profile_remote_generation(artifact: Artifact, target, *, prompt_tokens: Sequence[int] | str = (128, 512),
+                              new_tokens: int = 128, rounds: int = 3, warmup: int = 1, threads: int | None = None,
+                              ssh_config: str | Path | None = None, timeout_s: float | None = None,
+                              label: str | None = None, tool: str | None = None, llama_bench: str | None = None,
+                              texts: Sequence[str] | None = None,
+                              keep_connection: bool = True, device: RemoteDevice | None = None) -> Profile:
+    """A GGUF decoder's generation profile on the device ``target`` reaches, measured by llama.cpp
+    there (``tool``: ``llama-cpp-python`` or ``llama-bench``; default: llama-cpp-python where it
+    imports on the device, else llama-bench, found on the device's PATH or at ``llama_bench``). The prompts are cut from the shipped corpus (or
+    ``texts``) by the device's llama.cpp tokenizer; llama-bench uses its own random prompts."""
+    from edgesmith.profiling.generation import generation_profile, parse_prompt_tokens
+    from edgesmith.runtimes.llamacpp import NAME, gguf_path
+
+    path = gguf_path(artifact)
+    lengths = parse_prompt_tokens(prompt_tokens)
+    if new_tokens < 2 or rounds < 1 or warmup < 0:
+        raise BadInput(f"new tokens must be at least 2, rounds at least 1 and warmup 0 or more (got {new_tokens}, "
+                       f"{rounds}, {warmup})")
+    threads = threads if threads is not None else target.threads
+    timeout_s = float(timeout_s or target.timeout_s)
+    started = time.monotonic()
+    device = device or RemoteDevice.from_target(target, ssh_config)
+    left = _time_left(device, timeout_s, started)
+    try:
+        device.connect()
+        bench_args = ["--llama-bench", llama_bench] if llama_bench else []
+        device.agent(["fingerprint", "--require", NAME, *bench_args], timeout=min(60.0, left()))
+        info = artifact_info(artifact)
+        art_dir = device.remote_path("artifacts", info.hash[:32])
+        copied = device.put_folder({path.name: path}, art_dir, timeout=left())
+        text = _prompt_text(max(lengths), texts)
+        with tempfile.TemporaryDirectory(prefix="edgesmith-prompt-") as tmp:
+            (Path(tmp) / "prompt.txt").write_text(text, encoding="utf-8")
+            prompt_dir = device.remote_path("inputs", hashlib.sha256(text.encode()).hexdigest()[:32])
+            device.put_folder({"prompt.txt": Path(tmp) / "prompt.txt"}, prompt_dir, timeout=left())
+        args = ["llamacpp", "--model", f"{art_dir}/{path.name}", "--prompt-tokens", ",".join(map(str, lengths)),
+                "--new-tokens", str(new_tokens), "--rounds", str(rounds), "--warmup", str(warmup),
+                "--prompt-text", f"{prompt_dir}/prompt.txt"]
+        if threads:
+            args += ["--threads", str(threads)]
+        if tool:
+            args += ["--tool", tool]
+        result = device.agent(args + bench_args, timeout=left())
+    finally:
+        if not keep_connection:
+            device.close()
+    used_threads = result.get("threads") or threads
+    bench = result["tool"] == "llama-bench"
+    options: dict[str, Any] = {
+        "threads": used_threads, "tool": result["tool"], "version": result.get("runtime_version"),
+        "build": result.get("build"), "decode_depth": result.get("decode_depth"),
+        "per_token_latency": result.get("per_token"),
+        "remote": {"destination": device.destination, "cache_dir": device.cache_dir, "artifact_copied": copied,
+                   "agent_version": result.get("agent_version"),
+                   "load_s": "not reported by llama-bench (0 in the profile)" if bench else result.get("load_s")}}
+    if bench:
+        options["samples_ts"] = result.get("samples_ts")
+    prof = generation_profile(
+        label=label or f"{artifact.name} ({NAME} on {target.name})", artifact=info,
+        runtime=RuntimeInfo(name=NAME, providers=list(result["providers"]), options=options), target=target.name,
+        threads=used_threads, batch=1, new_tokens=new_tokens, warmup=warmup,
+        ttft_ms={int(n): v for n, v in result["ttft_ms"].items()}, decode_ms=result["decode_ms"],
+        load_s=float(result.get("load_s") or 0.0), peak_rss_mb=result.get("peak_host_memory_mb"),
+        rss_source="unavailable (llama-bench runs in its own process)" if bench else
+        "VmHWM of the device agent's process (its lifetime peak)",
+        prompt_source="random ids" if bench else "tokenizer")
+    environment = Environment.model_validate({**result["environment"], "threads": used_threads})
+    return prof.model_copy(update={"environment": environment})
+
+
+def _prompt_text(longest: int, texts: Sequence[str] | None) -> str:
+    """Corpus sentences joined, long enough for ``longest`` tokens with room to spare (about four
+    characters a token in English; the device's tokenizer cuts the prompts from it)."""
+    from edgesmith.data import builtin_corpus
+
+    pool = [t for t in (texts if texts is not None else builtin_corpus(limit=max(256, longest))) if t]
+    if not pool:
+        raise BadInput("no texts to build prompts from; give non-empty texts")
+    chosen, size, i = [], 0, 0
+    while size < 8 * longest + 2000:
+        chosen.append(pool[i % len(pool)])
+        size += len(chosen[-1]) + 1
+        i += 1
+    return " ".join(chosen)
 
 
 def _time_left(device: RemoteDevice, timeout_s: float, started: float) -> Callable[[], float]:

@@ -84,6 +84,7 @@ BUILTIN_RUNTIMES: dict[str, str] = {
     "torch": "edgesmith.runtimes.torch:TorchRuntime",
     "onnxruntime": "edgesmith.runtimes.onnxruntime:OnnxRuntime",
     "tensorrt": "edgesmith.tensorrt.runtime:TensorRTRuntime",
+    "llamacpp": "edgesmith.runtimes.llamacpp:LlamaCppRuntime",
 }
 
 #: sessions for artifact kinds a runtime runs through a feature's own controller:
@@ -138,4 +139,5 @@ def kind_session(runtime: str, artifact: Artifact, options: dict[str, Any]) -> S
 
 
 def default_runtime_for(artifact: Artifact) -> str:
-    return {"torch": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}.get(artifact.kind, "onnxruntime")
+    return {"torch": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt",
+            "gguf": "llamacpp"}.get(artifact.kind, "onnxruntime")

@@ -25,8 +25,10 @@ between calls:
   loop: the PyTorch baseline, and the reference the export is validated against.
 
 Both expose ``prefill(input_ids, attention_mask) -> last logits``, ``step(next_ids) -> last
-logits`` and ``logits(input_ids, attention_mask) -> every position's logits`` (for KL divergence
-and perplexity), and report the providers they really run on.
+logits``, ``logits(input_ids, attention_mask) -> every position's logits`` (for KL divergence
+and perplexity), ``extend(next_ids, keep)`` (several tokens after the cache in one run) and
+``rollback(length)`` (forget the last cached positions), both for speculative decoding
+(:mod:`edgesmith.runtimes.speculative`), and report the providers they really run on.
 
 :func:`generate` applies the chat template (instruct models), streams text through a callback
 (decoded incrementally, so a character split over several byte-level tokens is printed once it is
@@ -124,6 +126,42 @@ class DecoderSession(Session):
         self._next_position = self._next_position + 1
         return out[:, -1, :]
 
+    def extend(self, next_ids: np.ndarray, keep: int = 1) -> np.ndarray:
+        """Append several tokens per row after the cache in one run (``next_ids`` [batch, n]): the
+        last ``keep`` positions' logits [batch, keep, vocab]. Speculative decoding verifies drafts so."""
+        if self._mask is None:
+            raise BadInput("extend() before prefill(): start a sequence with prefill(input_ids, attention_mask)")
+        ids = np.ascontiguousarray(np.asarray(next_ids, dtype=np.int64))
+        ids = ids[None, :] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[0] != self._mask.shape[0] or ids.shape[1] == 0:
+            raise BadInput(f"extend() needs [batch={self._mask.shape[0]}, n >= 1] token ids, got shape {ids.shape}")
+        n = ids.shape[1]
+        keep = max(1, min(int(keep), n))
+        mask = np.concatenate([self._mask, np.ones_like(ids)], axis=1)
+        self._check_length(mask.shape[1])
+        positions = self._next_position + np.arange(n, dtype=np.int64)[None, :]
+        out = self._forward(ids, mask, positions, start=False, keep=keep)
+        self._mask = mask
+        self._next_position = self._next_position + n
+        return out[:, -keep:, :]
+
+    def rollback(self, length: int) -> None:
+        """Forget every cached position from ``length`` on (``past_length`` counts padding too): the
+        tokens appended last are dropped, as if they had never been fed (rejected draft tokens)."""
+        if self._mask is None:
+            raise BadInput("rollback() before prefill(): there is no cache to roll back")
+        total = self.past_length
+        if not 1 <= length <= total:
+            raise BadInput(f"rollback({length}): the cache holds {total} positions; roll back to 1..{total}")
+        drop = total - int(length)
+        if drop == 0:
+            return
+        if not self._mask[:, length:].all():
+            raise BadInput("rollback() can only drop tokens appended after the prompt (they hold no padding)")
+        self._truncate(int(length))
+        self._mask = self._mask[:, :length]
+        self._next_position = self._next_position - drop
+
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = _check_batch(input_ids, attention_mask)
         self._check_length(mask.shape[1])
@@ -146,6 +184,11 @@ class DecoderSession(Session):
     @abstractmethod
     def _full(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Every position's logits of ``ids``, without touching the cache."""
+
+    def _truncate(self, length: int) -> None:
+        """Keep the cache's first ``length`` positions only (speculative decoding needs it)."""
+        raise BadInput(f"{type(self).__name__} cannot roll back its KV cache; speculative decoding runs on the "
+                       "onnxruntime and torch decoder sessions")
 
 
 def _check_batch(input_ids: np.ndarray, attention_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -384,6 +427,12 @@ class OrtDecoderSession(DecoderSession):
         logits, _ = self._run(ids, mask, positions, self._empties(ids.shape[0]), 0)
         return logits
 
+    def _truncate(self, length: int) -> None:
+        if self._shared:  # GroupQueryAttention reads the mask's length of the shared buffer: nothing to cut
+            return
+        # OrtValues cannot be viewed in place: one copy of the kept positions (SmolLM2: 46 KB a position)
+        self._past = [self._value(v.numpy()[:, :, :length]) for v in self._past]
+
     def reset(self) -> None:
         super().reset()
         self._past = None
@@ -447,6 +496,9 @@ class TorchDecoderSession(DecoderSession):
 
     def _full(self, ids, mask, positions):
         return self._call(ids, mask, positions, None, 0)
+
+    def _truncate(self, length: int) -> None:
+        self._cache.crop(length - self._cache.get_seq_length())  # a negative count: tokens removed
 
     def reset(self) -> None:
         super().reset()
