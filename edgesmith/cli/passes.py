@@ -23,6 +23,12 @@ def prune_command(
     importance: str = typer.Option("l2", "--importance", help="Importance criterion: l1, l2, taylor (needs --data), random."),
     allocation: str = typer.Option("uniform", "--allocation",
                                    help="uniform (same ratio in every layer) or global (ranked across layers)."),
+    layer_importance: str = typer.Option("weights", "--layer-importance",
+                                         help="Which layers --layers removes: weights (--importance on their weights), "
+                                              "angular (hidden-state change) or kl (output change when skipped), "
+                                              "measured on --data or the shipped corpus."),
+    layer_selection: str = typer.Option("individual", "--layer-selection",
+                                        help="individual layers, or one contiguous block (angular or kl)."),
     budget: str | None = typer.Option(None, "--budget",
                                       help="Keep at most this fraction: params=0.5 or macs=0.5 (searches the ratio)."),
     budget_prunes: str = typer.Option("heads,ffn", "--budget-prunes",
@@ -31,7 +37,7 @@ def prune_command(
     pattern: str | None = typer.Option(None, "--pattern", help="Semi-structured sparsity pattern: 2:4."),
     round_to: int = typer.Option(8, "--round-to", help="Round pruned FFN sizes to a multiple of this."),
     seed: int = typer.Option(0, "--seed", help="Seed of random importance and Taylor projections."),
-    data: str | None = typer.Option(None, "--data", help="Text file (jsonl, csv, parquet) for Taylor importance."),
+    data: str | None = typer.Option(None, "--data", help="Text file (jsonl, csv, parquet) for Taylor or measured layer importance."),
     text_field: str = typer.Option("text", "--text-field", help="Field of --data that holds the text."),
     check_latency: bool = typer.Option(True, "--latency-check/--no-latency-check",
                                        help="Time parent and pruned model in torch and warn when pruned is slower."),
@@ -45,6 +51,7 @@ def prune_command(
         raise BadInput("prune: --importance taylor needs data to compute gradients on: add --data FILE "
                        "(jsonl/csv/parquet with a 'text' field; --text-field names another)")
     options = {"heads": heads, "ffn": ffn, "layers": layers, "importance": importance, "allocation": allocation,
+               "layer_importance": layer_importance, "layer_selection": layer_selection,
                "budget": budget, "budget_prunes": [p.strip() for p in budget_prunes.split(",") if p.strip()],
                "sparsity": sparsity, "pattern": pattern, "round_to": round_to, "seed": seed,
                "check_latency": check_latency}

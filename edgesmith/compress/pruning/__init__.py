@@ -18,8 +18,12 @@ The pass runs in this order:
    ``macs=0.5``: keep at most that fraction of the parameters or MACs) is met by a bisection over
    one ratio applied to the components named in ``budget_prunes``, with the analytic cost model
    of :func:`layer_costs`.
-4. Depth: the layers of lowest importance are removed; the config's layer count and each layer's
-   ``layer_idx`` are updated (a KV cache indexes layers by it).
+4. Depth: the layers of lowest importance are removed — by the weights' importance, or measured
+   on data before anything is modified (``layer_importance``: the angular distance between the
+   hidden states entering and leaving a layer or block, or the KL divergence of the output
+   distribution when it is skipped; ``layer_selection='block'`` removes one contiguous run, as in
+   Gromov et al.; see ``pruning_depth``); the config's layer count (and ``layer_types``) and each
+   layer's ``layer_idx`` are updated (a KV cache indexes layers by it).
 5. Width: torch-pruning (``BasePruner``, local scopes) with one head ratio and one FFN ratio per
    layer, chosen so that its rounding gives exactly the planned sizes (checked afterwards).
    Hidden size is kept: every Linear that is not q/k/v or an FFN input is an ignored layer.
@@ -49,10 +53,10 @@ embeddings, norms, softmax and activations count nothing. Zeros of sparsity coun
 
 This module holds the pass and its config; the steps live beside it: ``pruning_architectures``
 (the ArchSpecs and layer parts), ``pruning_gpt2`` (step 2), ``pruning_importance`` (scores,
-Taylor), ``pruning_costs`` (the cost model), ``pruning_plan`` (step 3 and the budget search),
-``pruning_structured`` (steps 4 and 5, the structure afterwards), ``pruning_sparsity`` (step 6),
-``pruning_checks`` (forward, fidelity and latency checks) and ``pruning_feeds`` (model inputs and
-outputs). Their public names are re-exported here: ``from edgesmith.compress.pruning import ...``
+Taylor), ``pruning_depth`` (measured layer importance: angular, kl), ``pruning_costs`` (the cost
+model), ``pruning_plan`` (step 3 and the budget search), ``pruning_structured`` (steps 4 and 5,
+the structure afterwards), ``pruning_sparsity`` (step 6), ``pruning_checks`` (forward, fidelity
+and latency checks) and ``pruning_feeds`` (model inputs and outputs). Their public names are re-exported here: ``from edgesmith.compress.pruning import ...``
 works as before.
 """
 
@@ -95,8 +99,10 @@ from edgesmith.compress.pruning.checks import (
     _verify_forward,
     fidelity,
     latency_check,
+    lm_fidelity_report,
 )
 from edgesmith.compress.pruning.costs import MACS_SEQ, LayerCost, count_macs, count_params, layer_costs
+from edgesmith.compress.pruning.depth import DepthScores, measure_depth
 from edgesmith.compress.pruning.feeds import _example_inputs, _first_output, _latency_feeds
 from edgesmith.compress.pruning.gpt2 import from_prunable, to_prunable
 from edgesmith.compress.pruning.importance import Scores, compute_scores, element_scores, taylor_scores
@@ -115,7 +121,8 @@ from edgesmith.passes import Context, Pass, PassConfig, register
 
 log = logging.getLogger(__name__)
 
-#: texts the pass measures fidelity (cosine of mean-pooled outputs) on
+#: texts the pass measures fidelity (cosine of mean-pooled outputs) on; causal LMs are scored by
+#: KL / top-1 / perplexity on held-out corpus passages instead (``lm_fidelity_report``)
 FIDELITY_TEXTS = 64
 
 Component = Literal["heads", "ffn", "layers"]
@@ -130,6 +137,12 @@ class PruneConfig(PassConfig):
     fraction of the weights of the layers' Linears; ``pattern="2:4"`` zeros two of every four.
     ``importance``: l1 / l2 weight magnitude, first-order ``taylor`` (needs data), ``random``.
     ``allocation``: ``uniform`` (same ratio in every layer) or ``global`` (ranked across layers).
+    ``layer_importance``: which layers go when layers are removed: ``weights`` (the ``importance``
+    criterion on the layer's weights), ``angular`` (angular distance between the hidden states
+    entering and leaving the layer/block) or ``kl`` (KL divergence of the output distribution when
+    the layer/block alone is skipped), both measured on ``layer_texts`` texts of the data (the
+    run's data, else the shipped corpus). ``layer_selection``: ``individual`` layers of lowest
+    importance, or one contiguous ``block`` (needs angular or kl).
     """
 
     heads: float = 0.0
@@ -137,6 +150,9 @@ class PruneConfig(PassConfig):
     layers: float = 0.0
     importance: Literal["l1", "l2", "taylor", "random"] = "l2"
     allocation: Literal["uniform", "global"] = "uniform"
+    layer_importance: Literal["weights", "angular", "kl"] = "weights"
+    layer_selection: Literal["individual", "block"] = "individual"
+    layer_texts: int = 64
     budget: str | None = None
     budget_prunes: list[Component] = ["heads", "ffn"]
     sparsity: float = 0.0
@@ -155,7 +171,7 @@ class PruneConfig(PassConfig):
             raise ValueError("a pruning ratio must be at least 0 and below 1 (0.25 removes a quarter)")
         return value
 
-    @field_validator("round_to", "taylor_batches", "taylor_batch_size", "max_length")
+    @field_validator("round_to", "taylor_batches", "taylor_batch_size", "max_length", "layer_texts")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -181,6 +197,13 @@ class PruneConfig(PassConfig):
                                  "(the budget searches those ratios)")
         if self.pattern is not None and self.sparsity > 0:
             raise ValueError("give either sparsity (unstructured) or pattern='2:4' (which is 50 %), not both")
+        removes_layers = self.layers > 0 or (self.budget is not None and "layers" in self.budget_prunes)
+        if (self.layer_importance != "weights" or self.layer_selection != "individual") and not removes_layers:
+            raise ValueError(f"layer_importance={self.layer_importance} / layer_selection={self.layer_selection} "
+                             "choose which layers go, but no layer is removed: set layers (e.g. layers=0.2) "
+                             "or a budget with layers in budget_prunes")
+        if self.layer_selection == "block" and self.layer_importance == "weights":
+            raise ValueError("layer_selection='block' needs a measured layer_importance: angular or kl")
         if (self.budget is None and self.heads == 0 and self.ffn == 0 and self.layers == 0
                 and self.sparsity == 0 and self.pattern is None):
             raise ValueError("nothing to prune: set heads, ffn, layers, budget, sparsity or pattern "
@@ -189,6 +212,9 @@ class PruneConfig(PassConfig):
 
     def structured(self) -> bool:
         return self.budget is not None or self.heads > 0 or self.ffn > 0 or self.layers > 0
+
+    def measures_layers(self) -> bool:
+        return self.layer_importance != "weights"
 
 
 @dataclass
@@ -220,11 +246,16 @@ class PrunePass(Pass):
         heads_before, ffn_before = layer_sizes(module, spec)
         before = {"params": count_params(module), "macs": count_macs(module)}
         outcome = _Outcome()
+        depth = None
+        if cfg.measures_layers():
+            depth = measure_depth(artifact, spec, ctx.corpus(cfg.layer_texts), criterion=cfg.layer_importance,
+                                  selection=cfg.layer_selection, max_length=cfg.max_length)
+            outcome.report.update(depth.report)
         if cfg.importance == "taylor":
             outcome.report.update(taylor_scores(module, artifact, ctx.texts or [], cfg))
         to_prunable(module, spec)
         try:
-            plan = self._plan(module, spec, before, outcome)
+            plan = self._plan(module, spec, before, outcome, depth)
             log.info("pruning %s: layers kept %s, heads removed %s, ffn kept %s (%s importance, %s)", spec.name,
                      plan.keep_layers, plan.heads_removed, plan.ffn_kept, cfg.importance, cfg.allocation)
             drop_layers(module, spec, plan.keep_layers)
@@ -240,10 +271,13 @@ class PrunePass(Pass):
         self._report(artifact, out, spec, ctx, before, heads_before, ffn_before, plan, outcome)
         return out
 
-    def _plan(self, module: nn.Module, spec: ArchSpec, before: dict[str, int], outcome: _Outcome) -> Plan:
+    def _plan(self, module: nn.Module, spec: ArchSpec, before: dict[str, int], outcome: _Outcome,
+              depth: DepthScores | None) -> Plan:
         cfg = self.config
         parts = layer_parts(module, spec)
         scores = compute_scores(parts, spec, cfg.importance, cfg.seed)
+        if depth is not None:
+            scores.layers, scores.blocks = depth.layers, depth.blocks
         if cfg.budget:
             plan, found = search_budget(parts, spec, scores, cfg, before)
             outcome.report.update(found)
@@ -276,9 +310,12 @@ class PrunePass(Pass):
                 outcome.warnings.append(f"2:4 pattern not met everywhere (in_features not a multiple of 4: {skipped})")
             outcome.warnings.append("sparse weights are stored dense: they make neither the file nor dense kernels "
                                     "smaller or faster; a runtime with sparse kernels is needed for that")
-        texts = ctx.corpus(FIDELITY_TEXTS)
-        report["fidelity_cosine"] = fidelity(parent, out, texts, cfg.max_length)
-        report["fidelity_texts"] = len(texts)
+        if parent.task == "text-generation":
+            report.update(lm_fidelity_report(parent, out))
+        else:
+            texts = ctx.corpus(FIDELITY_TEXTS)
+            report["fidelity_cosine"] = fidelity(parent, out, texts, cfg.max_length)
+            report["fidelity_texts"] = len(texts)
         if cfg.check_latency:
             timing = latency_check(parent.module, out.module, _latency_feeds(parent))
             report.update(timing)

@@ -1,5 +1,7 @@
 """Checks of a pruned model: that it still runs with the expected output shape, its fidelity to its
-parent (cosine of pooled outputs), and a quick interleaved torch latency check against the parent."""
+parent (causal LMs: KL divergence, top-1 agreement and perplexity of the next-token distributions on
+held-out corpus text, :mod:`edgesmith.lm_quality`; other models: cosine of pooled outputs), and a
+quick interleaved torch latency check against the parent."""
 
 from __future__ import annotations
 
@@ -42,6 +44,23 @@ def fidelity(parent: TorchModel, child: TorchModel, texts: list[str], max_length
             b = _pooled(_first_output(child.module(**feeds)).float(), mask)
             cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=-1))
     return round(float(torch.cat(cosines).mean()), 4)
+
+
+def lm_fidelity_report(parent: TorchModel, child: TorchModel) -> dict[str, Any]:
+    """Decoder fidelity of ``child`` to ``parent`` on held-out corpus passages (KL of the next-token
+    distributions, top-1 agreement, perplexity of both); passages fit the model's positions."""
+    from edgesmith.lm_quality import PASSAGE_TOKENS, lm_fidelity
+
+    if parent.tokenizer is None:
+        return {}
+    config = parent.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    tokens = min(PASSAGE_TOKENS, int(positions) // 2) if positions else PASSAGE_TOKENS
+    result = lm_fidelity(child, parent, tokenizer=parent.tokenizer, passage_tokens=tokens)
+    return {"fidelity_kld": round(result["kld"], 6), "fidelity_top1": round(result["top1"], 4),
+            "fidelity_perplexity": round(result["perplexity"], 4),
+            "fidelity_perplexity_parent": round(result["perplexity_reference"], 4),
+            "fidelity_tokens": result["tokens"], "fidelity_data": "held-out corpus passages (lm_quality)"}
 
 
 def latency_check(parent: nn.Module, child: nn.Module, feeds: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ each layer, query head and FFN channel that the plan ranks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,11 +106,13 @@ def taylor_scores(module: nn.Module, model: TorchModel, texts: list[str], config
 
 @dataclass
 class Scores:
-    """Importance of each layer, of each query head and of each FFN channel (per layer)."""
+    """Importance of each layer, of each query head and of each FFN channel (per layer); with
+    block selection, ``blocks(n)`` scores removing layers [l, l + n) for every start l (lowest goes)."""
 
     layers: list[float]
     heads: list[torch.Tensor]
     channels: list[torch.Tensor]
+    blocks: Callable[[int], list[float]] | None = None
 
 
 def _mean_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:

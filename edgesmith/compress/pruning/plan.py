@@ -71,8 +71,13 @@ def plan_layers(scores: Scores, ratio: float, count: int, strict: bool) -> list[
         if strict:
             raise _TooMuch(f"layers={ratio} would remove all {count} layers; use a smaller ratio")
         drop = count - 1
-    order = sorted(range(count), key=lambda i: (scores.layers[i], i))
-    dropped = set(order[:drop])
+    if scores.blocks is not None:  # one contiguous block: the start whose removal scores lowest
+        block = scores.blocks(drop)
+        start = min(range(len(block)), key=lambda s: (block[s], s))
+        dropped = set(range(start, start + drop))
+    else:
+        order = sorted(range(count), key=lambda i: (scores.layers[i], i))
+        dropped = set(order[:drop])
     return [i for i in range(count) if i not in dropped]
 
 
