@@ -420,3 +420,18 @@ def test_cli_profile_llamacpp_on_a_target(loopback, tiny, tmp_path, capsys):
     prof = Profile.load(out_file)
     assert prof.target == "loopback-llama" and prof.runtime.name == "llamacpp" and "TTFT @16 tokens" in out
     assert prof.runtime.options["remote"]["destination"] and prof.generation.decode_steps == 3
+
+
+def test_generate_on_llamacpp_matches_torch_greedy(tiny):
+    """es.generate(..., runtime="llamacpp") runs the F32 GGUF as it is; greedy tokens equal PyTorch's."""
+    import edgesmith as es
+
+    module, tokenizer, path = tiny
+    torch_model = TorchModel(task="text-generation", module=module, tokenizer=tokenizer, name="tiny")
+    prompt = "The river flows"
+    on_cpp = es.generate(str(path), prompt, runtime="llamacpp", max_new_tokens=8, chat=False, ignore_eos=True)
+    on_torch = es.generate(torch_model, prompt, max_new_tokens=8, chat=False, ignore_eos=True)
+    assert on_cpp.providers == ["llama.cpp-cpu"]
+    assert on_cpp.token_ids == on_torch.token_ids
+    with pytest.raises(BadInput, match="runs on torch, not onnxruntime"):
+        es.generate(torch_model, prompt, runtime="onnxruntime", max_new_tokens=2)

@@ -353,16 +353,36 @@ def generate(session: DecoderSession, tokenizer, prompt: str | Messages, cfg: Ge
     return generate_batch(session, tokenizer, [prompt], cfg, on_token=callback)[0]
 
 
-def generate_text(model: Artifact | str, prompt: str | Messages, *, threads: int | None = None,
-                  on_token: Callable[[str], None] | None = None, **options: Any) -> GenerationResult:
-    """Load ``model`` (an artifact, or anything :func:`edgesmith.load` takes: ``"smollm2"``, a
-    .gguf file, a folder), generate from ``prompt`` and close the session: ``es.generate``.
-    ``options`` are :class:`GenerationConfig` fields (max_new_tokens, temperature, top_k, top_p,
-    seed, stop_strings, chat, ...)."""
-    from edgesmith.artifacts import load
+def open_decoder(model: Artifact | str, *, runtime: str | None = None, threads: int | None = None
+                 ) -> tuple[Artifact, DecoderSession]:
+    """The artifact and its decoder session. ``runtime="llamacpp"`` (or a GGUF artifact) runs the
+    GGUF file as it is in llama.cpp; otherwise ONNX Runtime for ONNX, PyTorch for torch models
+    (a ``.gguf`` file is then dequantized to FP32)."""
+    from edgesmith.artifacts import GgufModel, load
 
+    if runtime not in (None, "llamacpp", "onnxruntime", "torch"):
+        raise BadInput(f"runtime {runtime!r}: generation runs on llamacpp, onnxruntime or torch")
+    if runtime == "llamacpp" or isinstance(model, GgufModel):
+        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession, load_gguf_file
+
+        artifact = load_gguf_file(model) if isinstance(model, str) else model
+        return artifact, LlamaCppDecoderSession(artifact, threads=threads)
     artifact = load(model) if isinstance(model, str) else model
     session = load_decoder(artifact, threads=threads)
+    if runtime is not None and session.runtime != runtime:
+        raise BadInput(f"{artifact.name} is a {artifact.kind} model, which runs on {session.runtime}, not {runtime}")
+    return artifact, session
+
+
+def generate_text(model: Artifact | str, prompt: str | Messages, *, threads: int | None = None,
+                  runtime: str | None = None, on_token: Callable[[str], None] | None = None,
+                  **options: Any) -> GenerationResult:
+    """Load ``model`` (an artifact, or anything :func:`edgesmith.load` takes: ``"smollm2"``, a
+    .gguf file, a folder), generate from ``prompt`` and close the session: ``es.generate``.
+    ``runtime="llamacpp"`` runs a GGUF in llama.cpp (see :func:`open_decoder`). ``options`` are
+    :class:`GenerationConfig` fields (max_new_tokens, temperature, top_k, top_p, seed,
+    stop_strings, chat, ...)."""
+    artifact, session = open_decoder(model, runtime=runtime, threads=threads)
     try:
         return generate(session, artifact.tokenizer, prompt, GenerationConfig(**options), on_token=on_token)
     finally:

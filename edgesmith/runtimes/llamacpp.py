@@ -223,7 +223,7 @@ class GgufTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, **_: Any) -> str:
         llama_cpp, vocab = self._ensure()
         pieces = b""
         buf = ctypes.create_string_buffer(256)
