@@ -21,6 +21,7 @@ from edgesmith.version import __version__
 __all__ = [
     "Artifact", "BadInput", "EdgesmithError", "GateFailed", "OnnxModel", "Recipe", "TorchModel",
     "ValidationFailed", "compare", "compress", "evaluate", "export", "generate", "load", "profile", "run",
+    "speculate",
 ]
 
 
@@ -46,6 +47,10 @@ def __getattr__(name: str):
         from edgesmith.runtimes.generation import generate_text
 
         return generate_text
+    if name == "speculate":
+        from edgesmith.profiling.speculative import profile_speculative
+
+        return profile_speculative
     if name == "evaluate":
         from edgesmith.quality import evaluate
 

@@ -161,6 +161,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "export": "edgesmith.export.onnx:ExportPass",
     "tensorrt": "edgesmith.tensorrt.build:TensorRTPass",
     "gguf": "edgesmith.export.gguf:GgufPass",
+    "speculate": "edgesmith.compress.speculative:SpeculatePass",
 }
 
 #: ``meta`` key every pass carries from its input to its output: where the source model came from

@@ -37,6 +37,7 @@ def _register_commands() -> None:
         passes,
         profiles,
         run,
+        speculate,
         sweep,
     )
 

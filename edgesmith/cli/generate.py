@@ -25,6 +25,12 @@ def generate_command(
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the tokenizer's chat template "
                                      "(default: when the tokenizer has one)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
+    draft: str | None = typer.Option(None, "--draft", help="Speculative decoding (greedy) with this draft decoder "
+                                     "(the target's tokenizer; see edgesmith speculate)."),
+    prompt_lookup: int | None = typer.Option(None, "--prompt-lookup", help="Speculative decoding (greedy) by n-gram "
+                                             "prompt lookup with n-grams of up to N tokens."),
+    num_tokens: int = typer.Option(4, "--num-tokens", help="Tokens drafted per target call (with --draft or "
+                                   "--prompt-lookup)."),
     as_json: bool = JSON_OUT,
 ) -> None:
     """Generate text from a causal LM or its ONNX export, streamed as it is decoded."""
@@ -36,23 +42,41 @@ def generate_command(
                            seed=seed, stop_strings=list(stop), chat=chat)
     artifact = load(model)
     session = load_decoder(artifact, threads=threads)
+    drafter, spec = None, None
     try:
         def stream(piece: str) -> None:
             if not as_json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
 
-        result = generate(session, artifact.tokenizer, text, cfg, on_token=stream)
+        if draft is not None or prompt_lookup is not None:
+            from edgesmith.runtimes.speculative import make_drafter, speculative_generate
+
+            drafter = make_drafter(session, draft=draft, prompt_lookup=prompt_lookup,
+                                   target_tokenizer=artifact.tokenizer, threads=threads)
+            result, spec = speculative_generate(session, artifact.tokenizer, text, drafter, cfg,
+                                                num_tokens=num_tokens, on_token=stream)
+        else:
+            result = generate(session, artifact.tokenizer, text, cfg, on_token=stream)
     finally:
+        if drafter is not None:
+            drafter.close()
         session.close()
+    speculation = None if spec is None else {
+        "draft": drafter.name, "num_tokens": num_tokens, "target_calls": spec.target_calls,
+        "acceptance_rate": spec.acceptance_rate, "tokens_per_call": spec.tokens_per_call}
     if as_json:
         print_json({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
                     "ttft_ms": result.ttft_ms, "decode_tokens_per_s": result.decode_tokens_per_s,
-                    "finish_reason": result.finish_reason, "providers": result.providers})
+                    "finish_reason": result.finish_reason, "providers": result.providers,
+                    **({"speculative": speculation} if speculation else {})})
         return
     sys.stdout.write("\n")
     speed = result.decode_tokens_per_s
     err_console.print(f"[dim]{len(result.token_ids)} tokens ({result.finish_reason}), prompt {result.prompt_tokens} "
                       f"tokens, TTFT {result.ttft_ms:.0f} ms"
                       + (f", decode {speed:.1f} tokens/s" if speed else "")
-                      + f", {', '.join(result.providers)}[/]", highlight=False)
+                      + f", {', '.join(result.providers)}"
+                      + (f", {speculation['draft']}: {speculation['tokens_per_call']:.2f} tokens per target call"
+                         if speculation and speculation["tokens_per_call"] else "")
+                      + "[/]", highlight=False)
