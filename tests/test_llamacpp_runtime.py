@@ -435,3 +435,22 @@ def test_generate_on_llamacpp_matches_torch_greedy(tiny):
     assert on_cpp.token_ids == on_torch.token_ids
     with pytest.raises(BadInput, match="runs on torch, not onnxruntime"):
         es.generate(torch_model, prompt, runtime="onnxruntime", max_new_tokens=2)
+
+
+def test_gguf_tokenizer_renders_the_files_chat_template_as_transformers_does(tiny, tmp_path):
+    import copy
+
+    from edgesmith.gguf.writer import write_gguf
+    from edgesmith.runtimes.llamacpp import load_gguf_file
+
+    module, tokenizer, _ = tiny
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    write_gguf(module, tok, tmp_path / "chat.gguf", quant="f32")
+    gguf = load_gguf_file(tmp_path / "chat.gguf")
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert gguf.tokenizer.chat_template == tok.chat_template
+    assert gguf.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == list(expected)

@@ -25,6 +25,8 @@ def generate_command(
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the tokenizer's chat template "
                                      "(default: when the tokenizer has one)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
+    runtime: str | None = typer.Option(None, "--runtime", help="llamacpp runs a .gguf as it is in llama.cpp "
+                                       "(edgesmith[llamacpp]); default: onnxruntime for ONNX, torch otherwise."),
     draft: str | None = typer.Option(None, "--draft", help="Speculative decoding (greedy) with this draft decoder "
                                      "(the target's tokenizer; see edgesmith speculate)."),
     prompt_lookup: int | None = typer.Option(None, "--prompt-lookup", help="Speculative decoding (greedy) by n-gram "
@@ -34,14 +36,12 @@ def generate_command(
     as_json: bool = JSON_OUT,
 ) -> None:
     """Generate text from a causal LM or its ONNX export, streamed as it is decoded."""
-    from edgesmith.artifacts import load
-    from edgesmith.runtimes.generation import GenerationConfig, generate, load_decoder
+    from edgesmith.runtimes.generation import GenerationConfig, generate, open_decoder
 
     text = sys.stdin.read() if prompt == "-" else prompt
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, stop_strings=list(stop), chat=chat)
-    artifact = load(model)
-    session = load_decoder(artifact, threads=threads)
+    artifact, session = open_decoder(model, runtime=runtime, threads=threads)
     drafter, spec = None, None
     try:
         def stream(piece: str) -> None:

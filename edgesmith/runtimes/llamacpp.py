@@ -209,16 +209,48 @@ class GgufTokenizer:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         return self._llama, self._vocab
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, *, parse_special: bool = False) -> list[int]:
         llama_cpp, vocab = self._ensure()
         data = text.encode("utf-8")
         room = len(data) + 8
         while True:
             out = (llama_cpp.llama_token * room)()
-            n = llama_cpp.llama_tokenize(vocab, data, len(data), out, room, add_special_tokens, False)
+            n = llama_cpp.llama_tokenize(vocab, data, len(data), out, room, add_special_tokens, parse_special)
             if n >= 0:
                 return [int(t) for t in out[:n]]
             room = -n
+
+    @property
+    def chat_template(self) -> str | None:
+        """The file's ``tokenizer.chat_template``, or None."""
+        llama_cpp, _ = self._ensure()
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def _special_text(self, token: int) -> str:
+        return "" if token == self._llama.LLAMA_TOKEN_NULL else self.decode([token])
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True,
+                            **_: Any) -> list[int] | str:
+        """The file's chat template rendered as transformers renders it (a sandboxed Jinja
+        environment, trim_blocks/lstrip_blocks), tokenized with its special tokens parsed."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = self.chat_template
+        if not template:
+            raise BadInput(f"{self.path}: the GGUF has no chat template; give the prompt as plain text (--no-chat)")
+        llama_cpp, vocab = self._ensure()
+
+        def raise_exception(message: str) -> None:
+            raise BadInput(f"{self.path}: the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        text = env.from_string(template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self._special_text(int(llama_cpp.llama_vocab_bos(vocab))),
+            eos_token=self._special_text(int(llama_cpp.llama_vocab_eos(vocab))))
+        return self.encode(text, add_special_tokens=False, parse_special=True) if tokenize else text
 
     def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}
