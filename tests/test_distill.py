@@ -413,3 +413,83 @@ def test_checkpoint_caught_between_renames_is_recovered(tmp_path):
     assert checkpoints.last_state()["step"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
     assert Checkpoints(tmp_path, "other").last_state() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 19: the attention-map loss, and the recovery timeline
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attention_loss_on_a_student_with_fewer_heads(minilm_tokenizer, texts):
+    """Different head counts: the maps are compared as their means over heads; the student's own
+    attention implementation and dropout come back after training."""
+    teacher = bert(minilm_tokenizer, seed=0, attn_implementation="sdpa")
+    student = bert(minilm_tokenizer, seed=1, heads=2, attn_implementation="sdpa")
+    out = es.compress.distill(student, ctx_with(teacher, texts), losses={"cosine": 1.0, "attention": 1.0},
+                              **{**QUICK, "steps": 32})
+    assert_learned(out)
+    report = report_of(out)
+    assert report["losses"] == {"cosine": 1.0, "attention": 1.0}
+    assert out.module.config._attn_implementation == "sdpa"
+    assert teacher.module.config._attn_implementation == "sdpa"  # the source model is left as it was
+    assert all(m.p == 0.1 for n, m in out.module.named_modules() if n.endswith("attention.self.dropout"))
+    timeline = report["timeline"]
+    assert [e["step"] for e in timeline] == [e["step"] for e in report["history"]]
+    assert all(b["seconds"] >= a["seconds"] for a, b in zip(timeline, timeline[1:]))
+
+
+def test_attention_loss_alone_moves_the_maps(minilm_tokenizer, texts):
+    """The attention term alone falls and changes the student (same head count: head to head)."""
+    from edgesmith.compress.distillation import DistillObjective
+
+    teacher = bert(minilm_tokenizer, seed=0, attn_implementation="eager")
+    student = bert(minilm_tokenizer, seed=1, attn_implementation="eager")
+    objective = DistillObjective(student.module, teacher.module, task="feature-extraction",
+                                 losses={"attention": 1.0}, temperature=1.0, layer_pairs=[(0, 0), (1, 1)],
+                                 project=None, input_names=["input_ids", "attention_mask", "token_type_ids"])
+    batch = TextBatches(minilm_tokenizer, texts[:32], batch_size=16, max_length=32, seed=0,
+                        input_names=objective.input_names).batch(0)
+    first = float(objective(batch)["attention"])
+    assert first > 0
+    same = DistillObjective(teacher.module, teacher.module, task="feature-extraction", losses={"attention": 1.0},
+                            temperature=1.0, layer_pairs=[(0, 0), (1, 1)], project=None,
+                            input_names=objective.input_names)
+    assert float(same(batch)["attention"]) < 1e-6  # KL of a map with itself
+    out = es.compress.distill(student, ctx_with(teacher, texts), losses={"attention": 1.0}, **QUICK)
+    history = report_of(out)["history"]
+    assert history[-1]["loss"] < history[1]["loss"]
+
+
+def test_attention_loss_resumes_exactly(minilm_tokenizer, texts, tmp_path):
+    teacher, student = bert(minilm_tokenizer, seed=0), bert(minilm_tokenizer, seed=1, heads=2)
+    options = {**QUICK, "steps": 12, "eval_every": 4, "checkpoint_every": 5, "lr": 2e-3,
+               "losses": {"cosine": 1.0, "attention": 0.5}}
+    full = es.compress.distill(student, ctx_with(teacher, texts, checkpoint_dir=str(tmp_path / "a")), **options)
+
+    def kill_at_7(step: int) -> None:
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        es.compress.distill(student, ctx_with(teacher, texts, checkpoint_dir=str(tmp_path / "b"), on_step=kill_at_7),
+                            **options)
+    resumed = es.compress.distill(student, ctx_with(teacher, texts, checkpoint_dir=str(tmp_path / "b")), **options)
+    assert report_of(resumed)["resumed_from_step"] == 5
+    assert report_of(resumed)["history"] == report_of(full)["history"]
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_attention_loss_config_errors(minilm_tokenizer, texts):
+    teacher, student = bert(minilm_tokenizer, seed=0), bert(minilm_tokenizer, seed=1)
+    with pytest.raises(BadInput, match="needs a weight above 0"):
+        es.compress.distill(student, ctx_with(teacher, texts), losses={"attention": 0}, **QUICK)
+    with pytest.raises(BadInput, match="layer_map names student layer 4"):
+        es.compress.distill(student, ctx_with(teacher, texts), losses={"attention": 1}, layer_map={4: 1}, **QUICK)
+    with pytest.raises(BadInput, match="attention_map"):
+        es.compress.distill(student, ctx_with(teacher, texts), losses={"attention_map": 1}, **QUICK)
+    from edgesmith.cli.distill import parse_losses
+
+    assert parse_losses(["cosine", "attention=0.5"]) == {"cosine": 1.0, "attention": 0.5}
+    with pytest.raises(BadInput, match="unknown loss 'attn'"):
+        parse_losses(["attn=1"])

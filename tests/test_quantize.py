@@ -637,3 +637,118 @@ def test_torch_side_with_torchao(tokenizer):
     report = out.lineage[-1]["report"]
     assert report["quantized_linears"] == 13 and report["fidelity"]["cosine"] > 0.95
     assert type(model.module.encoder.layer[0].attention.self.query.weight) is torch.nn.Parameter  # input untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 19: the optimizer's fusions chosen one by one
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fusions_choose_what_the_optimizer_fuses(tiny_onnx):
+    out, report = quantize(tiny_onnx, optimize=True, fusions=["layer_norm", "gelu"])
+    opt = report["optimize"]
+    assert opt["fusions"] == ["layer_norm", "gelu"] and opt["validated"]
+    assert not opt["fused"].get("SkipLayerNormalization") and not opt["fused"].get("BiasGelu")
+    ops = {n.op_type for n in graph(out).node}
+    assert "SkipLayerNormalization" not in ops and "MatMulInteger" in ops
+    assert out.meta["quantization"]["fusions"] == ["layer_norm", "gelu"]
+    only_skip, report = quantize(tiny_onnx, optimize=True, fusions=["layer_norm", "skip_layer_norm"])
+    assert report["optimize"]["fused"].get("SkipLayerNormalization")
+    assert "BiasGelu" not in {n.op_type for n in graph(only_skip).node}
+    assert report["fidelity"]["cosine"] > 0.95
+
+
+def test_fusions_leave_the_cache_key_of_older_configs_alone():
+    assert "fusions" not in QuantizeConfig(mode="dynamic").key_dump()
+    assert QuantizeConfig(optimize=True, fusions=["gelu"]).key_dump()["fusions"] == ["gelu"]
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"fusions": ["layer_norm"]}, "set optimize: true"),
+    ({"optimize": True, "fusions": ["flash"]}, "unknown fusion"),
+])
+def test_bad_fusion_options(options, needle):
+    with pytest.raises(BadInput, match=needle):
+        QuantizePass(**options)
+
+
+def test_keep_node_metadata_false_drops_the_exporters_provenance(tiny_onnx, quantized):
+    kept, kept_report, _ = quantized
+    assert any(n.metadata_props for n in graph(kept).node)  # the dynamo export's module paths ride along
+    out, report = quantize(tiny_onnx, keep_node_metadata=False)
+    assert not any(n.metadata_props for n in graph(out).node)
+    assert report["node_metadata_bytes_removed"] > 0
+    assert report["size_after"] < kept_report["size_after"]
+    assert report["fidelity"]["min_cosine"] == pytest.approx(kept_report["fidelity"]["min_cosine"], abs=1e-6)
+    assert "keep_node_metadata" not in QuantizeConfig().key_dump()
+
+
+def test_roofline_counts_matmulnbits_work_like_the_float_graph(tiny_onnx):
+    """An 8-bit weight-only (MatMulNBits) graph does the float graph's matrix products: the roofline's
+    work count reads K and N from the node's attributes (its weight input is packed in blocks)."""
+    from edgesmith.compress.weight_only import ort_quantize
+    from edgesmith.profiling.roofline import graph_work
+
+    model = onnx.load(str(tiny_onnx.path))
+    nbits = ort_quantize(model, bits=8, block=32, method="rtn", symmetric=True, accuracy_level=4, exclude=[])
+    assert any(n.op_type == "MatMulNBits" for n in nbits.graph.node)
+    path = tiny_onnx.folder.parent / "tiny-nbits8.onnx"
+    onnx.save(nbits, str(path))
+    float_macs, float_bytes = graph_work(tiny_onnx.path, 2, 16)
+    nbits_macs, nbits_bytes = graph_work(path, 2, 16)
+    assert nbits_macs == float_macs and nbits_bytes < float_bytes
+
+
+def test_softmax_floor_keeps_outputs_and_rewrites_every_softmax(tiny_onnx, quantized):
+    plain, plain_report, _ = quantized
+    out, report = quantize(tiny_onnx, softmax_floor=-80.0)
+    assert report["softmax_floor"] == {"rewritten": 2, "floor": -80.0}  # one attention Softmax per layer
+    g = graph(out)
+    producers = {o: n for n in g.node for o in n.output}
+    for sm in (n for n in g.node if n.op_type == "Softmax"):
+        floor = producers[sm.input[0]]
+        assert floor.op_type == "Max" and producers[floor.input[0]].op_type == "Sub"
+    assert out.meta["quantization"]["softmax_floor"] == -80.0
+    # same weights, same outputs: the floor changes nothing above float rounding
+    from edgesmith.quality import embed
+
+    texts = ["a short one", "a much longer sentence, so that the short one is padded in its batch"] * 4
+    assert np.abs(embed(out, texts) - embed(plain, texts)).max() < 1e-5
+    assert report["fidelity"]["min_cosine"] == pytest.approx(plain_report["fidelity"]["min_cosine"], abs=1e-5)
+
+
+def test_floor_softmax_inputs_on_a_masked_softmax():
+    """A hand-built Softmax over masked scores: the rewritten graph gives the same probabilities."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgesmith.onnx_graph.softmax import floor_softmax_inputs
+
+    def model(opset: int):
+        nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=-1), helper.make_node("Softmax", ["x"], ["z"], axis=1)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 8]) for n in "yz"])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+    rng = np.random.default_rng(0)
+    x = np.where(np.arange(8) < 3, rng.normal(0, 4, (2, 3, 8)), np.finfo(np.float32).min).astype(np.float32)
+    for opset in (13, 20):  # ReduceMax takes its axes as an attribute before opset 18, as an input after
+        plain, floored = model(opset), model(opset)
+        assert floor_softmax_inputs(floored) == {"rewritten": 1, "floor": -80.0}  # axis 1 is left alone
+        run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+               for m in (plain, floored)]
+        np.testing.assert_allclose(run[1][0], run[0][0], atol=1e-7)
+        np.testing.assert_array_equal(run[1][1], run[0][1])
+    with pytest.raises(ValueError, match="normal float32"):
+        floor_softmax_inputs(model(20), floor=-100.0)
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"softmax_floor": -100.0}, "softmax_floor lies in"),
+    ({"softmax_floor": 1.0}, "softmax_floor lies in"),
+    ({"mode": "int4", "softmax_floor": -80.0}, "softmax_floor"),
+    ({"mode": "int8-weight", "keep_node_metadata": False}, "keep_node_metadata"),
+])
+def test_bad_graph_finishing_options(options, needle):
+    with pytest.raises(BadInput, match=needle):
+        QuantizePass(**options)

@@ -11,8 +11,8 @@ from edgesmith.cli.root import app
 from edgesmith.cli.shortcut import ONE_PASS_RUNS_DIR, run_one_pass
 from edgesmith.errors import BadInput
 
-LOSS_NAMES = ("cosine", "kl", "hidden_mse", "task")
-LOSS = typer.Option([], "--loss", help="Loss and weight, repeatable: cosine, kl, hidden_mse=0.1, task.")
+LOSS_NAMES = ("cosine", "kl", "hidden_mse", "attention", "task")
+LOSS = typer.Option([], "--loss", help="Loss and weight, repeatable: cosine, kl, hidden_mse=0.1, attention=0.1, task.")
 OUTPUT = typer.Option(None, "--output", "-o", help="Copy the result to this folder.")
 
 

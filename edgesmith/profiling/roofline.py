@@ -20,7 +20,7 @@ from edgesmith.errors import BadInput
 log = logging.getLogger(__name__)
 
 MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "DynamicQuantizeMatMul",
-              "MatMulIntegerToFloat", "Gemm", "QGemm"}
+              "MatMulIntegerToFloat", "Gemm", "QGemm", "MatMulNBits"}
 
 
 def _dims(value_info) -> list[int] | None:
@@ -60,6 +60,11 @@ def _concrete(model, batch: int, seq: int):
 
 def _node_macs(node, shapes: dict[str, list[int]], tokens: int, seq: int) -> int:
     a_name, b_name = node.input[0], node.input[1]
+    if node.op_type == "MatMulNBits":  # B is packed in blocks: K and N are attributes
+        attrs = {at.name: at.i for at in node.attribute}
+        a = shapes.get(a_name)
+        rows = math.prod(a[:-1]) if a else tokens
+        return rows * attrs.get("K", 0) * attrs.get("N", 0)
     if node.op_type == "QLinearMatMul":
         a_name, b_name = node.input[0], node.input[3]
     a, b = shapes.get(a_name), shapes.get(b_name)

@@ -123,9 +123,12 @@ def _plot_axes(space: SearchSpace) -> tuple[Objective, Objective] | None:
     return space.objectives[0], space.objectives[1]
 
 
-def plot_front(summary: dict[str, Any], space: SearchSpace, path: Path) -> Path | None:
+def plot_front(summary: dict[str, Any], space: SearchSpace, path: Path,
+               references: list[dict[str, Any]] | None = None) -> Path | None:
     """Every completed trial on the first two objectives (a cost on x, a quality on y when there
-    are both), the front in blue, constraint violators as red crosses."""
+    are both), the front in blue, constraint violators as red crosses; ``references`` (each
+    ``{"label": ..., "measured": {metric: value}}``, e.g. a peer toolkit's artifacts measured the
+    same way) as labelled orange diamonds beside them."""
     axes = _plot_axes(space)
     complete = [r for r in summary["trials"] if r["state"] == "COMPLETE"]
     if axes is None or not complete:
@@ -155,6 +158,12 @@ def plot_front(summary: dict[str, Any], space: SearchSpace, path: Path) -> Path 
             ax.scatter([x], [y], color="tab:red", marker="x", zorder=2)
         else:
             ax.scatter([x], [y], color="tab:gray", alpha=0.6, zorder=2)
+    for ref in references or []:
+        if x_obj.metric in ref["measured"] and y_obj.metric in ref["measured"]:
+            x, y = xy(ref)
+            ax.scatter([x], [y], color="tab:orange", marker="D", zorder=4)
+            ax.annotate(ref["label"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8,
+                        color="tab:orange")
     points = sorted(xy(r) for r in summary["front"])
     if points:
         ax.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue", alpha=0.5,

@@ -159,6 +159,10 @@ def _train(objective: nn.Module, data: TextBatches, settings: TrainSettings, *, 
         losses.extend(saved.get("pending_losses", []))
         log.info("resuming from the checkpoint at step %d (%s)", start, checkpoint_dir)
 
+    # this process's wall seconds (training and evaluations) at each evaluation: the recovery curve,
+    # metric against time; kept apart from ``history``, which a resumed run reproduces exactly
+    clock_start, timeline = time.perf_counter(), []
+
     def run_eval(step: int) -> float:
         nonlocal best_step, best_metric, bad_evals, best_state, first_metric
         objective.eval()
@@ -166,6 +170,7 @@ def _train(objective: nn.Module, data: TextBatches, settings: TrainSettings, *, 
             metric = float(evaluate(objective))
         objective.train()
         entry = {"step": step, "metric": metric}
+        timeline.append({"step": step, "metric": metric, "seconds": round(time.perf_counter() - clock_start, 2)})
         if losses:
             entry["loss"] = sum(losses) / len(losses)  # mean training loss since the last evaluation
             losses.clear()
@@ -215,7 +220,7 @@ def _train(objective: nn.Module, data: TextBatches, settings: TrainSettings, *, 
     _restore_best(objective, best_state, checkpoints)
     return TrainResult(steps_run=step, best_step=best_step, best_metric=best_metric,
                        first_metric=float(first_metric if first_metric is not None else best_metric),
-                       history=history, seconds=seconds, samples_per_second=samples / max(seconds, 1e-9),
+                       history=history, timeline=timeline, seconds=seconds, samples_per_second=samples / max(seconds, 1e-9),
                        stopped_early=stopped_early, resumed_from=resumed, precision=precision,
                        world_size=world_size)
 

@@ -53,6 +53,8 @@ class TrainResult:
     best_metric: float
     first_metric: float
     history: list[dict[str, float]] = field(default_factory=list)
+    #: {step, metric, seconds}: wall seconds since this process started training, at each evaluation
+    timeline: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     samples_per_second: float = 0.0
     stopped_early: bool = False

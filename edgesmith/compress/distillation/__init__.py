@@ -7,7 +7,9 @@ to train a shallower copy.
   ``keep_layers`` / ``every_k``, a copy of the teacher that keeps only those layers.
 - **Losses** (weights in ``losses``): ``cosine`` between mean-pooled last hidden states (sentence
   encoders), ``kl`` between temperature-softened logits (classifiers and causal LMs), ``hidden_mse``
-  between mapped hidden states (``layer_map``: student layer → teacher layer), ``task`` (cross
+  between mapped hidden states (``layer_map``: student layer → teacher layer), ``attention`` (KL
+  between the teacher's and the student's attention probabilities of the same mapped layers; both
+  run with eager attention while training, the output keeps the student's own), ``task`` (cross
   entropy on the labels, or next-token loss for causal LMs). Where widths differ, a learned linear
   projection maps the student's width to the teacher's (trained with the student, not part of the
   output model).
@@ -118,13 +120,22 @@ class DistillPass(Pass):
             from edgesmith.quality import label_ids
 
             train_labels = label_ids(student, train_labels, int(student.config.num_labels)).tolist()
-        pairs = layer_pairs(config, student_layers, teacher_layers, kept) if "hidden_mse" in losses else []
+        pairs = (layer_pairs(config, student_layers, teacher_layers, kept)
+                 if {"hidden_mse", "attention"} & set(losses) else [])
 
         settings = config.settings()
         device = _device()
         teacher_module = teacher.module
+        attention_impl = _attention_implementation(student.module)
+        if "attention" in losses and (_attention_implementation(teacher_module) not in (None, "eager")):
+            teacher_module = copy.deepcopy(teacher_module)  # the source model is left as it was
         if teacher_module.training or device.type != "cpu":
             teacher_module = copy.deepcopy(teacher_module).eval()
+        dropped: dict[str, float] = {}
+        if "attention" in losses:
+            for module in (student.module, teacher_module):
+                _set_attention(module, "eager")
+            dropped = _no_attention_dropout(student.module)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the projections' initial weights
             objective = DistillObjective(student.module, teacher_module.to(device), task=artifact.task,
@@ -152,6 +163,10 @@ class DistillPass(Pass):
             rank_zero_remove(checkpoint_dir)
 
         module = objective.student.to("cpu").eval()
+        if "attention" in losses and attention_impl not in (None, "eager"):
+            _set_attention(module, attention_impl)
+        for name, p in dropped.items():
+            module.get_submodule(name).p = p
         ctx.report.update({
             "teacher": teacher.name,
             "student_layers": student_layers,
@@ -173,12 +188,41 @@ class DistillPass(Pass):
             "precision": result.precision,
             "world_size": result.world_size,
             "history": result.history,
+            "timeline": result.timeline,
             "params": sum(p.numel() for p in module.parameters()),
             "projections": sorted(objective.projections.keys()),
         })
         log.info("distilled: fidelity %.4f → %.4f (best step %d of %d, %.1f s)", before["cosine"], after["cosine"],
                  result.best_step, result.steps_run, result.seconds)
         return student.derive(module=module, structure=copy.deepcopy(student.structure))
+
+
+def _attention_implementation(module) -> str | None:
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def _set_attention(module, implementation: str) -> None:
+    """Switch a Hugging Face model's attention implementation (eager returns attention maps)."""
+    setter = getattr(module, "set_attn_implementation", None)
+    if setter is None:
+        raise BadInput(f"distill: the attention loss needs a Hugging Face model that can switch to eager attention; "
+                       f"{type(module).__name__} cannot: drop the attention loss")
+    try:
+        setter(implementation)
+    except (ValueError, ImportError) as exc:
+        raise BadInput(f"distill: cannot switch {type(module).__name__} to {implementation} attention "
+                       f"({str(exc).splitlines()[0][:200]}); drop the attention loss") from exc
+
+
+def _no_attention_dropout(module) -> dict[str, float]:
+    """Dropout on the attention probabilities off (the maps the attention loss compares are taken after
+    it: dropped entries would be zeros the teacher's map has not); returns {module path: old p}."""
+    old = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Dropout) and sub.p > 0 and (
+                name.endswith(("attention.self.dropout", "attn_dropout", "attention_dropout"))):
+            old[name], sub.p = sub.p, 0.0
+    return old
 
 
 def _device() -> torch.device:

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from edgesmith.passes import PassConfig
 from edgesmith.training import TrainSettings
 
-LOSSES = ("cosine", "kl", "hidden_mse", "task")
+LOSSES = ("cosine", "kl", "hidden_mse", "attention", "task")
 
 
 class DistillConfig(PassConfig):
@@ -18,10 +18,13 @@ class DistillConfig(PassConfig):
     teacher: str | None = Field(None, description="model folder; default: the run's source model")
     keep_layers: list[int] | None = Field(None, description="student = the teacher with only these layers (0-based)")
     every_k: int | None = Field(None, description="student = the teacher with every k-th layer (k-1, 2k-1, …)")
-    losses: dict[Literal["cosine", "kl", "hidden_mse", "task"], float] | None = Field(
-        None, description="loss weights; default: cosine for encoders, kl (+ task with labels) for classifiers")
+    losses: dict[Literal["cosine", "kl", "hidden_mse", "attention", "task"], float] | None = Field(
+        None, description="loss weights; default: cosine for encoders, kl (+ task with labels) for classifiers; "
+                          "attention: KL between the teacher's and the student's attention maps of the mapped "
+                          "layers (eager attention while training)")
     temperature: float = Field(2.0, gt=0)
-    layer_map: dict[int, int] | None = Field(None, description="hidden_mse: student layer → teacher layer (0-based)")
+    layer_map: dict[int, int] | None = Field(None, description="hidden_mse and attention: student layer → teacher "
+                                                               "layer (0-based)")
     project: bool | None = Field(None, description="learn linear projections where widths differ "
                                                    "(default: only for a narrower student)")
     data: str | None = Field(None, description="training texts: a local file or builtin:wordnet; default: the run's data")

@@ -95,6 +95,9 @@ class DistillObjective(nn.Module):
     def _needs_hidden_states(self) -> bool:
         return "hidden_mse" in self.losses or self.task != "feature-extraction"
 
+    def _needs_attentions(self) -> bool:
+        return "attention" in self.losses
+
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.projections[name](x) if name in self.projections else x
 
@@ -113,16 +116,22 @@ class DistillObjective(nn.Module):
             return self.projections["pooled"](pooled)
         return self._project(f"hidden{num_layers(self.student) - 1}", pooled)
 
-    def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> Any:
-        with torch.no_grad():
-            return self.teacher(**self._feeds(batch), output_hidden_states=self._needs_hidden_states())
+    def _extras(self, training: bool) -> dict[str, bool]:
+        extras = {"output_hidden_states": self._needs_hidden_states()}
+        if training and self._needs_attentions():
+            extras["output_attentions"] = True
+        return extras
 
-    def student_outputs(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.student(**self._feeds(batch), output_hidden_states=self._needs_hidden_states())
+    def teacher_outputs(self, batch: dict[str, torch.Tensor], *, training: bool = False) -> Any:
+        with torch.no_grad():
+            return self.teacher(**self._feeds(batch), **self._extras(training))
+
+    def student_outputs(self, batch: dict[str, torch.Tensor], *, training: bool = False) -> Any:
+        return self.student(**self._feeds(batch), **self._extras(training))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mask = batch["attention_mask"]
-        t_out, s_out = self.teacher_outputs(batch), self.student_outputs(batch)
+        t_out, s_out = self.teacher_outputs(batch, training=True), self.student_outputs(batch, training=True)
         terms: dict[str, torch.Tensor] = {}
         if "cosine" in self.losses:
             s_vec = self._project("pooled", mean_pool(_last_hidden(s_out).float(), mask))
@@ -132,6 +141,8 @@ class DistillObjective(nn.Module):
             terms["kl"] = self._kl(s_out.logits.float(), t_out.logits.float(), mask)
         if "hidden_mse" in self.losses:
             terms["hidden_mse"] = self._hidden_mse(s_out.hidden_states, t_out.hidden_states, mask)
+        if "attention" in self.losses:
+            terms["attention"] = self._attention_kl(s_out.attentions, t_out.attentions, mask)
         if "task" in self.losses:
             terms["task"] = self._task(s_out.logits.float(), batch)
         loss = sum(self.losses[name] * value for name, value in terms.items())
@@ -155,6 +166,24 @@ class DistillObjective(nn.Module):
             s = self._project(f"hidden{s_layer}", s_states[s_layer + 1].float())
             t = t_states[t_layer + 1].float()
             total = total + (((s - t) ** 2) * weights).sum() / (weights.sum() * t.shape[-1]).clamp_min(1)
+        return total / len(self.layer_pairs)
+
+    def _attention_kl(self, s_maps, t_maps, mask: torch.Tensor) -> torch.Tensor:
+        """KL(teacher ‖ student) between the attention probabilities of the mapped layers, per query row
+        over the keys, averaged over the real (unpadded) query positions. Heads are compared one to one
+        when the two layers have as many heads, else as their mean (a head-pruned student keeps a
+        subset of the teacher's heads, in its own order)."""
+        if s_maps is None or t_maps is None or any(m is None for m in (*s_maps, *t_maps)):
+            raise BadInput("distill: the attention loss needs the models' attention maps, and this model returns "
+                           "none (its attention implementation cannot output them); drop the attention loss")
+        rows = mask.to(torch.float32)  # (batch, query)
+        total = 0.0
+        for s_layer, t_layer in self.layer_pairs:
+            s, t = s_maps[s_layer].float(), t_maps[t_layer].float()  # (batch, heads, query, key)
+            if s.shape[1] != t.shape[1]:
+                s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+            kl = (t * (t.clamp_min(1e-12).log() - s.clamp_min(1e-12).log())).sum(-1).mean(1)  # (batch, query)
+            total = total + (kl * rows).sum() / rows.sum().clamp_min(1)
         return total / len(self.layer_pairs)
 
     def _task(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -142,13 +142,15 @@ def build(parent: OnnxModel, folder: Path, cfg: QuantizeConfig, ctx: Context) ->
     try:
         base = parent
         if cfg.optimize:
-            base, report["optimize"] = optimize_and_validate(parent, work / "optimized", ctx)
+            base, report["optimize"] = optimize_and_validate(parent, work / "optimized", ctx, cfg.fusions)
         model = onnx.load(str(base.path))
         name_nodes(model.graph)
         if cfg.mode == "fp16":
             report.update(write_fp16(model, folder / ONNX_FILE, cfg))
         else:
             report.update(write_int8(base, model, folder / ONNX_FILE, cfg, ctx, work))
+        if not cfg.keep_node_metadata or cfg.softmax_floor is not None:
+            report.update(finish_graph(folder / ONNX_FILE, cfg))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     copy_companions(parent.folder, folder)
@@ -162,25 +164,48 @@ def build(parent: OnnxModel, folder: Path, cfg: QuantizeConfig, ctx: Context) ->
     return quantized, report
 
 
+def finish_graph(path: Path, cfg: QuantizeConfig) -> dict[str, Any]:
+    """Rewrite the ONNX file at ``path``: Softmax inputs floored (``softmax_floor``), node metadata
+    dropped (``keep_node_metadata: false``). Returns what was done, for the report."""
+    import onnx
+
+    from edgesmith.onnx_graph.nodes import strip_node_metadata
+    from edgesmith.onnx_graph.softmax import floor_softmax_inputs
+
+    model = onnx.load(str(path))
+    done: dict[str, Any] = {}
+    if cfg.softmax_floor is not None:
+        done["softmax_floor"] = floor_softmax_inputs(model, cfg.softmax_floor)
+    if not cfg.keep_node_metadata:
+        done["node_metadata_bytes_removed"] = strip_node_metadata(model.graph)
+    onnx.save(model, str(path))
+    return done
+
+
 def quantization_meta(cfg: QuantizeConfig) -> dict[str, Any]:
     if cfg.mode == "fp16":
         return {"mode": "fp16", "keep_io_types": cfg.keep_io_types, "fp32_ops": cfg.fp16_float_ops,
                 "optimized": cfg.optimize}
     meta: dict[str, Any] = {"mode": cfg.mode, "per_channel": cfg.per_channel, "weight_type": cfg.weight_type,
                             "reduce_range": cfg.reduce_range, "op_types": cfg.target_ops, "optimized": cfg.optimize}
+    if cfg.fusions is not None:
+        meta["fusions"] = list(cfg.fusions)
+    if cfg.softmax_floor is not None:
+        meta["softmax_floor"] = cfg.softmax_floor
     if cfg.mode == "static":
         meta.update({"format": "QDQ", "activation_type": cfg.activation_type, "method": cfg.method,
                      "symmetric_activations": cfg.symmetric_activations})
     return meta
 
 
-def optimize_and_validate(parent: OnnxModel, folder: Path, ctx: Context) -> tuple[OnnxModel, dict[str, Any]]:
+def optimize_and_validate(parent: OnnxModel, folder: Path, ctx: Context,
+                          fusions: list[str] | None = None) -> tuple[OnnxModel, dict[str, Any]]:
     """ORT's transformer optimizer with the artifact's real head count and width, then the export's
     validation of the optimized graph against its input (ValidationFailed, exit 3, if it differs)."""
     from edgesmith.onnx_graph.optimize import optimized_copy
     from edgesmith.validation import validate
 
-    optimized, info = optimized_copy(parent, folder)
+    optimized, info = optimized_copy(parent, folder, fusions)
     result = validate(parent, optimized, OPTIMIZE_ATOL, OPTIMIZE_MIN_COSINE, label="graph optimization",
                       texts=ctx.corpus(PROBE_POOL))
     info.update({"max_abs": result["max_abs"], "min_cosine": result["min_cosine"], "validated": True})

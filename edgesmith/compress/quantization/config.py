@@ -27,6 +27,8 @@ _STATIC_ONLY = ("calibration", "text_field", "calibration_samples", "calibration
                 "ffn_down_float", "activation_matmuls", "extra_op_types")
 _FP16_ONLY = ("keep_io_types", "fp16_float_ops")
 _INT8_ONLY = ("per_channel", "op_types", "reduce_range", "weight_type", "max_drop", "gate_against", "eval_texts")
+#: graph finishing of the INT8/FP16 modes (the weight-only modes write their graph their own way)
+_ONNX_PASS_ONLY = ("softmax_floor", "keep_node_metadata")
 #: weight-only modes (MatMulNBits; edgesmith.compress.weight_only) and their own options
 WEIGHT_ONLY_MODES = {"int4": 4, "int8-weight": 8}
 _WEIGHT_ONLY = ("block", "symmetric", "accuracy_level", "quantize_lm_head", "gguf_file", "max_kld", "fallback")
@@ -69,8 +71,12 @@ class QuantizeConfig(PassConfig):
 
     FP16 only: ``keep_io_types`` (FP32 graph inputs/outputs), ``fp16_float_ops`` (op types kept FP32).
 
-    All modes: ``optimize`` (ORT transformer optimizer first), ``min_cosine`` (floor of the pooled
-    cosine to the parent), ``speed_check`` (time parent and result, record ``slower_than_parent``).
+    All modes: ``optimize`` (ORT transformer optimizer first), ``fusions`` (with ``optimize``: only
+    these of its fusions, e.g. ``[layer_norm, skip_layer_norm]``; default all), ``min_cosine`` (floor of the pooled
+    cosine to the parent), ``softmax_floor`` (e.g. -80: every last-axis Softmax computes
+    ``Softmax(max(x - rowmax, floor))``, which keeps padded attention keys out of ONNX Runtime's slow
+    exp path with outputs unchanged to float rounding; :mod:`edgesmith.onnx_graph.softmax`), ``keep_node_metadata`` (false: drop the exporter's per-node module paths
+    from the output, ~0.3 MB of MiniLM's file; the report is made from the input graph), ``speed_check`` (time parent and result, record ``slower_than_parent``).
     """
 
     mode: Literal["dynamic", "static", "fp16", "int4", "int8-weight"] = "dynamic"
@@ -108,6 +114,9 @@ class QuantizeConfig(PassConfig):
     fallback: Literal["int8", "float"] = "int8"
     # all modes
     optimize: bool = False
+    fusions: list[str] | None = None
+    keep_node_metadata: bool = True
+    softmax_floor: float | None = None
     speed_check: bool = False
     # accuracy-aware
     max_drop: dict[str, float] = {}
@@ -127,6 +136,24 @@ class QuantizeConfig(PassConfig):
                 raise ValueError(f"'{op}' is not an op type ONNX Runtime's dynamic quantizer handles; "
                                  f"use some of: {', '.join(supported)}")
         return list(dict.fromkeys(value))
+
+    @field_validator("fusions")
+    @classmethod
+    def _known_fusions(cls, value: list[str] | None) -> list[str] | None:
+        from edgesmith.onnx_graph.optimize import FUSIONS
+
+        if value is not None:
+            unknown = [f for f in value if f not in FUSIONS]
+            if unknown:
+                raise ValueError(f"unknown fusion(s) {', '.join(unknown)}; choose from {', '.join(FUSIONS)}")
+        return None if value is None else list(dict.fromkeys(value))
+
+    @field_validator("softmax_floor")
+    @classmethod
+    def _softmax_floor(cls, value: float | None) -> float | None:
+        if value is not None and not -87.0 <= value < 0:
+            raise ValueError(f"softmax_floor lies in [-87, 0) so that e^floor is a normal float32, e.g. -80 (got {value})")
+        return value
 
     @field_validator("min_cosine")
     @classmethod
@@ -161,7 +188,7 @@ class QuantizeConfig(PassConfig):
                 raise ValueError(f"the allowed drop of {name} must be 0 or more (got {drop})")
         return value
 
-    KEY_OMITS_DEFAULT = _WEIGHT_ONLY
+    KEY_OMITS_DEFAULT = (*_WEIGHT_ONLY, "fusions", "keep_node_metadata", "softmax_floor")
 
     @model_validator(mode="after")
     def _options_fit_mode(self) -> QuantizeConfig:
@@ -170,8 +197,8 @@ class QuantizeConfig(PassConfig):
         foreign = {"dynamic": (*_STATIC_ONLY, *_FP16_ONLY, *_WEIGHT_ONLY),
                    "static": (*_FP16_ONLY, "quantize_embeddings", *_WEIGHT_ONLY),
                    "fp16": (*_STATIC_ONLY, *_INT8_ONLY, "quantize_embeddings", *_WEIGHT_ONLY),
-                   "int4": (*weight_static, *_FP16_ONLY, *_INT8_ONLY),
-                   "int8-weight": (*weight_static, *_FP16_ONLY, *_INT8_ONLY)}[self.mode]
+                   "int4": (*weight_static, *_FP16_ONLY, *_INT8_ONLY, *_ONNX_PASS_ONLY),
+                   "int8-weight": (*weight_static, *_FP16_ONLY, *_INT8_ONLY, *_ONNX_PASS_ONLY)}[self.mode]
         wrong = [name for name in foreign if name in given]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} do(es) not apply to mode '{self.mode}'")
@@ -179,6 +206,8 @@ class QuantizeConfig(PassConfig):
             bad = [op for op in self.op_types if op not in STATIC_WEIGHT_OPS]
             if bad:
                 raise ValueError(f"static mode quantizes weight op types {', '.join(STATIC_WEIGHT_OPS)}, not {', '.join(bad)}")
+        if self.fusions is not None and not self.optimize:
+            raise ValueError("fusions chooses the optimizer's fusions: set optimize: true too")
         if self.method != "percentile" and "percentile" in given:
             raise ValueError("percentile applies to method: percentile only")
         if self.mode in WEIGHT_ONLY_MODES:
