@@ -94,7 +94,9 @@ def plan(recipe: Recipe) -> list[PlannedStep]:
     for target in recipe.profile_targets():
         if target.runtime is not None:
             runtime = get_runtime(target.runtime)
-            if kinds[target.artifact] not in runtime.kinds:
+            from_gguf = target.artifact == SOURCE_ID and resolve_model_path(recipe.model).suffix == ".gguf"
+            if kinds[target.artifact] not in runtime.kinds and not (from_gguf and "gguf" in runtime.kinds):
+                # a source read from a GGUF runs its original file on a GGUF runtime (llama.cpp)
                 raise BadInput(f"profile: runtime '{target.runtime}' cannot run '{target.artifact}' "
                                f"(a {kinds[target.artifact]} model); it runs {', '.join(runtime.kinds)} models")
     if recipe.gates:
@@ -320,7 +322,7 @@ def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[s
     for target in recipe.profile_targets():
         art = artifacts[target.artifact]
         runtime = target.runtime or default_runtime_for(art)
-        precision = _precision(art)
+        precision = _precision(art, runtime)
         label = f"{target.artifact} ({RUNTIME_SHORT.get(runtime, runtime)} {precision})"
         progress = console.is_terminal and not console.quiet
         if is_decoder(art):
@@ -379,9 +381,14 @@ def profile_filename(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in label).strip("_") + ".json"
 
 
-def _precision(art: Artifact) -> str:
+def _precision(art: Artifact, runtime: str | None = None) -> str:
     if art.kind in ("onnx", "tensorrt", "early-exit"):
         return str(art.meta.get("precision", "fp32")).removesuffix("-dynamic")
+    if art.kind == "gguf":
+        return str((art.meta.get("gguf_export") or {}).get("quant", "gguf"))
+    summary = (art.meta.get("gguf") or {}).get("quant_summary") or {}
+    if runtime == "llamacpp" and summary:  # a model read from a GGUF runs its original file on llama.cpp
+        return max(summary, key=lambda kind: summary[kind]).lower()
     return "fp32"
 
 

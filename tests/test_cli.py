@@ -89,6 +89,20 @@ def test_prune_export_quantize_profile_compare_from_the_cli(capsys, tiny_bert_di
     code, out, err = _cli(capsys, "quantize", str(onnx_dir), "-o", str(int8), "--runs-dir", runs, "--json")
     assert code == 0, err
     assert json.loads(out)["report"]["size_after"] < json.loads(out)["report"]["size_before"]
+    floored = tmp_path / "int8-floor"
+    code, out, err = _cli(capsys, "quantize", str(onnx_dir), "--softmax-floor", "-80", "--drop-node-metadata",
+                          "-o", str(floored), "--runs-dir", runs, "--json")
+    assert code == 0, err
+    import onnx
+
+    graph = onnx.load(str(floored / "model.onnx")).graph
+    makers = {o: n.op_type for n in graph.node for o in n.output}
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
+    assert softmaxes and all(makers.get(n.input[0]) == "Max" for n in softmaxes)
+    assert not any(n.metadata_props for n in graph.node)
+    assert any(n.metadata_props for n in onnx.load(str(int8 / "model.onnx")).graph.node)  # kept by default
+    code, _, err = _cli(capsys, "quantize", str(onnx_dir), "--softmax-floor", "-100", "-o", str(tmp_path / "bad"))
+    assert code == 2 and "softmax_floor" in err
 
     p1, p2 = tmp_path / "fp32.json", tmp_path / "int8.json"
     for model, path in ((onnx_dir, p1), (int8, p2)):

@@ -178,3 +178,19 @@ def test_cli_export_to_gguf_and_its_bad_inputs(capsys, tmp_path, llama_dir, tiny
                       "--max-kld", "1e-9", "-o", str(tmp_path / "g"))
     assert code == 3 and "max_kld" in text
     assert not (tmp_path / "g").exists()
+
+
+def test_recipe_plans_gguf_steps_and_llamacpp_profiles(llama_dir):
+    from edgesmith.pipeline import _precision, plan
+    from edgesmith.recipe import Recipe
+
+    profile = {"artifacts": [{"artifact": "source", "runtime": "llamacpp"}, {"artifact": "gguf", "runtime": "llamacpp"}]}
+    planned = plan(Recipe.from_dict({"model": "smollm2", "steps": [{"gguf": {"quant": "q4_1"}}], "profile": profile}))
+    assert [(p.input_kind, p.output_kind) for p in planned] == [("torch", "gguf")]
+    with pytest.raises(BadInput, match="runtime 'llamacpp' cannot run 'source'"):  # a folder has no GGUF file to run
+        plan(Recipe.from_dict({"model": str(llama_dir), "steps": [{"gguf": {}}], "profile": profile}))
+    with pytest.raises(BadInput, match="quant"):
+        plan(Recipe.from_dict({"model": "smollm2", "steps": [{"gguf": {"quant": "q3"}}], "profile": None}))
+    source = TorchModel(task="text-generation", meta={"gguf": {"quant_summary": {"F32": 61, "Q4_1": 210, "Q8_0": 1}}})
+    assert _precision(source, "llamacpp") == "q4_1" and _precision(source, "torch") == "fp32"
+    assert _precision(GgufModel(meta={"gguf_export": {"quant": "q8_0"}})) == "q8_0"

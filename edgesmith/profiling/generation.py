@@ -285,7 +285,11 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
         raise BadInput(f"{runtime_name} decoder sessions take no option(s) {', '.join(unknown)} (they take: {allowed})")
     info = artifact_info(artifact)
     if runtime_name == LLAMACPP:
+        from edgesmith.runtimes.llamacpp import gguf_path
+
         runtime_options = _llamacpp_options(artifact, lengths, new_tokens, runtime_options)
+        # llama.cpp runs the GGUF file (for a model read from a GGUF, its original file, not the FP32 copy)
+        info = info.model_copy(update={"size_bytes": gguf_path(artifact).stat().st_size})
     was_reset = reset_peak_rss()
     t0 = time.perf_counter()
     if runtime_name == LLAMACPP:
