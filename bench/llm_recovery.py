@@ -265,7 +265,7 @@ def render(args: argparse.Namespace) -> None:
              *prune_cmds,
              *[f"    nice -n 5 .venv/bin/python bench/llm_recovery.py distill --level {name} --minutes "
                f"{round(rec['curve'][-1]['minutes'])} --eval-minutes {rec.get('eval_minutes', 3.0):g} --lr {rec['lr']}"
-               + (" --save bench/results-cache/smollm2-student" if rec.get("saved") else "")
+               + (f" --save {rec['saved']}" if rec.get("saved") else "")
                for name, rec in results["recovery"].items()],
              "    .venv/bin/python bench/llm_recovery.py render --notes NOTES.md   # the conclusions below", "",
              "Fidelity to the FP32 model (`es.load(\"smollm2\")`) on 8 held-out corpus passages (sentences 30,000 "
