@@ -194,3 +194,25 @@ def test_recipe_plans_gguf_steps_and_llamacpp_profiles(llama_dir):
     source = TorchModel(task="text-generation", meta={"gguf": {"quant_summary": {"F32": 61, "Q4_1": 210, "Q8_0": 1}}})
     assert _precision(source, "llamacpp") == "q4_1" and _precision(source, "torch") == "fp32"
     assert _precision(GgufModel(meta={"gguf_export": {"quant": "q8_0"}})) == "q8_0"
+
+
+def test_missing_llama_cpp_is_one_line_naming_the_extra(llama, monkeypatch, capsys, tmp_path):
+    """Runs everywhere (no llama_cpp needed): the llama.cpp runtime without llama-cpp-python."""
+    import sys
+
+    import edgesmith.runtimes.llamacpp as lc
+    from edgesmith.runtimes.base import get_runtime
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(llama.module, llama.tokenizer, path, quant="f32")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    monkeypatch.setattr(lc, "_backend_ready", False)
+    with pytest.raises(BadInput, match=r"pip install edgesmith\[llamacpp\]"):
+        lc.LlamaCppDecoderSession(path)
+    avail = get_runtime("llamacpp").availability()
+    assert not avail.usable and "pip install edgesmith[llamacpp]" in avail.reason
+    out_file = tmp_path / "never.json"
+    code, err = _cli(capsys, "profile", str(path), "--runtime", "llamacpp", "--prompt-tokens", "8",
+                     "--new-tokens", "4", "-o", str(out_file))
+    assert code == 2 and "pip install edgesmith[llamacpp]" in " ".join(err.split()) and "Traceback" not in err
+    assert not out_file.exists()

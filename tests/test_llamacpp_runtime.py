@@ -167,23 +167,6 @@ def test_context_overflow_batch_and_bad_options_are_one_line(tiny):
         LlamaCppDecoderSession(TorchModel(task="text-generation", name="m", module=tiny[0]))
 
 
-def test_missing_llama_cpp_is_one_line_naming_the_extra(tiny, monkeypatch, capsys, tmp_path):
-    import edgesmith.runtimes.llamacpp as lc
-    from edgesmith.runtimes.base import get_runtime
-
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
-    monkeypatch.setattr(lc, "_backend_ready", False)
-    with pytest.raises(BadInput, match=r"pip install edgesmith\[llamacpp\]"):
-        lc.LlamaCppDecoderSession(tiny[2])
-    avail = get_runtime("llamacpp").availability()
-    assert not avail.usable and "pip install edgesmith[llamacpp]" in avail.reason
-    out_file = tmp_path / "never.json"
-    code, _, err = _cli(capsys, "profile", str(tiny[2]), "--runtime", "llamacpp", "--prompt-tokens", "8",
-                        "--new-tokens", "4", "-o", str(out_file))
-    assert code == 2 and "pip install edgesmith[llamacpp]" in " ".join(err.split()) and "Traceback" not in err
-    assert not out_file.exists()
-
-
 def test_packaged_smollm2_q4_1_mechanics():
     from edgesmith.gguf.source import smollm2_gguf_path
     from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession, load_gguf_file
