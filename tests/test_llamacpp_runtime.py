@@ -437,3 +437,35 @@ def test_gguf_tokenizer_renders_the_files_chat_template_as_transformers_does(tin
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert gguf.tokenizer.chat_template == tok.chat_template
     assert gguf.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == list(expected)
+
+
+def test_head_pruned_llama_written_to_gguf_runs_in_llama_cpp(tiny, tmp_path):
+    """heads × head_dim ≠ hidden after head pruning: attention.key_length lets llama.cpp load it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import edgesmith as es
+    from edgesmith.gguf.writer import write_gguf
+    from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
+
+    tokenizer = tiny[1]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      attn_implementation="eager")
+    module = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    pruned = es.compress.prune(TorchModel(task="text-generation", module=module, tokenizer=tokenizer, name="t"),
+                               heads=0.5, check_latency=False)
+    assert pruned.module.config.num_attention_heads == 4 and not pruned.structure
+    write_gguf(pruned.module, tokenizer, tmp_path / "hp.gguf", quant="f32")
+    session = LlamaCppDecoderSession(tmp_path / "hp.gguf", threads=1)
+    ids = _ids(tokenizer, 12)
+    ours = session.logits(ids)[0]
+    with torch.no_grad():
+        ref = pruned.module(torch.tensor(ids)).logits[0].numpy()
+    session.close()
+    assert np.abs(ours - ref).max() < 0.01 * np.abs(ref).max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
