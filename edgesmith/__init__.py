@@ -9,6 +9,7 @@
 
     llm = es.load("smollm2")                     # SmolLM2-135M-Instruct from its packaged Q4_1 GGUF
     print(es.generate(llm, "What is the capital of France?").text)
+    report = es.evaluate(llm, tasks=["mmlu-mini", "wordnet-mc"])   # task accuracy (edgesmith[tasks])
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def __getattr__(name: str):
         from edgesmith.profiling.speculative import profile_speculative
 
         return profile_speculative
-    if name == "evaluate":
-        from edgesmith.quality import evaluate
+    if name == "evaluate":  # fidelity against the source; with tasks=[...], decoders' task accuracy too
+        from edgesmith.tasks.evaluation import evaluate
 
         return evaluate
     raise AttributeError(f"module 'edgesmith' has no attribute {name!r}")

@@ -105,6 +105,10 @@ def plan(recipe: Recipe) -> list[PlannedStep]:
         for gate in recipe.gates:
             if not is_known_metric(gate):
                 raise BadInput(f"gates: unknown metric '{gate}'; known: {', '.join(known_metrics())}")
+    if recipe.task_names():  # unknown tasks, bad task files, lm-eval missing: refused before any work
+        from edgesmith.tasks.harness import build_tasks, select_tasks
+
+        build_tasks(select_tasks(recipe.task_names()))
     return planned
 
 
@@ -217,8 +221,14 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
         state.set("evaluating")
         metrics = _evaluate_all(recipe, artifacts, data, cache, console)
 
-    manifest = _manifest(recipe, source, source_hash, step_records, folders, metrics)
     final_id = steps[-1].id if steps else SOURCE_ID
+    if recipe.task_names():  # decoders' task accuracy (edgesmith.tasks), paired on the same documents
+        from edgesmith.tasks.evaluation import task_metrics
+
+        state.set("evaluating tasks")
+        task_metrics(artifacts[final_id], source, recipe.task_names(), metrics.setdefault(final_id, {}),
+                     metrics.setdefault(SOURCE_ID, {}), limit=recipe.tasks.limit, runtime=recipe.tasks.runtime)
+    manifest = _manifest(recipe, source, source_hash, step_records, folders, metrics)
     gate_failures: list[dict] = []
     if recipe.gates:
         from edgesmith.quality import check_gates

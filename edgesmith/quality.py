@@ -38,6 +38,9 @@ ABSOLUTE_METRICS = ("accuracy",)
 #: kld (KL divergence to the source, nats/token; the source's own is 0) and perplexity (vs the
 #: source's own perplexity on the same held-out text)
 LOWER_IS_BETTER = ("kld", "perplexity")
+#: decoders' task accuracy (``task.mmlu-mini``, :mod:`edgesmith.tasks`): an absolute metric whose
+#: reference is the source's accuracy on the same documents; the gate is the largest paired drop
+TASK_PREFIX = "task."
 _RECALL = re.compile(r"^recall@(\d+)$")
 
 
@@ -322,12 +325,16 @@ def is_relative_metric(name: str) -> bool:
     return name in RELATIVE_METRICS or bool(_RECALL.match(name))
 
 
+def is_task_metric(name: str) -> bool:
+    return name.startswith(TASK_PREFIX) and len(name) > len(TASK_PREFIX)
+
+
 def is_known_metric(name: str) -> bool:
-    return is_relative_metric(name) or name in ABSOLUTE_METRICS or name in LOWER_IS_BETTER
+    return is_relative_metric(name) or name in ABSOLUTE_METRICS or name in LOWER_IS_BETTER or is_task_metric(name)
 
 
 def known_metrics() -> list[str]:
-    return [*RELATIVE_METRICS, *ABSOLUTE_METRICS, *LOWER_IS_BETTER]
+    return [*RELATIVE_METRICS, *ABSOLUTE_METRICS, *LOWER_IS_BETTER, "task.<name> (decoders: task accuracy)"]
 
 
 def check_gates(metrics: dict[str, float], reference_metrics: dict[str, float],
@@ -348,7 +355,8 @@ def check_gates(metrics: dict[str, float], reference_metrics: dict[str, float],
             raise BadInput(f"gate '{name}': max_drop must be a number (got {max_drop!r})")
         if name not in metrics:
             measured = ", ".join(metrics) or "nothing"
-            hint = " (accuracy needs labels)" if name == "accuracy" else ""
+            hint = {"accuracy": " (accuracy needs labels)"}.get(name, " (task gates need a decoder)"
+                                                                 if is_task_metric(name) else "")
             raise BadInput(f"gate on '{name}', but this evaluation measured only: {measured}{hint}")
         if name == "kld":
             reference = 0.0

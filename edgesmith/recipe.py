@@ -83,6 +83,15 @@ class EvaluateSpec(Strict):
     batch_size: int = Field(32, gt=0)
 
 
+class TasksSpec(Strict):
+    """Decoders: task accuracy (lm-eval tasks, ``edgesmith[tasks]``) of the source and the final
+    artifact on the same documents; ``gates: {task.NAME: max_drop}`` adds its task here by itself."""
+
+    names: list[str] = Field(default_factory=list, description="mmlu-mini, wordnet-mc, any lm-eval task or task YAML")
+    limit: int | None = Field(None, gt=0, description="documents per task (default: all)")
+    runtime: str | None = Field(None, description="runtime of the final artifact (llamacpp for a GGUF as it is)")
+
+
 class Recipe(Strict):
     name: str = "recipe"
     model: str = "minilm"
@@ -91,6 +100,7 @@ class Recipe(Strict):
     steps: list[Step] = Field(default_factory=list)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     gates: dict[str, float] = Field(default_factory=dict, description="metric -> largest allowed drop vs the source")
+    tasks: TasksSpec = Field(default_factory=TasksSpec)
     profile: ProfileSpec | None = Field(default_factory=ProfileSpec)
 
     @field_validator("steps", mode="before")
@@ -131,6 +141,12 @@ class Recipe(Strict):
             if drop < 0:
                 raise ValueError(f"gates.{gate}: a largest allowed drop cannot be negative ({drop})")
         return self
+
+    def task_names(self) -> list[str]:
+        """Tasks to measure: ``tasks.names`` and every task a ``task.NAME`` gate names."""
+        names = list(self.tasks.names)
+        names += [g[len("task."):] for g in self.gates if g.startswith("task.") and g[len("task."):] not in names]
+        return names
 
     def artifact_ids(self) -> list[str]:
         return [SOURCE_ID] + [s.id for s in self.steps]

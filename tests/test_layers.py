@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "edgesmith.tensorrt.runtime": 2, "edgesmith.early_exit.runtime": 2,
     # L3 measuring and reporting
     "edgesmith.quality": 3, "edgesmith.lm_quality": 3, "edgesmith.validation": 3,
-    "edgesmith.inspection": 3, "edgesmith.profiling": 3, "edgesmith.reports": 3,
+    "edgesmith.inspection": 3, "edgesmith.profiling": 3, "edgesmith.reports": 3, "edgesmith.tasks": 3,
     # L4 the passes
     "edgesmith.compress": 4, "edgesmith.export": 4, "edgesmith.tensorrt": 4, "edgesmith.early_exit": 4,
     # L5 orchestration, L6 sweeps, L7 the CLI and the package root

@@ -1,7 +1,9 @@
 """``edgesmith evaluate ART [--reference MODEL]``: the quality an artifact kept against its source:
 KL divergence, top-1 agreement and perplexity for decoders; cosine and neighbour recall for
 encoders; agreement (and accuracy with labels) for classifiers. ``--gate`` turns a metric into a
-check that exits 3."""
+check that exits 3. Decoders: ``--tasks mmlu-mini,wordnet-mc`` adds task accuracy (lm-eval tasks
+through the artifact's own runtime, :mod:`edgesmith.tasks`) and its paired delta against the source;
+``--gate task.mmlu-mini=0.02`` gates the paired drop."""
 
 from __future__ import annotations
 
@@ -51,7 +53,15 @@ def evaluate_command(
                              "csv, parquet, txt). Decoders score held-out passages of the shipped corpus."),
     text_field: str = typer.Option("text", "--text-field"),
     label_field: str | None = typer.Option(None, "--label-field", help="Classifiers: labels for accuracy."),
-    limit: int = typer.Option(512, "--limit", help="Encoders and classifiers: rows to evaluate on."),
+    limit: int | None = typer.Option(None, "--limit", help="Encoders and classifiers: rows to evaluate on "
+                                     "(default 512). With --tasks: documents per task (default: all)."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Decoders: task accuracy on these tasks, comma-separated "
+                                     "(shipped: mmlu-mini, wordnet-mc; any lm-eval task name or task YAML), with "
+                                     "the paired delta against the reference. Needs edgesmith[tasks]."),
+    runtime: str | None = typer.Option(None, "--runtime", help="With --tasks: the runtime that runs the artifact "
+                                       "(llamacpp runs a .gguf as it is; default: the artifact's own)."),
+    threads: int | None = typer.Option(None, "--threads", help="With --tasks: threads of the runtime."),
+    batch_size: int = typer.Option(8, "--batch-size", help="With --tasks: contexts scored per forward pass."),
     gate: list[str] = typer.Option([], "--gate", help="METRIC=MAX_DROP (repeatable): exit 3 when the metric "
                                    "drops by more (kld and perplexity: rises by more) than that."),
     as_json: bool = JSON_OUT,
@@ -62,11 +72,15 @@ def evaluate_command(
     from edgesmith.quality import check_gates, evaluate
 
     gates = _gates(gate)
+    if tasks is not None or any(g.startswith("task.") for g in gates):
+        _evaluate_tasks(model, reference, tasks, gates, limit=limit, runtime=runtime, threads=threads,
+                        batch_size=batch_size, as_json=as_json)
+        return
     candidate = load(model)
     ref = reference_of(candidate, reference)
     texts, labels = [], None
     if candidate.task != "text-generation":
-        rows = load_texts(data, text_field=text_field, label_field=label_field, limit=limit)
+        rows = load_texts(data, text_field=text_field, label_field=label_field, limit=limit or 512)
         texts, labels = rows.texts, rows.labels
     metrics = evaluate(candidate, ref, texts, labels)
     reference_metrics = {}
@@ -89,3 +103,73 @@ def evaluate_command(
     if failures:
         raise GateFailed("; ".join(f"{f['metric']} {f['value']:.4f} vs {f['reference']:.4f} (limit {f['max_drop']})"
                                    for f in failures), failures)
+
+
+def _load_candidate(model: str, runtime: str | None):
+    """The artifact as its runtime runs it: ``--runtime llamacpp`` keeps a .gguf (or smollm2) as it is."""
+    from edgesmith.artifacts import load
+
+    if runtime == "llamacpp":
+        from edgesmith.runtimes.llamacpp import load_gguf_file
+
+        return load_gguf_file(model)
+    if runtime not in (None, "onnxruntime", "torch"):
+        raise BadInput(f"--runtime {runtime!r}: task accuracy runs on llamacpp, onnxruntime or torch")
+    return load(model)
+
+
+def _evaluate_tasks(model: str, reference: str | None, tasks: str | None, gates: dict[str, float], *,
+                    limit: int | None, runtime: str | None, threads: int | None, batch_size: int,
+                    as_json: bool) -> None:
+    import os
+
+    from edgesmith.quality import check_gates
+    from edgesmith.tasks.evaluation import evaluate_tasks
+    from edgesmith.tasks.harness import require_lm_eval
+
+    require_lm_eval()
+    named = [g.removeprefix("task.") for g in gates if g.startswith("task.")]
+    wanted = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    wanted += [t for t in named if t not in wanted]
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars would bury the report
+    candidate = _load_candidate(model, runtime)
+    ref = reference_of(candidate, reference)
+    report = evaluate_tasks(candidate, wanted, reference=ref, limit=limit, runtime=runtime, threads=threads,
+                            batch_size=batch_size)
+    metrics = {**report.fidelity, **report.metrics()}
+    reference_metrics = {"perplexity": report.fidelity.get("perplexity_reference"), **report.reference_metrics()}
+    reference_metrics = {k: v for k, v in reference_metrics.items() if v is not None}
+    failures = check_gates(metrics, reference_metrics, gates) if gates else []
+    if as_json:
+        print_json({**report.as_dict(), "metrics": metrics, "gate_failures": failures})
+    else:
+        _print_report(report)
+    if failures:
+        raise GateFailed("; ".join(f"{f['metric']} {f['value']:.4f} vs {f['reference']:.4f} (limit {f['max_drop']})"
+                                   for f in failures), failures)
+
+
+def _print_report(report) -> None:
+    if report.fidelity:
+        table = Table(title=f"{report.model} against {report.reference}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in report.fidelity.items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+    table = Table(title=f"task accuracy of {report.model}" + (f" (paired against {report.reference})"
+                                                             if report.reference else ""))
+    for column in ("task", "metric", "n", "candidate [95% CI]", "reference", "paired delta [95% CI]",
+                   "lost / gained", "McNemar p", "verdict", "seconds"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "verdict") else "right")
+    for name, comp in report.tasks.items():
+        cand = comp.candidate
+        value = f"{cand.value:.4f}" + (f" [{cand.interval.low:.3f}-{cand.interval.high:.3f}]" if cand.interval else "")
+        ref = f"{comp.reference.value:.4f}" if comp.reference else "-"
+        paired = comp.paired
+        delta = f"{paired.delta:+.4f} [{paired.low:+.3f}, {paired.high:+.3f}]" if paired else "-"
+        flips = f"{paired.lost} / {paired.gained}" if paired else "-"
+        seconds = f"{cand.seconds:.1f}" + (f" + {comp.reference.seconds:.1f}" if comp.reference else "")
+        table.add_row(name, cand.metric, str(cand.n), value, ref, delta, flips,
+                      f"{paired.p_value:.3g}" if paired else "-", paired.verdict if paired else "-", seconds)
+    console.print(table)
