@@ -95,7 +95,7 @@ def build_variants(work: Path, only: set[str] | None) -> tuple[dict[str, Any], d
 
     import edgesmith as es
     from edgesmith.artifacts import OnnxModel, copy_companions
-    from edgesmith.compress.weight_only import ort_quantize
+    from edgesmith.compress.quantization.weight_only import ort_quantize
     from edgesmith.onnx_graph.nodes import name_nodes
     from edgesmith.onnx_graph.optimize import optimized_copy
     from edgesmith.passes import Context

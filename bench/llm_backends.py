@@ -182,7 +182,7 @@ def build(keys: list[str], cache: Path, *, dynamo_fp32: Path | None, fp32_folder
     """Folders of the edgesmith contenders, built once under ``cache`` (each atomically)."""
     import edgesmith as es
     from edgesmith.artifacts import load
-    from edgesmith.compress.weight_only import quantize_weight_only
+    from edgesmith.compress.quantization.weight_only import quantize_weight_only
     from edgesmith.gguf.source import smollm2_gguf_path
     from edgesmith.passes import Context
 

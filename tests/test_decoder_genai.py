@@ -157,7 +157,7 @@ def test_gguf_repack_on_the_builder_graph(tiny, tmp_path):
     from gguf.quants import quantize
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from edgesmith.compress.weight_only import quantize_weight_only
+    from edgesmith.compress.quantization.weight_only import quantize_weight_only
     from edgesmith.gguf.repack import from_blocks
     from edgesmith.lm_quality import lm_fidelity
     from edgesmith.passes import Context
@@ -209,7 +209,7 @@ def test_gguf_repack_on_the_builder_graph(tiny, tmp_path):
 def test_packaged_smollm2_genai_export_and_exact_repack(tmp_path):
     """SmolLM2-135M through the genai backend (builder ~20 s, validation 1-2 min on 2 cores) and the
     shipped GGUF's blocks repacked into it: every weight matched, the recipe's gates hold."""
-    from edgesmith.compress.weight_only import quantize_weight_only
+    from edgesmith.compress.quantization.weight_only import quantize_weight_only
     from edgesmith.gguf.source import gguf_to_folder, smollm2_gguf_path
     from edgesmith.lm_quality import lm_fidelity
     from edgesmith.passes import Context

@@ -135,9 +135,10 @@ def test_tiny_llama_end_to_end(tiny_decoder, tmp_path):
     from gguf.quants import quantize
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from edgesmith.artifacts import OnnxModel
-    from edgesmith.compress.weight_only import copy_companions, quantize_weight_only, save_graph
+    from edgesmith.artifacts import OnnxModel, copy_companions
+    from edgesmith.compress.quantization.weight_only import quantize_weight_only
     from edgesmith.lm_quality import lm_fidelity
+    from edgesmith.onnx_graph.edit import save_graph
     from edgesmith.passes import Context
 
     model = tiny_llama(seed=3)
@@ -220,7 +221,7 @@ def test_smollm2_repack_is_exact(tmp_path):
     (Minutes and ~3 GB of memory: conversion, a 650 MB export, two sessions.)"""
     from transformers import AutoModelForCausalLM
 
-    from edgesmith.compress.weight_only import quantize_weight_only
+    from edgesmith.compress.quantization.weight_only import quantize_weight_only
     from edgesmith.gguf.source import gguf_to_folder, smollm2_gguf_path
     from edgesmith.passes import Context
 

@@ -686,7 +686,7 @@ def test_keep_node_metadata_false_drops_the_exporters_provenance(tiny_onnx, quan
 def test_roofline_counts_matmulnbits_work_like_the_float_graph(tiny_onnx):
     """An 8-bit weight-only (MatMulNBits) graph does the float graph's matrix products: the roofline's
     work count reads K and N from the node's attributes (its weight input is packed in blocks)."""
-    from edgesmith.compress.weight_only import ort_quantize
+    from edgesmith.compress.quantization.weight_only import ort_quantize
     from edgesmith.profiling.roofline import graph_work
 
     model = onnx.load(str(tiny_onnx.path))

@@ -1,5 +1,5 @@
 """Weight-only INT4/INT8 of decoder ONNX graphs with ONNX Runtime's MatMulNBitsQuantizer
-(edgesmith.compress.weight_only): structure, fidelity, the accuracy-aware fallback, bad inputs."""
+(edgesmith.compress.quantization.weight_only): structure, fidelity, the accuracy-aware fallback, bad inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_lm import build_tiny_decoder
 
 from edgesmith.artifacts import OnnxModel, load
-from edgesmith.compress.weight_only import WeightOnlyConfig, kquant_available, quantize_weight_only
+from edgesmith.compress.quantization.weight_only import WeightOnlyConfig, kquant_available, quantize_weight_only
 from edgesmith.errors import BadInput, GateFailed
 from edgesmith.passes import Context
 

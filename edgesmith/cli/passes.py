@@ -9,6 +9,7 @@ import typer
 from edgesmith.cli.common import CACHE_DIR, JSON_OUT
 from edgesmith.cli.root import app
 from edgesmith.cli.shortcut import ONE_PASS_RUNS_DIR, run_one_pass
+from edgesmith.compress.quantization.weight_only.methods import methods_help
 from edgesmith.errors import BadInput
 
 OUTPUT = typer.Option(None, "--output", "-o", help="Copy the result to this folder.")
@@ -69,8 +70,7 @@ def quantize_command(
     calibration: str | None = typer.Option(None, "--calibration",
                                            help="Static: texts to calibrate on (jsonl/csv/parquet/txt, streamed)."),
     method: str | None = typer.Option(None, "--method", help="Static calibration: minmax | entropy | percentile. "
-                                      "int4/int8-weight: rtn | hqq | gptq | k-quant | gguf (the GGUF's own 4-bit "
-                                      "blocks repacked exactly)."),
+                                      f"int4/int8-weight: {methods_help()}."),
     block: int | None = typer.Option(None, "--block", help="int4/int8-weight: weights per scale (32)."),
     max_kld: float | None = typer.Option(None, "--max-kld", help="int4/int8-weight: KL budget (nats/token); the "
                                          "most sensitive layers stay 8-bit until it holds."),

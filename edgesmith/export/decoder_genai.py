@@ -75,6 +75,7 @@ from edgesmith.export.decoder import (
     probe_batch,
     write_decoder_companions,
 )
+from edgesmith.onnx_graph.lm_head import lm_head_node, untie_embedding_transpose
 from edgesmith.runtimes.decoder import LOGITS_TO_KEEP, OrtDecoderSession, TorchDecoderSession
 from edgesmith.storage import atomic_dir, write_json_atomic
 
@@ -242,59 +243,12 @@ def adapt_graph(source: Path, folder: Path, *, label: str) -> dict[str, Any]:
     return {"logits": "selectable" if keep else "all", "tied_embedding": tied, "decomposed_norms": decomposed}
 
 
-def _lm_head(graph):
-    """The MatMul whose output is (or alone feeds) the ``logits`` output."""
-    producers = {o: n for n in graph.node for o in n.output}
-    name = "logits"
-    for _ in range(6):  # logits <- [Cast/Mul/Tanh/Add...] <- MatMul
-        node = producers.get(name)
-        if node is None:
-            return None
-        if node.op_type == "MatMul":
-            return node
-        name = node.input[0]
-    return None
-
-
-def untie_embedding_transpose(graph) -> bool:
-    """``Gather(Transpose(W), ids)`` with W the LM head's [hidden, vocab] weight -> ``Gather(E, ids)``
-    and ``MatMul(x, Transpose(E))`` with E = W^T stored once. Returns whether it applied."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    head = _lm_head(graph)
-    if head is None or head.input[1] not in inits:
-        return False
-    weight = inits[head.input[1]]
-    for node in graph.node:
-        if node.op_type != "Gather" or node.input[0] not in producers:
-            continue
-        transpose = producers[node.input[0]]
-        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
-        if transpose.op_type != "Transpose" or transpose.input[0] != weight.name or perm not in ([], [[1, 0]]):
-            continue
-        table = numpy_helper.to_array(weight).T.copy()
-        name = "model.embed_tokens.weight"
-        while name in inits:
-            name += "_"
-        graph.initializer.append(numpy_helper.from_array(table, name))
-        node.input[0] = name
-        transpose.input[0] = name
-        head.input[1] = transpose.output[0]
-        keep = [i for i in graph.initializer if i.name != weight.name]
-        graph.ClearField("initializer")
-        graph.initializer.extend(keep)
-        return True
-    return False
-
-
 def add_logits_to_keep(graph) -> bool:
     """An int64 scalar input ``logits_to_keep``: the LM head sees hidden positions
     ``[(seq - keep) % seq, seq)`` only (0 keeps all). Returns whether it applied."""
     from onnx import TensorProto, helper, numpy_helper
 
-    head = _lm_head(graph)
+    head = lm_head_node(graph)
     if head is None or any(i.name == LOGITS_TO_KEEP for i in graph.input):
         return False
     hidden = head.input[0]

@@ -33,7 +33,7 @@ of the 211 MatMuls and the embedding Gather matched (60 q/k permuted) in ~8 s; 6
 -> 147 MB; KL to the FP32 graph on 540 held-out tokens 0.0186 (top-1 0.898) at accuracy level 4,
 below 1e-5 (top-1 1.0) at level 0, where RTN INT4 of the same FP32 weights costs 0.466.
 
-Layer L1: imports numpy, onnx, gguf and edgesmith.errors only.
+Layer L1: imports numpy, onnx, gguf, edgesmith.errors and edgesmith.onnx_graph.edit only.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BadInput, first_line
+from edgesmith.onnx_graph.edit import MS_DOMAIN, drop_unused_initializers, ensure_ms_opset
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ BLOCK = 32
 #: bytes per 32-element block: fp16 scale (+ fp16 min for Q4_1) and the codes
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 SUPPORTED = tuple(BLOCK_BYTES)
-MS_DOMAIN = "com.microsoft"
+#: what each repackable type's codes become (MatMulNBits bits), as a precision name
+PRECISION = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def repack(model, weights: list[GgufWeight] | str | Path, *, accuracy_level: int
     blocks. ``model``: an ONNX ModelProto (not modified); ``weights``: a GGUF path or
     :func:`read_weights`' list; ``exclude``: node names to leave as they are. Returns the new ModelProto and a report (matched nodes with their
     GGUF tensor, type and whether rows were permuted; MatMuls left float)."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     if not isinstance(weights, list):
         weights = read_weights(weights)
@@ -383,12 +385,8 @@ def repack(model, weights: list[GgufWeight] | str | Path, *, accuracy_level: int
     graph.ClearField("node")
     graph.node.extend(nodes)
     graph.initializer.extend(builder.new_inits)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(keep)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    drop_unused_initializers(graph)
+    ensure_ms_opset(model)
     report["permuted"] = sorted(n for n, m in report["matched"].items() if m["permuted"])
     report["blocksum_branches"] = len(builder.blocksums)
     report["accuracy_level"] = accuracy_level

@@ -81,7 +81,7 @@ class QuantizePass(Pass):
         assert isinstance(artifact, OnnxModel)
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         if cfg.mode in WEIGHT_ONLY_MODES:  # MatMulNBits, measured by KL divergence for decoders
-            from edgesmith.compress.weight_only import WeightOnlyConfig, quantize_weight_only
+            from edgesmith.compress.quantization.weight_only import WeightOnlyConfig, quantize_weight_only
 
             if artifact.task != "text-generation":
                 raise BadInput(f"pass 'quantize': mode {cfg.mode} is weight-only quantization for decoders (causal "

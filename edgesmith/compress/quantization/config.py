@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
+from edgesmith.compress.quantization.weight_only.methods import METHODS
+from edgesmith.compress.quantization.weight_only.sources import SOURCES
 from edgesmith.passes import PassConfig
 
 #: op types that carry weights and that ORT's dynamic (IntegerOps) quantizer handles. Gemm is
@@ -29,12 +31,12 @@ _FP16_ONLY = ("keep_io_types", "fp16_float_ops")
 _INT8_ONLY = ("per_channel", "op_types", "reduce_range", "weight_type", "max_drop", "gate_against", "eval_texts")
 #: graph finishing of the INT8/FP16 modes (the weight-only modes write their graph their own way)
 _ONNX_PASS_ONLY = ("softmax_floor", "keep_node_metadata")
-#: weight-only modes (MatMulNBits; edgesmith.compress.weight_only) and their own options
+#: weight-only modes (MatMulNBits; edgesmith.compress.quantization.weight_only) and their own options
 WEIGHT_ONLY_MODES = {"int4": 4, "int8-weight": 8}
 _WEIGHT_ONLY = ("block", "symmetric", "accuracy_level", "quantize_lm_head", "gguf_file", "max_kld", "fallback")
 #: calibration methods of static mode, and the weight-only methods
 STATIC_METHODS = ("minmax", "entropy", "percentile")
-WEIGHT_METHODS = ("rtn", "hqq", "gptq", "k-quant", "gguf")
+WEIGHT_METHODS = METHODS
 
 
 def dynamic_supported_ops() -> list[str]:
@@ -93,7 +95,7 @@ class QuantizeConfig(PassConfig):
     calibration_batch: int = 8
     calibration_seq: int = 128
     calibration_chunk: int = 4
-    method: Literal["minmax", "entropy", "percentile", "rtn", "hqq", "gptq", "k-quant", "gguf"] = "minmax"
+    method: Literal[(*STATIC_METHODS, *WEIGHT_METHODS)] = "minmax"  # type: ignore[valid-type]
     percentile: float = 99.999
     activation_type: Literal["uint8", "int8"] = "uint8"
     symmetric_activations: bool = False
@@ -103,8 +105,9 @@ class QuantizeConfig(PassConfig):
     # fp16
     keep_io_types: bool = True
     fp16_float_ops: list[str] = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Pow", "ReduceMean", "Exp"]
-    # weight-only (int4, int8-weight); method: rtn (default), hqq, gptq, k-quant, or gguf (the GGUF's own
-    # 4-bit blocks repacked exactly: gguf_file, default the GGUF the model was loaded from)
+    # weight-only (int4, int8-weight); method: an algorithm (rtn, the default, hqq, gptq, k-quant) or a source
+    # of ready blocks (gguf: the GGUF's own 4-bit blocks repacked exactly: gguf_file, default the GGUF the model
+    # was loaded from); weight_only/methods.py and sources.py hold the table
     block: int = 32
     symmetric: bool = False
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
@@ -232,16 +235,19 @@ class QuantizeConfig(PassConfig):
         return "fp16" if self.mode == "fp16" else f"{self.weight_type}-{self.mode}"
 
     def weight_only(self, model) -> dict:
-        """The options of :class:`edgesmith.compress.weight_only.WeightOnlyConfig` this config means
-        for ``model`` (the GGUF it was loaded from is the default ``gguf_file`` of method gguf)."""
+        """The options of :class:`edgesmith.compress.quantization.weight_only.WeightOnlyConfig` this config
+        means for ``model`` (the file it was loaded from is the default file of a source of ready blocks:
+        the GGUF of method gguf)."""
         options = {"method": self.method, "accuracy_level": self.accuracy_level,
                    "quantize_lm_head": self.quantize_lm_head}
         given = self.model_fields_set
-        if self.method == "gguf":
-            options["gguf_file"] = self.gguf_file or ((model.meta or {}).get("gguf") or {}).get("path")
-            if not options["gguf_file"]:
-                raise ValueError("method gguf needs gguf_file: the .gguf the model was dequantized from "
-                                 "(recorded automatically when the model was loaded from a GGUF)")
+        if self.method in SOURCES:
+            source = SOURCES[self.method]
+            options[source.file_option] = getattr(self, source.file_option) or source.recorded_file(model.meta)
+            if not options[source.file_option]:
+                raise ValueError(f"method {source.name} needs {source.file_option}: the {source.label} the model was "
+                                 f"dequantized from (recorded automatically when the model was loaded from a "
+                                 f"{source.label})")
         else:
             options.update(bits=WEIGHT_ONLY_MODES[self.mode], block=self.block, symmetric=self.symmetric)
             if self.max_kld is not None:
