@@ -86,14 +86,14 @@ def build_classifier(out: Path, *, classes: int = 8, steps: int = 400, lr: float
     """Fine-tune MiniLM on the WordNet categories and save it to ``out``; returns what it reached."""
     from transformers import BertForSequenceClassification
 
-    from edgesmith.artifacts import _load_tokenizer, default_model_path
+    from edgesmith.artifacts import default_model_path, load_tokenizer
     from edgesmith.storage import atomic_dir
     from edgesmith.training import TextBatches, TrainSettings, train
 
     splits = wordnet_splits(classes)
     label2id = {name: i for i, name in enumerate(splits.labels)}
     source = default_model_path()
-    tokenizer = _load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(
         str(source), num_labels=len(label2id), label2id=label2id, id2label={i: n for n, i in label2id.items()})

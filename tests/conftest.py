@@ -10,9 +10,9 @@ import torch
 
 @pytest.fixture(scope="session")
 def minilm_tokenizer():
-    from edgesmith.artifacts import _load_tokenizer, default_model_path
+    from edgesmith.artifacts import default_model_path, load_tokenizer
 
-    return _load_tokenizer(default_model_path())
+    return load_tokenizer(default_model_path())
 
 
 def _tiny_bert_config(**overrides):
