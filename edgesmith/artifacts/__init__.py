@@ -25,7 +25,14 @@ from edgesmith.artifacts.base import (
     output_name,
 )
 from edgesmith.artifacts.early_exit import EXIT_POLICY_FILE, EXIT_TORCH_DIR, EarlyExitModel
-from edgesmith.artifacts.gguf import GGUF_FILE, GgufModel, load_gguf_dequantized
+from edgesmith.artifacts.gguf import (
+    GGUF_FILE,
+    GgufModel,
+    check_gguf_file,
+    gguf_path,
+    load_gguf_dequantized,
+    load_gguf_file,
+)
 from edgesmith.artifacts.loading import ARTIFACT_KINDS, has_tokenizer, load, read_meta
 from edgesmith.artifacts.onnx import ONNX_FILE, OnnxModel, check_onnx_file, load_onnx_file
 from edgesmith.artifacts.paths import DEFAULT_MODEL, default_model_path, is_default_model, resolve_model_path
@@ -36,7 +43,7 @@ from edgesmith.artifacts.torch import TorchModel, load_huggingface, task_of_conf
 __all__ = ["ARTIFACT_KINDS", "DEFAULT_MODEL", "ENGINE_FILE", "ENGINE_META_KEYS", "EXIT_POLICY_FILE", "EXIT_TORCH_DIR",
            "GGUF_FILE", "META_FILE", "ONNX_FILE", "SCHEMA_VERSION", "TASKS", "TOKENIZER_FILES", "Artifact",
            "EarlyExitModel", "FolderArtifact", "GgufModel", "OnnxModel", "TensorRTEngine", "TorchModel",
-           "check_onnx_file", "check_task", "copy_companions", "default_model_path", "has_tokenizer",
-           "has_tokenizer_files", "is_default_model", "load", "load_gguf_dequantized", "load_huggingface",
+           "check_gguf_file", "check_onnx_file", "check_task", "copy_companions", "default_model_path", "has_tokenizer",
+           "gguf_path", "has_tokenizer_files", "is_default_model", "load", "load_gguf_dequantized", "load_gguf_file", "load_huggingface",
            "load_onnx_file", "load_tokenizer", "output_name", "read_meta", "resolve_model_path", "task_of_config",
            "weights_file_of"]

@@ -8,13 +8,15 @@ Each kind lives in its own module and reads its folder back with ``load_folder``
 from __future__ import annotations
 
 import copy
+import json
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from edgesmith.artifacts.tokenizer import load_tokenizer
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, first_line
 from edgesmith.storage import atomic_dir, write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -92,6 +94,31 @@ def output_name(task: str) -> str:
 def check_task(task: str) -> None:
     if task not in TASKS:
         raise BadInput(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+
+
+def read_record(meta_path: Path, kinds: Collection[str] | None = None) -> dict:
+    """An artifact folder's ``edgesmith.json``, checked: BadInput naming the file when it is damaged
+    (``kinds``: the known kinds, when the caller knows them all)."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSON and UTF-8 errors are ValueErrors; a folder is an OSError
+        raise BadInput(f"{meta_path}: not valid JSON ({first_line(exc, 160)}); the artifact folder is damaged, "
+                       "re-create it") from exc
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise BadInput(f"{meta_path}: missing 'kind'; the artifact folder is damaged, re-create it")
+    schema = meta.get("schema", 0)
+    if not isinstance(schema, int) or isinstance(schema, bool) or not isinstance(meta["kind"], str):
+        raise BadInput(f"{meta_path}: 'schema' must be a number and 'kind' a name (got {schema!r}, "
+                       f"{meta['kind']!r}); the artifact folder is damaged, re-create it")
+    if schema > SCHEMA_VERSION:
+        raise BadInput(f"{meta_path}: written by a newer edgesmith (schema {meta['schema']}); upgrade edgesmith")
+    if kinds is not None and meta["kind"] not in kinds:
+        raise BadInput(f"{meta_path}: unknown artifact kind {meta['kind']!r} (known: {', '.join(kinds)})")
+    for key, kind in (("lineage", list), ("meta", dict), ("structure", dict)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise BadInput(f"{meta_path}: '{key}' must be a {'list' if kind is list else 'mapping'}; the artifact "
+                           "folder is damaged, re-create it")
+    return meta
 
 
 @dataclass

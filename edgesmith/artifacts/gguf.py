@@ -1,16 +1,26 @@
-"""GGUF files (:class:`GgufModel`, run as they are in llama.cpp), and a GGUF read as a dequantized TorchModel."""
+"""GGUF files (:class:`GgufModel`, run as they are in llama.cpp), and a GGUF read as a dequantized TorchModel.
+
+Two ways to take a ``.gguf``: :func:`load_gguf_file` keeps the file as it is (a :class:`GgufModel`,
+what llama.cpp runs); ``edgesmith.load`` of a ``.gguf`` (:func:`load_gguf_dequantized`) gives a
+:class:`~edgesmith.artifacts.torch.TorchModel` with the weights dequantized to FP32, which records
+its source file. :func:`gguf_path` finds the file either one runs from.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from edgesmith.artifacts.base import FolderArtifact
+from edgesmith.artifacts.base import META_FILE, Artifact, FolderArtifact, read_record
+from edgesmith.artifacts.paths import resolve_model_path
+from edgesmith.artifacts.tokenizer import has_tokenizer_files
 from edgesmith.artifacts.torch import TorchModel, load_huggingface
 from edgesmith.errors import BadInput
+from edgesmith.gguf.file import check_gguf_header
 from edgesmith.storage import sha256_file
 
 GGUF_FILE = "model.gguf"
@@ -87,3 +97,52 @@ def load_gguf_dequantized(path: Path, task: str | None) -> TorchModel:
         "quant_summary": record["quant_summary"], "quant_types": record["quant_types"], "folder": str(folder)},
         "origin": {"gguf": str(path.resolve())}}
     return model
+
+
+def check_gguf_file(path: Path) -> Path:
+    """``path`` if it is a readable GGUF file (its header checked); else one line naming what it is."""
+    check_gguf_header(path)
+    return path
+
+
+def load_gguf_file(model: str | Path, *, needed_by: str = "this",
+                   own_tokenizer: Callable[[Path], Any] | None = None) -> GgufModel:
+    """A :class:`GgufModel` run as it is from ``"smollm2"``, a ``.gguf`` path, a folder holding one
+    ``.gguf``, or a folder written by ``edgesmith export --to gguf``. Its tokenizer is the folder's
+    Hugging Face tokenizer when it has one, else ``own_tokenizer(path)`` (the runtime's reading of the
+    file's vocabulary) when given. ``needed_by`` names who asks, in the one line a wrong input gets."""
+    path = resolve_model_path(model)
+    if path.is_dir() and (path / META_FILE).exists():
+        meta = read_record(path / META_FILE)
+        if meta["kind"] != GgufModel.kind:
+            raise BadInput(f"{path}: {needed_by} runs GGUF files; this folder holds a {meta['kind']} model "
+                           "(edgesmith export MODEL --to gguf writes one)")
+        return GgufModel.load_folder(path, meta)
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise BadInput(f"{path}: {needed_by} runs a GGUF file, and this folder holds "
+                           f"{len(found) or 'no'} .gguf file{'s' if len(found) != 1 else ''}; give the .gguf file")
+        path = found[0]
+    check_gguf_file(path)
+    from edgesmith.gguf.source import SMOLLM2_NAME, is_smollm2
+
+    name = SMOLLM2_NAME if is_smollm2(path) else path.stem
+    artifact = GgufModel(task="text-generation", name=name, folder=path.parent, file=path.name,
+                         meta={"source": str(path)})
+    if own_tokenizer is not None and not has_tokenizer_files(path.parent):
+        artifact.use_tokenizer(own_tokenizer(path))
+    return artifact
+
+
+def gguf_path(artifact: Artifact, *, needed_by: str = "this") -> Path:
+    """The GGUF file an artifact runs from: a :class:`GgufModel`'s, or the source file of a model
+    loaded from a GGUF; anything else is one line naming the fix (``needed_by``: who asks)."""
+    if isinstance(artifact, GgufModel):
+        return artifact.path
+    source = ((artifact.meta or {}).get("gguf") or {}).get("path")
+    if source:
+        return Path(source)
+    hint = ("export it to GGUF first (edgesmith export MODEL --to gguf)" if isinstance(artifact, TorchModel)
+            else "give a .gguf file")
+    raise BadInput(f"{needed_by} runs GGUF files; {artifact.name} is a {artifact.kind} model: {hint}")

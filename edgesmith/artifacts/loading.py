@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from edgesmith.artifacts.base import META_FILE, SCHEMA_VERSION, Artifact
+from edgesmith.artifacts.base import META_FILE, Artifact, read_record
 from edgesmith.artifacts.early_exit import EarlyExitModel
 from edgesmith.artifacts.gguf import GgufModel, load_gguf_dequantized
 from edgesmith.artifacts.onnx import ONNX_FILE, OnnxModel, load_onnx_file
@@ -14,7 +13,7 @@ from edgesmith.artifacts.paths import resolve_model_path
 from edgesmith.artifacts.tensorrt import TensorRTEngine
 from edgesmith.artifacts.tokenizer import has_tokenizer_files
 from edgesmith.artifacts.torch import TorchModel, load_huggingface
-from edgesmith.errors import BadInput, dangling_link, first_line
+from edgesmith.errors import BadInput, dangling_link
 
 ARTIFACT_KINDS: dict[str, type[Artifact]] = {"torch": TorchModel, "onnx": OnnxModel, "tensorrt": TensorRTEngine,
                                              "early-exit": EarlyExitModel, "gguf": GgufModel}
@@ -58,26 +57,7 @@ def load(model: str | Path | None = None, *, task: str | None = None, trust_remo
 
 def read_meta(meta_path: Path) -> dict:
     """An artifact folder's ``edgesmith.json``, checked: BadInput naming the file when it is damaged."""
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:  # JSON and UTF-8 errors are ValueErrors; a folder is an OSError
-        raise BadInput(f"{meta_path}: not valid JSON ({first_line(exc, 160)}); the artifact folder is damaged, "
-                       "re-create it") from exc
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise BadInput(f"{meta_path}: missing 'kind'; the artifact folder is damaged, re-create it")
-    schema = meta.get("schema", 0)
-    if not isinstance(schema, int) or isinstance(schema, bool) or not isinstance(meta["kind"], str):
-        raise BadInput(f"{meta_path}: 'schema' must be a number and 'kind' a name (got {schema!r}, "
-                       f"{meta['kind']!r}); the artifact folder is damaged, re-create it")
-    if schema > SCHEMA_VERSION:
-        raise BadInput(f"{meta_path}: written by a newer edgesmith (schema {meta['schema']}); upgrade edgesmith")
-    if meta["kind"] not in ARTIFACT_KINDS:
-        raise BadInput(f"{meta_path}: unknown artifact kind {meta['kind']!r} (known: {', '.join(ARTIFACT_KINDS)})")
-    for key, kind in (("lineage", list), ("meta", dict), ("structure", dict)):
-        if meta.get(key) is not None and not isinstance(meta[key], kind):
-            raise BadInput(f"{meta_path}: '{key}' must be a {'list' if kind is list else 'mapping'}; the artifact "
-                           "folder is damaged, re-create it")
-    return meta
+    return read_record(meta_path, ARTIFACT_KINDS)
 
 
 def has_tokenizer(model: str | Path | None) -> bool:

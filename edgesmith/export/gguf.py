@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from edgesmith.artifacts import GGUF_FILE, Artifact, GgufModel, TorchModel
 from edgesmith.errors import BadInput, ValidationFailed
+from edgesmith.gguf.file import open_gguf
 from edgesmith.gguf.writer import NUMPY_QUANTS, QUANTS, gguf_tensors, hyper_of, write_gguf
 from edgesmith.lm_quality import gguf_logits, lm_fidelity
 from edgesmith.passes import ORIGIN_KEY, Context, Pass, PassConfig, register
@@ -70,12 +71,9 @@ class GgufConfig(PassConfig):
 
 def read_back_differences(module, path: Path, quant: str) -> dict[str, Any]:
     """Compare every tensor of an F32/F16 file with the source's, in llama.cpp's layout."""
-    import gguf
-
     hyper = hyper_of(module.config)
     expected = dict(gguf_tensors(module, hyper))
-    reader = gguf.GGUFReader(str(path))
-    found = {t.name: t for t in reader.tensors}
+    found = {t.name: t for t in open_gguf(path).tensors}
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     unequal = []

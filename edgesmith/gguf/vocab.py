@@ -13,7 +13,7 @@ which differs from, e.g., SmolLM's one-digit split), and the report says so.
 Only byte-level BPE tokenizers are written (Llama 3, Qwen, SmolLM, GPT-2, Mistral's newer models);
 SentencePiece vocabularies need scores from the ``.model`` file and are refused with one line.
 
-Layer L1: imports edgesmith.errors, plus gguf.
+Layer L1: imports edgesmith.errors and edgesmith.gguf.file, plus gguf.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesmith.errors import BadInput
+from edgesmith.gguf.file import open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,12 @@ def origin_pre(path: str | Path | None) -> str | None:
     """``tokenizer.ggml.pre`` of the GGUF a model was converted from, if the file is still there."""
     if not path or not Path(path).is_file():
         return None
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(str(path))
-        field_ = reader.fields.get("tokenizer.ggml.pre")
-        return None if field_ is None else str(field_.contents())
-    except (OSError, ValueError) as exc:
-        log.warning("could not read tokenizer.ggml.pre from %s (%s)", path, exc)
+        pre = open_gguf(path).field("tokenizer.ggml.pre")
+    except BadInput as exc:
+        log.warning("could not read tokenizer.ggml.pre (%s)", exc)
         return None
+    return None if pre is None else str(pre)
 
 
 def build_vocab(tokenizer, vocab_size: int, *, pre: str | None = None, origin: str | Path | None = None) -> Vocab:

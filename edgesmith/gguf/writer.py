@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BadInput, no_space, no_space_cause
+from edgesmith.gguf.file import open_gguf
 from edgesmith.gguf.vocab import add_vocab, build_vocab
 
 log = logging.getLogger(__name__)
@@ -286,9 +287,7 @@ def _write(module, hyper: Hyper, vocab, path: Path, quant: str, embeddings: str,
 
 
 def _types_in(path: Path) -> dict[str, str]:
-    import gguf
-
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    return open_gguf(path).tensor_types()
 
 
 def _llamacpp_ftype(quant: str) -> int:

@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.artifacts import META_FILE, Artifact, GgufModel, TorchModel, has_tokenizer, load, resolve_model_path
+from edgesmith.artifacts import Artifact, GgufModel
+from edgesmith.artifacts import gguf as gguf_artifacts
+from edgesmith.artifacts.gguf import check_gguf_file
 from edgesmith.errors import BadInput
 from edgesmith.runtimes.base import Availability, Runtime
 from edgesmith.runtimes.decoder import DecoderSession
@@ -50,7 +52,6 @@ INSTALL = "pip install edgesmith[llamacpp]"
 DEFAULT_N_CTX = 4096
 #: tokens per llama_decode call (llama.cpp's default n_batch / n_ubatch)
 DEFAULT_N_BATCH = 512
-GGUF_MAGIC = b"GGUF"
 _LLAMA_LOGGER = "llama-cpp-python"
 _backend_ready = False
 
@@ -85,58 +86,16 @@ def build_info() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_gguf_file(path: Path) -> Path:
-    """``path`` if it is a readable GGUF file (magic bytes); else one line naming what it is."""
-    if not path.is_file():
-        raise BadInput(f"{path}: not a file; give a .gguf file")
-    with path.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise BadInput(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); give a .gguf file "
-                       "(edgesmith export MODEL --to gguf writes one)")
-    return path
-
-
 def load_gguf_file(model: str | Path) -> GgufModel:
-    """A :class:`~edgesmith.artifacts.GgufModel` run as it is from ``"smollm2"``, a ``.gguf`` path, a
-    folder holding one ``.gguf``, or a folder written by ``edgesmith export --to gguf``; its tokenizer
-    is the folder's Hugging Face tokenizer when it has one, else llama.cpp's own
-    (:class:`GgufTokenizer`, loaded when first called)."""
-    path = resolve_model_path(model)
-    if path.is_dir() and (path / META_FILE).exists():
-        artifact = load(path)
-        if not isinstance(artifact, GgufModel):
-            raise BadInput(f"{path}: runtime '{NAME}' runs GGUF files; this folder holds a {artifact.kind} model "
-                           "(edgesmith export MODEL --to gguf writes one)")
-        return artifact
-    if path.is_dir():
-        found = sorted(path.glob("*.gguf"))
-        if len(found) != 1:
-            raise BadInput(f"{path}: runtime '{NAME}' runs a GGUF file, and this folder holds "
-                           f"{len(found) or 'no'} .gguf file{'s' if len(found) != 1 else ''}; give the .gguf file")
-        path = found[0]
-    check_gguf_file(path)
-    from edgesmith.gguf.source import SMOLLM2_NAME, is_smollm2
-
-    name = SMOLLM2_NAME if is_smollm2(path) else path.stem
-    artifact = GgufModel(task="text-generation", name=name, folder=path.parent, file=path.name,
-                         meta={"source": str(path)})
-    if not has_tokenizer(path.parent):
-        artifact.use_tokenizer(GgufTokenizer(path))
-    return artifact
+    """:func:`edgesmith.artifacts.gguf.load_gguf_file` for this runtime: a GGUF run as it is, tokenized
+    by llama.cpp's own reading of the file (:class:`GgufTokenizer`) when no Hugging Face tokenizer
+    sits beside it."""
+    return gguf_artifacts.load_gguf_file(model, needed_by=f"runtime '{NAME}'", own_tokenizer=GgufTokenizer)
 
 
 def gguf_path(artifact: Artifact) -> Path:
-    """The GGUF file an artifact runs from on llama.cpp: a :class:`GgufModel`'s, or the source file of
-    a model loaded from a GGUF; anything else is one line naming the fix."""
-    if isinstance(artifact, GgufModel):
-        return artifact.path
-    source = ((artifact.meta or {}).get("gguf") or {}).get("path")
-    if source:
-        return Path(source)
-    hint = ("export it to GGUF first (edgesmith export MODEL --to gguf)" if isinstance(artifact, TorchModel)
-            else "give a .gguf file")
-    raise BadInput(f"runtime '{NAME}' runs GGUF files; {artifact.name} is a {artifact.kind} model: {hint}")
+    """The GGUF file an artifact runs from on llama.cpp (:func:`edgesmith.artifacts.gguf.gguf_path`)."""
+    return gguf_artifacts.gguf_path(artifact, needed_by=f"runtime '{NAME}'")
 
 
 # ---------------------------------------------------------------------------------------------
