@@ -187,6 +187,44 @@ def test_config_defaults():
     assert cfg.max_kld is None and cfg.precision == "int4"
 
 
+def test_method_names_help_and_checks_come_from_the_tables():
+    """The config literals, the quantize CLI's help and the validators read the method tables."""
+    import inspect
+    import typing
+
+    from edgesmith.cli.passes import quantize_command
+    from edgesmith.compress.quantization.config import QuantizeConfig
+    from edgesmith.compress.quantization.weight_only import ALGORITHMS, METHODS, SOURCES
+    from edgesmith.passes import make_config as _make
+
+    def make_config(cls, options):
+        return _make(cls, options, where="weight-only quantization")
+
+    assert METHODS == (*ALGORITHMS, *SOURCES)
+    assert typing.get_args(WeightOnlyConfig.model_fields["method"].annotation) == METHODS
+    assert set(METHODS) <= set(typing.get_args(QuantizeConfig.model_fields["method"].annotation))
+    method_help = inspect.signature(quantize_command).parameters["method"].default.help
+    assert all(name in method_help for name in METHODS)
+    for algorithm in ALGORITHMS.values():
+        if not algorithm.available():
+            continue
+        for bits in (4, 8):
+            if bits in algorithm.bits:
+                assert make_config(WeightOnlyConfig, {"method": algorithm.name, "bits": bits}).bits == bits
+            else:
+                with pytest.raises(BadInput, match=f"{bits}-bit|{algorithm.bits[0]}-bit weights only"):
+                    make_config(WeightOnlyConfig, {"method": algorithm.name, "bits": bits})
+        others = [o for o in ALGORITHMS if o != algorithm.name and ALGORITHMS[o].options]
+        for other in others:
+            with pytest.raises(BadInput, match=f"apply to method {other} only"):
+                make_config(WeightOnlyConfig, {"method": algorithm.name, ALGORITHMS[other].options[0]: 1})
+    for source in SOURCES.values():
+        with pytest.raises(BadInput, match=f"needs {source.file_option}"):
+            make_config(WeightOnlyConfig, {"method": source.name})
+        with pytest.raises(BadInput, match=f"not apply to method {source.name}"):
+            make_config(WeightOnlyConfig, {"method": source.name, source.file_option: "x", "bits": 4})
+
+
 def test_on_the_edgesmith_decoder_export(tiny_decoder, tmp_path):
     """The real layout (dynamo export: logits_to_keep, the tied LM head as Transpose(embedding),
     module paths only in node metadata) quantizes and scores the same way."""

@@ -8,6 +8,7 @@ Each kind lives in its own module and reads its folder back with ``load_folder``
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 from collections.abc import Collection
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 from edgesmith.artifacts.tokenizer import load_tokenizer
 from edgesmith.errors import BadInput, first_line
-from edgesmith.storage import atomic_dir, write_json_atomic
+from edgesmith.storage import atomic_dir, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 META_FILE = "edgesmith.json"
@@ -89,6 +90,15 @@ class Artifact:
 def output_name(task: str) -> str:
     return {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",
             "text-generation": "logits"}[task]
+
+
+def one_file_hash(path: Path, task: str) -> str:
+    """The content hash of an artifact whose content is one file (an engine, a GGUF): the file's
+    SHA-256 and the task."""
+    digest = hashlib.sha256()
+    digest.update(sha256_file(path).encode())
+    digest.update(task.encode())
+    return digest.hexdigest()
 
 
 def check_task(task: str) -> None:

@@ -8,20 +8,18 @@ its source file. :func:`gguf_path` finds the file either one runs from.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from edgesmith.artifacts.base import META_FILE, Artifact, FolderArtifact, read_record
+from edgesmith.artifacts.base import META_FILE, Artifact, FolderArtifact, one_file_hash, read_record
 from edgesmith.artifacts.paths import resolve_model_path
 from edgesmith.artifacts.tokenizer import has_tokenizer_files
 from edgesmith.artifacts.torch import TorchModel, load_huggingface
 from edgesmith.errors import BadInput
 from edgesmith.gguf.file import check_gguf_header
-from edgesmith.storage import sha256_file
 
 GGUF_FILE = "model.gguf"
 
@@ -51,10 +49,7 @@ class GgufModel(FolderArtifact):
         return ["logits"]
 
     def content_hash(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(sha256_file(self.path).encode())
-        digest.update(self.task.encode())
-        return digest.hexdigest()
+        return one_file_hash(self.path, self.task)
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size

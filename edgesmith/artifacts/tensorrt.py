@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from edgesmith.artifacts.base import FolderArtifact
+from edgesmith.artifacts.base import FolderArtifact, one_file_hash
 from edgesmith.errors import BadInput
-from edgesmith.storage import sha256_file
 
 ENGINE_FILE = "model.engine"
 #: what every engine's ``meta["tensorrt"]`` records (see edgesmith.tensorrt.build.EngineMeta)
@@ -50,10 +48,7 @@ class TensorRTEngine(FolderArtifact):
         return dict(self.meta.get("tensorrt") or {})
 
     def content_hash(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(sha256_file(self.path).encode())
-        digest.update(self.task.encode())
-        return digest.hexdigest()
+        return one_file_hash(self.path, self.task)
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size
