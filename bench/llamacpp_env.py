@@ -131,6 +131,9 @@ def ensure() -> dict[str, str | None]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--cmake-args"]:  # the Makefile builds edgesmith's own llama-cpp-python with these
+        print(cmake_args())
+        sys.exit(0)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(json.dumps(ensure(), indent=2))
     sys.exit(0)

@@ -7,7 +7,6 @@ A bad input prints one line naming what is wrong and how to fix it; ``--debug`` 
 
 from __future__ import annotations
 
-import os
 import sys
 
 from rich.markup import escape
@@ -59,11 +58,10 @@ def _no_space(exc: BaseException) -> EdgesmithError:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    # OpenMP threads (PyTorch's) spin-wait after each op by default; in one process beside ONNX
-    # Runtime sessions, or on a shared 2-core machine, they take the cores from whatever runs next
-    # (SmolLM2 FP32 decode with threads = 2 at load ~9: 0.5 tokens/s spinning, 8.7 passive). Must be
-    # set before torch starts its thread pool; a value the user set is kept.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # No process-wide threading variable is set here: each runtime runs with its own defaults (or
+    # what the user set). OMP_WAIT_POLICY=PASSIVE, set here until issue 23, made llama.cpp 3.5x
+    # slower in every command; profiles now run each runtime in a worker process of its own
+    # (edgesmith.profiling.worker).
     _register_commands()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args

@@ -27,11 +27,10 @@ lifetime peak) or psutil's. The profile says which.
 from __future__ import annotations
 
 import logging
-import resource
-import sys
-import time
+import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,7 @@ from edgesmith.errors import BadInput
 from edgesmith.profiling.environment import fingerprint
 from edgesmith.profiling.measure import artifact_info
 from edgesmith.profiling.schema import ArtifactInfo, GenerationStats, Profile, RuntimeInfo, Shapes, Stats
+from edgesmith.profiling.worker import artifact_location, check_context, run_worker
 from edgesmith.stats import summarize
 
 log = logging.getLogger(__name__)
@@ -124,20 +124,6 @@ def _check_arguments(new_tokens: int, batch: int, warmup: int, rounds: int) -> N
         raise BadInput(f"rounds must be at least 1 (got {rounds})")
 
 
-def check_context(prompt_tokens: list[int], new_tokens: int, max_positions: int | None, name: str) -> None:
-    """Every prompt fits the context, and the decode prompt with its new tokens: else one line."""
-    if not max_positions:
-        return
-    longest = max(prompt_tokens)
-    if longest > max_positions:
-        raise BadInput(f"{name}: a prompt of {longest} tokens is longer than the model's context of {max_positions} "
-                       f"tokens; give --prompt-tokens of at most {max_positions}")
-    first = prompt_tokens[0]
-    if first + new_tokens - 1 > max_positions:
-        raise BadInput(f"{name}: {first} prompt tokens + {new_tokens} new tokens exceed the model's context of "
-                       f"{max_positions}; lower --new-tokens to {max_positions - first + 1} or the first prompt length")
-
-
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
@@ -179,76 +165,8 @@ def prompt_batches(tokenizer, lengths: Sequence[int], batch: int, *, vocab_size:
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak resident memory
-# ---------------------------------------------------------------------------------------------
-
-_CLEAR_REFS = "/proc/self/clear_refs"
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's high-water mark (VmHWM) to its current RSS (Linux); False where not possible."""
-    try:
-        with open(_CLEAR_REFS, "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _vmhwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss(was_reset: bool) -> tuple[float | None, str]:
-    """(peak RSS in MiB, how it was read)."""
-    if was_reset:
-        hwm = _vmhwm_mb()
-        if hwm is not None:
-            return hwm, "VmHWM reset before loading (Linux /proc/self/clear_refs)"
-    try:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1), \
-            "getrusage ru_maxrss (the process's lifetime peak)"
-    except (AttributeError, OSError):  # pragma: no cover - no resource module (Windows)
-        pass
-    try:  # pragma: no cover - Windows
-        import psutil
-
-        info = psutil.Process().memory_info()
-        peak = getattr(info, "peak_wset", None)
-        return round((peak or info.rss) / 2**20, 1), "psutil " + ("peak_wset" if peak else "rss at the end")
-    except ImportError:  # pragma: no cover
-        return None, "unavailable"
-
-
-# ---------------------------------------------------------------------------------------------
 # The profile
 # ---------------------------------------------------------------------------------------------
-
-
-def _round(session, prompts: dict[int, np.ndarray], decode_at: int, new_tokens: int
-           ) -> tuple[dict[int, float], list[float]]:
-    """One round: the TTFT of every prompt length, and the decode latencies after ``decode_at``."""
-    from edgesmith.runtimes.generation import GenerationConfig, decode_loop
-
-    ttft: dict[int, float] = {}
-    decode: list[float] = []
-    for n, ids in prompts.items():
-        steps = new_tokens if n == decode_at else 1
-        cfg = GenerationConfig(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
-        run = decode_loop(session, ids, None, cfg)
-        session.reset()
-        ttft[n] = run.ttft_ms
-        if n == decode_at:  # ignore_eos forces the length; generation_profile checks the count
-            decode = run.latencies_ms
-    return ttft, decode
 
 
 def _progress(enabled: bool):
@@ -271,8 +189,6 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
     per-token latencies over ``new_tokens`` forced greedy tokens after the first prompt length, for
     ``rounds`` timed rounds after ``warmup`` untimed ones. ``runtime_options`` go to the session
     (ONNX Runtime: provider, allow_spinning, graph_optimization)."""
-    from edgesmith.runtimes.generation import load_decoder
-
     if not is_decoder(artifact):
         raise BadInput(f"{artifact.name} is a {artifact.task} model; generation profiles are for causal LMs "
                        "(text-generation): profile it with --batch/--seq instead")
@@ -290,53 +206,34 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
         runtime_options = _llamacpp_options(artifact, lengths, new_tokens, runtime_options)
         # llama.cpp runs the GGUF file (for a model read from a GGUF, its original file, not the FP32 copy)
         info = info.model_copy(update={"size_bytes": gguf_path(artifact).stat().st_size})
-    was_reset = reset_peak_rss()
-    t0 = time.perf_counter()
-    if runtime_name == LLAMACPP:
-        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
-
-        session = LlamaCppDecoderSession(artifact, threads=threads, **runtime_options)
-    else:
-        session = load_decoder(artifact, threads=threads, **runtime_options)
-    load_s = time.perf_counter() - t0
-    try:
-        check_context(lengths, new_tokens, session.max_positions, artifact.name)
-        prompts, source = prompt_batches(artifact.tokenizer, lengths, batch, vocab_size=session.vocab_size,
-                                         texts=texts)
-        decode_at = lengths[0]
-        for _ in range(warmup):
-            _round(session, prompts, decode_at, new_tokens)
-        ttft: dict[int, list[float]] = {n: [] for n in lengths}
-        decode_rounds: list[list[float]] = []
-        bar = _progress(progress)
-        task = bar.add_task("rounds", total=rounds) if bar else None
+    spec: dict[str, Any] = {"name": artifact.name, "runtime": runtime_name, "options": runtime_options,
+                            "threads": threads, "lengths": lengths, "new_tokens": new_tokens, "warmup": warmup,
+                            "rounds": rounds, "batch": batch, "prompts": None, "seed": 0}
+    source = "random ids"
+    if artifact.tokenizer is not None:
+        prompts, source = prompt_batches(artifact.tokenizer, lengths, batch, vocab_size=0, texts=texts)
+        spec["prompts"] = {str(n): ids.tolist() for n, ids in prompts.items()}
+    bar = _progress(progress)
+    task = bar.add_task("rounds", total=rounds) if bar else None
+    with tempfile.TemporaryDirectory(prefix="edgesmith-profile-") as scratch:
+        spec["path"] = str(artifact_location(artifact, runtime_name, Path(scratch)))
         if bar:
             bar.start()
         try:
-            for _ in range(rounds):
-                times, decode = _round(session, prompts, decode_at, new_tokens)
-                for n, ms in times.items():
-                    ttft[n].append(ms)
-                decode_rounds.append(decode)
-                if bar:
-                    bar.advance(task)
+            raw = run_worker(spec, on_round=(lambda: bar.advance(task)) if bar else None)
         finally:
             if bar:
                 bar.stop()
-        providers = list(session.providers)
-        session_options = dict(getattr(session, "options", {}) or {})
-    finally:
-        session.close()
-    rss_mb, rss_source = peak_rss(was_reset)
+    session_options = raw["options"]
     used_threads = session_options.get("threads", threads)
     prof = generation_profile(
         label=label or f"{artifact.name} ({runtime_name})", artifact=info,
-        runtime=RuntimeInfo(name=runtime_name, providers=providers, options=session_options), target=target,
+        runtime=RuntimeInfo(name=runtime_name, providers=raw["providers"], options=session_options), target=target,
         threads=int(used_threads) if used_threads else None, batch=batch, new_tokens=new_tokens, warmup=warmup,
-        ttft_ms=ttft, decode_ms=decode_rounds, load_s=load_s, peak_rss_mb=rss_mb, rss_source=rss_source,
-        prompt_source=source)
+        ttft_ms={int(n): v for n, v in raw["ttft_ms"].items()}, decode_ms=raw["decode_ms"], load_s=raw["load_s"],
+        peak_rss_mb=raw["peak_rss_mb"], rss_source=raw["rss_source"], prompt_source=source)
     log.info("%s: decode %.1f tokens/s, TTFT %s", artifact.name, prof.throughput,
-             ", ".join(f"@{n} {np.median(v):.1f} ms" for n, v in ttft.items()))
+             ", ".join(f"@{n} {np.median(v):.1f} ms" for n, v in raw["ttft_ms"].items()))
     return prof
 
 

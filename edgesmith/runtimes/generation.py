@@ -368,6 +368,13 @@ def open_decoder(model: Artifact | str, *, runtime: str | None = None, threads: 
         artifact = load_gguf_file(model) if isinstance(model, str) else model
         return artifact, LlamaCppDecoderSession(artifact, threads=threads)
     artifact = load(model) if isinstance(model, str) else model
+    if isinstance(artifact, GgufModel):  # a folder `edgesmith export --to gguf` wrote: llama.cpp runs it as it is
+        if runtime not in (None, "llamacpp"):
+            raise BadInput(f"{artifact.name} is a GGUF file, which runs on llamacpp, not {runtime}; "
+                           "drop --runtime or export the source model to ONNX")
+        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
+
+        return artifact, LlamaCppDecoderSession(artifact, threads=threads)
     session = load_decoder(artifact, threads=threads)
     if runtime is not None and session.runtime != runtime:
         raise BadInput(f"{artifact.name} is a {artifact.kind} model, which runs on {session.runtime}, not {runtime}")
