@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgesmith.errors import BadInput, dangling_link
+from edgesmith.errors import BadInput, dangling_link, first_line
 
 BUILTIN = {"wordnet": "wordnet-examples.jsonl"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -159,13 +159,26 @@ def _parquet(path: Path, columns: list[str]):
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise BadInput(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from exc
-    table = pq.ParquetFile(path)
-    names = set(table.schema_arrow.names)
+    import pyarrow as pa
+
+    try:
+        table = pq.ParquetFile(path)
+        names = set(table.schema_arrow.names)
+    except pa.ArrowException as exc:  # empty, cut short or not parquet at all: pyarrow's own error types
+        raise BadInput(f"{path}: not a readable parquet file ({first_line(exc, 160)}); write it again") from exc
     for col in columns:
         if col not in names:
             raise BadInput(f"{path}: no field '{col}' (fields there: {', '.join(sorted(names))})")
     row = 0
-    for batch in table.iter_batches(columns=columns, batch_size=1024):
+    batches = table.iter_batches(columns=columns, batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except pa.ArrowException as exc:  # a damaged page further in
+            raise BadInput(f"{path}: not a readable parquet file after row {row} ({first_line(exc, 160)}); "
+                           "write it again") from exc
+        if batch is None:
+            return
         for rec in batch.to_pylist():
             row += 1
             yield row, rec

@@ -61,6 +61,8 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 #: errno values of a full disk or an exhausted quota
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: how Rust's std::io::Error shows an errno inside another library's message
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def no_space_cause(exc: BaseException) -> OSError | None:
@@ -75,6 +77,9 @@ def no_space_cause(exc: BaseException) -> OSError | None:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
             return current
+        rust = _RUST_OS_ERROR.search(str(current))  # safetensors and tokenizers (Rust) say "(os error 28)"
+        if rust and int(rust.group(1)) in NO_SPACE_ERRNOS:
+            return OSError(int(rust.group(1)), first_line(current))
         if isinstance(current, OSError) and current.args and isinstance(current.args[0], list):
             for entry in current.args[0]:  # shutil.Error: [(src, dst, "why"), ...]
                 why = str(entry[-1]) if isinstance(entry, tuple) and entry else str(entry)

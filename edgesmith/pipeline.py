@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import time
@@ -25,10 +24,11 @@ from edgesmith.artifacts import META_FILE, ONNX_FILE, Artifact, load, read_meta,
 from edgesmith.cache import StepCache, package_versions
 from edgesmith.data import TextData, load_texts
 from edgesmith.errors import BadInput, GateFailed, first_line
+from edgesmith.faults import point
 from edgesmith.passes import Context, Pass, get_pass, make_config
 from edgesmith.recipe import SOURCE_ID, Recipe
 from edgesmith.reports.markdown import write_run_report
-from edgesmith.storage import link_or_copy_tree, sha256_json, write_json_atomic
+from edgesmith.storage import atomic_dir, link_or_copy_tree, read_json, sha256_json, temp_owner, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def run(recipe: Recipe | str | Path | dict, *, runs_dir: str | Path = "runs", ca
     data = load_texts(recipe.data.path, text_field=recipe.data.text_field, label_field=recipe.data.label_field,
                       limit=recipe.data.limit, offset=recipe.data.offset)
     cache = StepCache(cache_dir)
+    _tidy_killed_runs(Path(runs_dir), recipe.name)
     run_dir = _new_run_dir(Path(runs_dir), recipe.name)
     state = _State(run_dir)
     console.print(f"[bold]edgesmith run[/] {recipe.name} → {run_dir}")
@@ -141,23 +142,57 @@ def run(recipe: Recipe | str | Path | dict, *, runs_dir: str | Path = "runs", ca
         state.set("gate-failed")
         raise
     except BaseException as exc:
-        state.set("failed", error=first_line(exc) if str(exc) else type(exc).__name__)
+        if run_dir.is_dir():
+            state.set("failed", error=first_line(exc) if str(exc) else type(exc).__name__)
         raise
     result.manifest["seconds_total"] = round(time.perf_counter() - started, 2)
+    state.check()
     write_json_atomic(run_dir / "manifest.json", result.manifest)
     state.set("done")
     return result
 
 
 class _State:
-    """``state.json`` in the run folder: what the run is doing, for people and for tests."""
+    """``state.json`` in the run folder: what the run is doing, for people and for tests.
+
+    Each change first checks that the run folder is still there: one deleted mid-run (by the user,
+    or a clean-up job) stops the run with one line rather than being silently made again."""
 
     def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.path = run_dir / "state.json"
         self.set("starting")
 
+    def check(self) -> None:
+        if not self.run_dir.is_dir():
+            raise BadInput(f"{self.run_dir}: the run folder was deleted while the run was running; the steps it "
+                           "finished stay in the cache, so running the recipe again resumes from them")
+
     def set(self, status: str, **extra: Any) -> None:
-        write_json_atomic(self.path, {"status": status, "updated": _now(), **extra})
+        self.check()
+        point(f"run:{status}")
+        write_json_atomic(self.path, {"status": status, "updated": _now(), "owner": temp_owner(), **extra})
+
+
+#: the states a run folder ends in
+FINAL_STATES = ("done", "failed", "gate-failed", "interrupted")
+
+
+def _tidy_killed_runs(runs_dir: Path, name: str) -> None:
+    """Run folders of this recipe left by a killed run (state not final, its process gone, on this
+    machine): remove their half-copied artifacts' temp folders and mark them ``interrupted``."""
+    from edgesmith.storage import process_gone, remove_stale_temps
+
+    if not runs_dir.is_dir():
+        return
+    for folder in runs_dir.glob(f"{name}-*"):
+        state = read_json(folder / "state.json")
+        if not isinstance(state, dict) or state.get("status") in FINAL_STATES or not process_gone(str(state.get("owner"))):
+            continue
+        remove_stale_temps(folder)
+        remove_stale_temps(folder / "artifacts")
+        write_json_atomic(folder / "state.json", {**state, "status": "interrupted", "was": state.get("status"),
+                                                  "updated": _now()})
 
 
 def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: StepCache, run_dir: Path,
@@ -185,20 +220,29 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
         label = f"[{i}/{len(steps)}] {step.id}"
         state.set("running", step=step.id, index=i, cache_key=key)
         t0 = time.perf_counter()
-        cached = cache.has(key)
-        if cached:
-            out = load(cache.path(key))
-            console.print(f"{label}: reused from cache ({key[:12]})")
-        else:
-            ctx.workdir = cache.steps / f".tmp-{os.getpid()}-scratch-{key[:16]}"
-            try:
-                with console.status(f"{label}: {step.pass_cls.name} …"):
-                    out = step.pass_cls(step.config)(current, ctx)
-                out.save(cache.path(key))
-            finally:
-                shutil.rmtree(ctx.workdir, ignore_errors=True)
-            out = load(cache.path(key))
-            console.print(f"{label}: done in {time.perf_counter() - t0:.1f}s")
+
+        def waiting(label: str = label) -> None:
+            console.print(f"{label}: another edgesmith process is computing this step; waiting for it "
+                          f"({cache.lock_path(key)})", soft_wrap=True)
+
+        with cache.lock(key, on_wait=waiting):
+            cached = cache.usable(key, label=step.id)
+            if cached:
+                out = load(cache.path(key))
+                console.print(f"{label}: reused from cache ({key[:12]})")
+            else:
+                point(f"step:{step.id}:start")
+                ctx.workdir = cache.scratch(key)
+                try:
+                    with console.status(f"{label}: {step.pass_cls.name} …"):
+                        out = step.pass_cls(step.config)(current, ctx)
+                    point(f"step:{step.id}:computed")
+                    cache.store(key, out)
+                finally:
+                    shutil.rmtree(ctx.workdir, ignore_errors=True)
+                point(f"step:{step.id}:stored")
+                out = load(cache.path(key))
+                console.print(f"{label}: done in {time.perf_counter() - t0:.1f}s")
         seconds = time.perf_counter() - t0
         artifacts[step.id] = out
         entry = out.lineage[-1] if out.lineage else {}
@@ -213,7 +257,9 @@ def _execute(recipe: Recipe, steps: list[PlannedStep], data: TextData, cache: St
     folders = {}
     for record in step_records:
         dest = run_dir / "artifacts" / record["id"]
-        link_or_copy_tree(cache.path(record["cache_key"]), dest)
+        state.check()
+        with atomic_dir(dest) as tmp:
+            link_or_copy_tree(cache.path(record["cache_key"]), tmp)
         folders[record["id"]] = str(dest)
 
     metrics: dict[str, dict[str, float]] = {}
@@ -308,9 +354,12 @@ def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData
                            "texts": sha256_json([texts, labels]), "k": recipe.evaluate.k,
                            "versions": package_versions()})
         path = metrics_dir / f"{key}.json"
-        if path.exists():
-            results[art_id] = json.loads(path.read_text())
+        saved = read_json(path)
+        if isinstance(saved, dict) and all(isinstance(v, (int, float)) for v in saved.values()):
+            results[art_id] = saved
             continue
+        if path.exists():
+            log.warning("cached metrics %s are damaged; computing them again", path)
         with console.status(f"evaluating {art_id} on {len(texts)} texts …"):
             if reference is None:
                 reference = reference_outputs(source, texts, batch_size=recipe.evaluate.batch_size)
@@ -418,7 +467,11 @@ def _new_run_dir(runs_dir: Path, name: str) -> Path:
     while candidate.exists():
         n += 1
         candidate = runs_dir / f"{name}-{stamp}-{n}"
-    candidate.mkdir(parents=True)
+    try:
+        candidate.mkdir(parents=True)
+    except PermissionError as exc:  # name the runs folder, which the user can fix
+        blocked = next((p for p in (runs_dir, *runs_dir.parents) if p.exists()), runs_dir)
+        raise PermissionError(exc.errno, exc.strerror, str(blocked)) from exc
     return candidate
 
 

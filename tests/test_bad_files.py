@@ -297,6 +297,38 @@ def _target(src) -> str:
             "name: my-box\nruntime: onnxruntime\nprovider: cpu\nthreads: 4\nhost: local\n")
 
 
+def _parquet(src: dict[str, Path], case: Path) -> Path:
+    """A parquet data file (pyarrow, as users of .parquet have it: the `parquet` extra, in `make setup`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = case / "files"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": TEXTS, "label": [i % 2 for i in range(len(TEXTS))]}), folder / "data.parquet")
+    return folder / "data.parquet"
+
+
+def _parquet_edit(columns: Callable[[dict], dict]) -> Edit:
+    def edit(data: bytes, path: Path) -> bytes:
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data)).to_pydict()
+        out = io.BytesIO()
+        pq.write_table(pa.table(columns(table)), out)
+        return out.getvalue()
+    return edit
+
+
+def _sweep(src) -> str:
+    return (f"steps: [{{export: {{}}}}, {{quantize: {{min_cosine: 0.5}}}}]\n"
+            f"model: {src['hf']}\nevaluate: {{enabled: false}}\nprofile: null\n"
+            "search: {parameters: {steps.quantize.per_channel: [true, false]}, objectives: {size: min}, "
+            "budget: {trials: 1}}\n")
+
+
 def _prune_with(data: Path, out: Path) -> list:
     return ["prune", "{hf}", "--heads", "0.5", "--importance", "taylor", "--data", data, "--no-latency-check",
             "-o", out, "--json"]
@@ -363,6 +395,17 @@ KINDS = [
          skip={"truncated": NOT_TEXT_ROWS, "wrong-types": "lines of text have no types",
                "missing-keys": "lines of text have no keys", "newer-schema": "data files have no schema",
                "escape": "names no files"}),
+    Kind("data .parquet", _parquet, lambda case, out: _prune_with(case / "files" / "data.parquet", out),
+         edits={"wrong-types": _parquet_edit(lambda t: {**t, "text": list(range(len(t["text"])))}),
+                "missing-keys": _parquet_edit(lambda t: {"body": t["text"], "label": t["label"]})},
+         skip={"newer-schema": "data files have no schema", "escape": "names no files"}),
+    Kind("sweep YAML", _write("sweep.yaml", _sweep),
+         lambda case, out: ["sweep", case / "files" / "sweep.yaml", "--out", out, "--json"],
+         edits={"wrong-types": yaml_edit(lambda d: d["search"].update(parameters="all", budget=[1])),
+                "missing-keys": yaml_edit(lambda d: d["search"].pop("objectives")),
+                # a sweep has no version: a newer edgesmith's is one with a search key this one does not know
+                "newer-schema": yaml_edit(lambda d: d["search"].update(pruner="hyperband"))},
+         skip={"escape": "a sweep's paths are the user's own"}),
     Kind("GGUF", _copy("gguf"), lambda case, out: ["inspect", case / "tiny.gguf", "--json"],
          edits={"wrong-types": _gguf_edit(b"llama.block_count", type_code=6),
                 "missing-keys": _gguf_edit(b"llama.block_count", rename=b"llama.block_xount"),

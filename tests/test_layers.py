@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgesmith"
 #: bottom up; a prefix names a module or a package (then everything under it)
 LAYERS: dict[str, int] = {
     # L0 foundations: errors, files, cache, data, schema helpers, statistics
-    "edgesmith.errors": 0, "edgesmith.storage": 0, "edgesmith.cache": 0, "edgesmith.data": 0,
+    "edgesmith.errors": 0, "edgesmith.faults": 0, "edgesmith.storage": 0, "edgesmith.cache": 0, "edgesmith.data": 0,
     "edgesmith.inputs": 0, "edgesmith.version": 0, "edgesmith.pooling": 0, "edgesmith.schema": 0, "edgesmith.stats": 0, "edgesmith.corpus": 0,
     "edgesmith.profiling.agent": 0,  # stdlib-only device agent: imports nothing of edgesmith
     # L1 artifacts and model facts

@@ -244,6 +244,10 @@ class EarlyExitPass(Pass):
         result = train(objective, data, cfg.settings(), evaluate=validation, checkpoint_dir=checkpoint_dir, key=key,
                        progress=ctx.progress, device=torch.device("cpu"), on_step=ctx.extras.get("on_step"),
                        label="early-exit")
+        if checkpoint_dir is not None:  # the pass's output is what is kept (and cached); its resume points go
+            from edgesmith.training.ddp import rank_zero_remove
+
+            rank_zero_remove(checkpoint_dir)
         net.eval()
         return {"train": cfg.train, "train_texts": len(train_texts), "steps_run": result.steps_run,
                 "best_step": result.best_step, "exit_agreement_before": result.first_metric,

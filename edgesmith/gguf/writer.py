@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BadInput, no_space, no_space_cause
+from edgesmith.faults import point
 from edgesmith.gguf.file import open_gguf
 from edgesmith.gguf.vocab import add_vocab, build_vocab
 
@@ -205,6 +206,7 @@ def write_gguf(module, tokenizer, path: str | Path, *, quant: str = "f16", embed
             types = _types_in(tmp)
         else:
             types, fallbacks = _write(module, hyper, vocab, tmp, quant, embeddings, name)
+        point(f"commit:{path.name}")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgesmith.faults import point
 from edgesmith.sweep.folder import SWEEP_FILE, TRIALS_DIR
 from edgesmith.sweep.objectives import LATENCY_METRICS
 from edgesmith.sweep.pareto import format_metric, write_pareto
@@ -149,6 +150,7 @@ class _Driver:
         self._report({"trial": trial.number, "state": "COMPLETE", "values": values, "feasible": feasible})
 
     def _report(self, event: dict) -> None:
+        point(f"sweep:trial:{event['trial']}:told")
         write_pareto(self.folder, self.sweep, self.study)
         if self.on_trial is not None:
             self.on_trial(event)

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator
 
 from edgesmith.artifacts import (
     ENGINE_FILE,
+    ENGINE_META_KEYS,
     META_FILE,
     ONNX_FILE,
     Artifact,
@@ -357,9 +358,12 @@ def build_engine(model: OnnxModel, cfg: TensorRTConfig, *, cache_root: str | Pat
     onnx_hash = model.content_hash()
     key = engine_key(onnx_hash, build_identity(cfg, backend, typing, converter), identity)
     folder = engine_dir(key, cache_root)
-    if (folder / ENGINE_FILE).exists() and (folder / "engine.json").exists():
-        log.info("TensorRT engine reused from the cache (%s)", key[:12])
-        return folder
+    if (folder / ENGINE_FILE).exists() or (folder / "engine.json").exists():
+        damage = cached_engine_damage(folder)
+        if damage is None:
+            log.info("TensorRT engine reused from the cache (%s)", key[:12])
+            return folder
+        log.warning("the cached TensorRT engine %s is damaged (%s); building it again", folder, damage)
     timing = timing_cache_path(identity, cache_root) if cfg.timing_cache else None
     with tempfile.TemporaryDirectory(prefix="edgesmith-trt-graph-") as scratch, atomic_dir(folder) as tmp:
         conversion = convert_graph(model.path, cfg.precision, scratch, converter) if convert else None
@@ -371,6 +375,26 @@ def build_engine(model: OnnxModel, cfg: TensorRTConfig, *, cache_root: str | Pat
         meta = engine_meta(identity, cfg, onnx_hash, backend, shapes, typing, conversion)
         write_text_atomic(tmp / "engine.json", json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def cached_engine_damage(folder: Path) -> str | None:
+    """None when ``folder`` holds a whole cached engine (``model.engine`` and an ``engine.json`` record
+    naming what it was built for), else what is wrong with it, in a few words."""
+    import json
+
+    record = folder / "engine.json"
+    if not (folder / ENGINE_FILE).is_file() or (folder / ENGINE_FILE).stat().st_size == 0:
+        return f"{folder / ENGINE_FILE} is missing or empty"
+    try:
+        meta = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{record}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'not valid JSON'}"
+    missing = [k for k in ENGINE_META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        return f"{record} lacks {', '.join(missing)}"
+    if not isinstance(meta["profiles"], list) or not isinstance(meta["precision"], str):
+        return f"{record}: 'profiles' must be a list and 'precision' a name"
+    return None
 
 
 def build_typing(backend: str, version: str | None) -> Typing:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgesmith.errors import BadInput
+from edgesmith.faults import point
 from edgesmith.training.batches import TextBatches
 from edgesmith.training.checkpoints import Checkpoints, _gather_rng, _state_tensors, load_weights
 from edgesmith.training.ddp import default_device, resolve_precision, world
@@ -209,6 +210,7 @@ def _train(objective: nn.Module, data: TextBatches, settings: TrainSettings, *, 
                         "step": step, "history": history, "best_step": best_step, "best_metric": best_metric,
                         "bad_evals": bad_evals, "first_metric": first_metric, "pending_losses": losses})
             bar.update(step, last_loss, samples / max(1e-9, time.perf_counter() - started), metric)
+            point(f"train:step:{step}")
             if on_step is not None:
                 on_step(step)
             if stopped_early:
