@@ -159,6 +159,19 @@ def test_registered_with_lm_eval_by_name(llm_folder):
     assert 0.0 <= output["results"]["smoke-abcd"]["acc,none"] <= 1.0
 
 
+def test_edgesmith_lm_eval_is_lm_evals_command_line_with_the_model(capsys, llm_folder, monkeypatch):
+    from edgesmith.tasks.harness import main as lm_eval_main
+
+    monkeypatch.setattr(sys, "argv", ["edgesmith-lm-eval"])  # main() hands lm-eval its own argv
+    lm_eval_main(["--model", "edgesmith", "--model_args", f"artifact={llm_folder},runtime=torch",
+                  "--tasks", "smoke-abcd", "--limit", "2", "--batch_size", "2"])
+    out = capsys.readouterr().out
+    assert "smoke-abcd" in out and "acc" in out
+    with pytest.raises(SystemExit) as exit_info:
+        lm_eval_main(["--model", "edgesmith", "--model_args", "artifact=/no/such/model", "--tasks", "smoke-abcd"])
+    assert exit_info.value.code == 2 and "not found" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Paired statistics
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +290,16 @@ def test_recipe_gate_on_task_accuracy(llm_folder, other_folder, tmp_path, cache_
     with pytest.raises(BadInput, match="unknown task 'nope'"):
         es.run({**recipe, "gates": {"task.nope": 0.1}}, runs_dir=tmp_path / "runs2", progress=False)
     assert not (tmp_path / "runs2").exists()
+
+
+def test_sweeps_can_name_task_accuracy_as_objective_and_constraint():
+    from edgesmith.sweep.objectives import parse_constraint
+
+    constraint = parse_constraint("task.mmlu-mini >= 0.25")
+    assert constraint.metric == "task.mmlu-mini" and constraint.holds(0.3) and not constraint.holds(0.2)
+    from edgesmith.sweep.objectives import _parse_objectives
+
+    assert _parse_objectives({"task.wordnet-mc": "max"}, "search.objectives")[0].direction == "maximize"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,8 +121,6 @@ def _load_candidate(model: str, runtime: str | None):
 def _evaluate_tasks(model: str, reference: str | None, tasks: str | None, gates: dict[str, float], *,
                     limit: int | None, runtime: str | None, threads: int | None, batch_size: int,
                     as_json: bool) -> None:
-    import os
-
     from edgesmith.quality import check_gates
     from edgesmith.tasks.evaluation import evaluate_tasks
     from edgesmith.tasks.harness import require_lm_eval
@@ -131,7 +129,6 @@ def _evaluate_tasks(model: str, reference: str | None, tasks: str | None, gates:
     named = [g.removeprefix("task.") for g in gates if g.startswith("task.")]
     wanted = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     wanted += [t for t in named if t not in wanted]
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars would bury the report
     candidate = _load_candidate(model, runtime)
     ref = reference_of(candidate, reference)
     report = evaluate_tasks(candidate, wanted, reference=ref, limit=limit, runtime=runtime, threads=threads,
@@ -150,15 +147,17 @@ def _evaluate_tasks(model: str, reference: str | None, tasks: str | None, gates:
 
 
 def _print_report(report) -> None:
+    first = next(iter(report.tasks.values()))
+    model = f"{report.model} ({first.candidate.runtime})"
+    reference = f"{report.reference} ({first.reference.runtime})" if first.reference else report.reference
     if report.fidelity:
-        table = Table(title=f"{report.model} against {report.reference}")
+        table = Table(title=f"{model} against {reference}")
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in report.fidelity.items():
             table.add_row(name, f"{value:.4f}")
         console.print(table)
-    table = Table(title=f"task accuracy of {report.model}" + (f" (paired against {report.reference})"
-                                                             if report.reference else ""))
+    table = Table(title=f"task accuracy of {model}" + (f", paired against {reference}" if report.reference else ""))
     for column in ("task", "metric", "n", "candidate [95% CI]", "reference", "paired delta [95% CI]",
                    "lost / gained", "McNemar p", "verdict", "seconds"):
         table.add_column(column, justify="left" if column in ("task", "metric", "verdict") else "right")

@@ -16,7 +16,8 @@ DIRECTIONS = {"max": "maximize", "maximize": "maximize", "maximise": "maximize",
               "min": "minimize", "minimize": "minimize", "minimise": "minimize"}
 TIME_UNITS = {"ms": 1.0, "s": 1000.0, "us": 1e-3, "µs": 1e-3}
 SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w@]*)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ]*)\s*$")
+#: a metric name: cosine, recall@10, latency_p90, task.mmlu-mini (decoders' task accuracy)
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w@.-]*)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ]*)\s*$")
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ def _run_uncached(artifact: Artifact, todo: list[tuple[str, Path | None]], selec
         for name, path in todo:
             t0 = time.perf_counter()
             output = simple_evaluate(model=lm, tasks=[name], task_manager=selection.manager, limit=limit,
-                                     bootstrap_iters=0, log_samples=True, verbosity="WARNING")
+                                     bootstrap_iters=0, log_samples=True, verbosity="ERROR")
             seconds = time.perf_counter() - t0
             result = _parse(name, output, seconds, session.runtime)
             log.info("%s on %s (%s): %s %.4f over %d documents in %.1f s", name, artifact.name, session.runtime,

@@ -26,7 +26,8 @@ EXTRA = "pip install 'edgesmith[tasks]'"
 #: edgesmith's offline task set: the YAMLs and their data (package data)
 DATA_DIR = Path(__file__).resolve().parent / "data"
 #: the shipped tasks and the metric their paired deltas and gates use
-SHIPPED: dict[str, str] = {"mmlu-mini": "acc", "wordnet-mc": "acc", "smoke-mc": "acc", "smoke-abcd": "acc",
+SHIPPED: dict[str, str] = {"mmlu-mini": "acc", "wordnet-mc": "acc", "mmlu-mini-cloze": "acc", "smoke-mc": "acc",
+                           "smoke-abcd": "acc",
                            "smoke-ppl": "word_perplexity", "smoke-gen": "exact_match"}
 MODEL_NAME = "edgesmith"
 ADAPTER = "edgesmith.tasks.adapter:EdgesmithLM"
@@ -160,4 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     if "--include_path" not in args and any(a in ("run", "--tasks") for a in args):
         args += ["--include_path", str(DATA_DIR)]
     sys.argv = ["lm_eval", *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except BadInput as exc:  # edgesmith's own bad inputs (the artifact, its runtime): one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
