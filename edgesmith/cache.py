@@ -71,6 +71,7 @@ class StepCache:
         self.steps = self.root / "steps"
         self.steps.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_temps(self.steps)
+        _remove_free_locks(self.steps)
         if removed:
             log.info("removed %d unfinished cache entr%s left by an interrupted run", removed, "y" if removed == 1 else "ies")
         self._versions = package_versions()
@@ -172,7 +173,7 @@ class StepCache:
             write_json_atomic(self.seal_path(key), {"key": key, "files": files})
         except Exception as exc:
             if no_space_cause(exc) is not None:  # name the cache, not a temp folder inside it
-                raise no_space(self.root, exc) from exc
+                raise no_space(self.steps, exc) from exc
             raise
 
     def remove(self, key: str) -> None:
@@ -197,6 +198,28 @@ def _remove(path: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _remove_free_locks(folder: Path) -> None:
+    """Remove the lock files nobody holds (left by killed processes, for steps no run has needed since)."""
+    for lock in folder.glob("*.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: a live process computes that step
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -288,6 +288,21 @@ def test_kill_9_inside_a_sweep_trial_then_resume_finds_the_same_trials(world, ru
     assert _debris(tmp_path / "cache-2", folder) == []
 
 
+def test_kill_9_of_a_profiling_worker_is_one_line_and_the_rerun_profiles(world, runner, tmp_path):
+    """A generation profile measures in a worker process of its own; that worker killed mid-measure
+    (the OOM killer, a user's kill -9) is one line, nothing written, and the same command then works."""
+    profile = tmp_path / "out" / "profile.json"
+    argv = ["profile", world / "llama", "--runtime", "torch", "--prompt-tokens", "8", "--new-tokens", "4",
+            "--rounds", "2", "--warmup", "0", "-o", profile]
+    killed = runner.run(argv, env=_env(tmp_path / "cache", "kill@profile-worker:round:0"), cwd=tmp_path)
+    assert killed.code == 1, killed.log
+    assert "the profiling worker for llama (torch) was killed by signal 9" in _error_line(killed)
+    assert not profile.exists() and _debris(tmp_path / "out", tmp_path / "cache") == []
+    again = runner.run(argv, env=_env(tmp_path / "cache"), cwd=tmp_path)
+    assert again.code == 0, again.log
+    assert json.loads(profile.read_text())["runtime"]["name"] == "torch"
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. two processes on one cache
 # ---------------------------------------------------------------------------------------------

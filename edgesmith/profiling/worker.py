@@ -35,6 +35,7 @@ import numpy as np
 
 from edgesmith import errors
 from edgesmith.errors import BadInput, EdgesmithError, first_line
+from edgesmith.faults import point
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ def run_worker(spec: dict[str, Any], *, on_round: Callable[[], None] | None = No
             if not (isinstance(cls, type) and issubclass(cls, EdgesmithError)):
                 cls = EdgesmithError
             raise cls(error.get("message") or "the profiling worker failed")
+        if code < 0 and result is None:  # killed (the OOM killer, a user's kill -9): nothing was measured or written
+            raise EdgesmithError(f"the profiling worker for {spec.get('name')} ({spec.get('runtime')}) was killed by "
+                                 f"signal {-code} before it finished; nothing was written; run the command again")
         if code != 0 or result is None:
             stderr.seek(0)
             tail = [ln for ln in stderr.read().splitlines() if ln.strip()][-12:]
@@ -236,6 +240,7 @@ def measure(spec: dict[str, Any], on_round: Callable[[int], None] | None = None)
             decode_rounds.append(decode)
             if on_round is not None:
                 on_round(i)
+            point(f"profile-worker:round:{i}")
         providers = list(session.providers)
         options = {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
                    for k, v in dict(getattr(session, "options", {}) or {}).items()}
