@@ -98,7 +98,7 @@ def markdown(data: dict) -> str:
     source = rows.get(SOURCE_LABEL)
     m = data["machine"]
     lines = [
-        "## Task accuracy of SmolLM2-135M artifacts (issue 26)", "",
+        "# Task accuracy of SmolLM2-135M artifacts (issue 26)", "",
         f"Command: `{data['command']}`, on {m['cpu']} ({m['cores']} cores, {', '.join(m['isa'])}), {data['date']}. "
         "**Provisional timings**: the machine was shared with other engineers' jobs; the load average "
         "(1-minute) before and after each row is in the table. Each row is a cold run of every document in "

@@ -88,6 +88,13 @@ def test_scorer_groups_contexts_and_reuses_the_cache(llm_folder):
     scorer = SessionScorer(session, batch_size=4)
     scorer.loglikelihoods([(ctx_a, [5]), (ctx_a, [6]), (ctx_b, [5]), (ctx_b, [9])])
     assert scorer.forward_calls == 1
+    # one sequence at a time (llama.cpp's case): contexts sharing a prefix keep its cache, same scores
+    shared = ctx_a[:10] + [7, 8, 9]
+    requests += [(shared, [5]), (shared, [30, 31]), (ctx_a[:5], [6])]  # ctx_a[:5] is a prefix of both
+    scorer = SessionScorer(session, batch_size=1)
+    for (context, continuation), score in zip(requests, scorer.loglikelihoods(requests)):
+        logprob, greedy = _reference_logprob(artifact.module, context, continuation)
+        assert score.logprob == pytest.approx(logprob, abs=1e-4) and score.greedy == greedy
     # a context longer than the model's window keeps its last tokens (as lm-eval's HF backend)
     scorer = SessionScorer(session, max_length=8)
     long = scorer.loglikelihoods([(ctx_a, [5, 6])])[0]
@@ -126,6 +133,26 @@ def test_hf_backend_and_adapter_agree_on_per_item_loglikelihoods(llm_folder):
         assert len(theirs) == len(mine) == 6
         np.testing.assert_allclose(np.array(mine), np.array(theirs), atol=1e-4, rtol=0)
     assert outputs[0]["results"]["smoke-mc"]["acc,none"] == outputs[1]["results"]["smoke-mc"]["acc,none"]
+
+
+def test_onnx_decoder_in_onnxruntime_scores_as_torch(llm_folder, tmp_path):
+    """The same adapter over an edgesmith decoder ONNX (ONNX Runtime session: batched prefill,
+    extend + rollback on the KV cache) gives torch's per-item log-likelihoods."""
+    from lm_eval import simple_evaluate
+
+    from edgesmith.tasks.adapter import EdgesmithLM
+    from edgesmith.tasks.harness import select_tasks
+
+    onnx_model = es.export.to_onnx(es.load(str(llm_folder)), decode_steps=4)
+    onnx_model.save(tmp_path / "onnx")
+    tasks = ["smoke-mc", "smoke-abcd"]
+    manager = select_tasks(tasks).manager
+    outputs = [simple_evaluate(model=EdgesmithLM(artifact=str(path), runtime=runtime, batch_size=3), tasks=tasks,
+                               task_manager=manager, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+               for path, runtime in ((llm_folder, "torch"), (tmp_path / "onnx", "onnxruntime"))]
+    for task in tasks:
+        np.testing.assert_allclose(np.array(_per_item(outputs[1], task)), np.array(_per_item(outputs[0], task)),
+                                   atol=1e-3, rtol=0)
 
 
 def test_generate_until_is_greedy_decoding_on_the_session(llm_folder):
@@ -350,6 +377,35 @@ def test_without_lm_eval_exit_2_names_the_extra(capsys, llm_folder, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
+# llama.cpp: the GGUF as it is
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.llamacpp
+def test_gguf_in_llamacpp_scores_as_torch(llm_folder, tmp_path):
+    """The tiny model written as an F32 GGUF, scored in llama.cpp (one sequence: shared prefixes kept
+    in its cache, extend + rollback for longer choices) against the same requests on torch."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from edgesmith.gguf.writer import write_gguf
+    from edgesmith.runtimes.generation import open_decoder
+    from edgesmith.tasks.scoring import SessionScorer
+
+    source = es.load(str(llm_folder))
+    path = tmp_path / "tiny.gguf"
+    write_gguf(source.module, source.tokenizer, path, quant="f32", name="tiny-llama")
+    _, session = open_decoder(str(path), runtime="llamacpp", threads=1)
+    rng = np.random.default_rng(1)
+    base = rng.integers(3, 300, 12).tolist()
+    requests = [(base, [5]), (base, [6]), (base + [40, 41], [7]), (base + [40, 41], [8, 9, 10]),
+                (base[:6] + [50], [11, 12]), (base[:6] + [50], [13])]
+    scores = SessionScorer(session).loglikelihoods(requests)
+    session.close()
+    for (context, continuation), score in zip(requests, scores):
+        logprob, _ = _reference_logprob(source.module, context, continuation)
+        assert score.logprob == pytest.approx(logprob, abs=0.05 * len(continuation))
+
+
+# ---------------------------------------------------------------------------------------------
 # SmolLM2 (slow): a GGUF in llama.cpp against its FP32 source
 # ---------------------------------------------------------------------------------------------
 
@@ -358,12 +414,12 @@ def test_without_lm_eval_exit_2_names_the_extra(capsys, llm_folder, monkeypatch)
 @pytest.mark.llamacpp
 def test_smollm2_gguf_in_llamacpp_paired_against_fp32(capsys, cache_dir):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    code, out, err = _cli(capsys, "evaluate", "smollm2", "--runtime", "llamacpp", "--tasks",
-                          "mmlu-mini,wordnet-mc", "--limit", "40", "--json")
+    code, out, err = _cli(capsys, "evaluate", "smollm2", "--runtime", "llamacpp", "--threads", "1", "--tasks",
+                          "mmlu-mini,wordnet-mc", "--limit", "10", "--json")
     assert code == 0, err
     report = json.loads(out)
     for name in ("mmlu-mini", "wordnet-mc"):
         task = report["tasks"][name]
         assert task["candidate"]["runtime"] == "llamacpp" and task["reference"]["runtime"] == "torch"
-        assert task["paired"]["n"] == 40
+        assert task["paired"]["n"] == 10
     assert report["fidelity"]["kld"] > 0

@@ -8,10 +8,12 @@ llama.cpp on the GGUF as it is):
 
 - requests are grouped by context; a context is run once for all its choices;
 - when every choice of a context is one token (MMLU's " A"/" B"/" C"/" D"), the context's last
-  logits score them all; such contexts run batched (left padding, ``batch_size`` rows per call;
-  one row at a time on llama.cpp, whose session holds one sequence);
+  logits score them all; such contexts run batched (left padding, ``batch_size`` rows per call);
 - longer choices reuse the context's KV cache: one ``prefill`` of the context, then per choice one
   ``extend`` with the choice's tokens but its last and a ``rollback`` to the context;
+- at ``batch_size`` 1 (always on llama.cpp, whose session holds one sequence) contexts run in
+  token order and each keeps the cache of the prefix it shares with the previous one (a task's
+  fixed preamble, a subject's description): ``rollback`` to the shared prefix, ``extend`` the rest;
 - a sequence longer than the model's context keeps its last ``max_length`` tokens (as lm-eval's
   Hugging Face backend does).
 
@@ -94,6 +96,8 @@ class SessionScorer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (context, _) in enumerate(fitted):
             groups.setdefault(context, []).append(i)
+        if self.batch_size == 1:
+            return self._sequential(fitted, groups, progress)
         single = [c for c, idx in groups.items() if all(len(fitted[i][1]) == 1 for i in idx)]
         multi = [c for c in groups if c not in set(single)]
         out: list[Score | None] = [None] * len(fitted)
@@ -145,3 +149,40 @@ class SessionScorer:
         finally:
             session.reset()
         return scores
+
+    def _sequential(self, fitted: list[tuple[tuple[int, ...], tuple[int, ...]]], groups: dict[tuple[int, ...], list[int]],
+                    progress: Callable[[int], None] | None) -> list[Score]:
+        """One context at a time in token order, keeping the cached prefix shared with the previous one."""
+        session = self.session
+        out: list[Score | None] = [None] * len(fitted)
+        cached: tuple[int, ...] = ()
+        try:
+            for context in sorted(groups):
+                shared = 0
+                for a, b in zip(cached, context):
+                    if a != b:
+                        break
+                    shared += 1
+                shared = min(shared, len(context) - 1)  # at least one token runs: its logits are needed
+                if shared == 0:
+                    last = session.prefill(np.asarray([context], dtype=np.int64))[0]
+                else:
+                    if shared < session.past_length:
+                        session.rollback(shared)
+                    last = session.extend(np.asarray([context[shared:]], dtype=np.int64), keep=1)[0, -1]
+                self.forward_calls += 1
+                cached = context
+                for i in groups[context]:
+                    cont = fitted[i][1]
+                    if len(cont) == 1:
+                        out[i] = _score(last[None, :], cont)
+                        continue
+                    rest = session.extend(np.asarray([cont[:-1]], dtype=np.int64), keep=len(cont) - 1)[0]
+                    self.forward_calls += 1
+                    out[i] = _score(np.concatenate([last[None, :], rest], axis=0), cont)
+                    session.rollback(len(context))
+                if progress:
+                    progress(len(groups[context]))
+        finally:
+            session.reset()
+        return out  # type: ignore[return-value]
