@@ -417,6 +417,23 @@ def test_a_tampered_cache_entry_is_computed_again_never_used(step, file, tamper,
     assert key in _sealed_entries_verify(cache) and _debris(cache, tmp_path / "runs") == []
 
 
+def test_damaged_cached_metrics_are_computed_again(world, runner, encoder_reference, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(encoder_reference["cache"], cache)
+    damaged = sorted((cache / "metrics").glob("*.json"))
+    assert damaged, "the reference run cached no metrics"
+    for i, path in enumerate(damaged):
+        path.write_text(['{"cosine": 0.99', '["not", "metrics"]', '{"cosine": "high"}'][i % 3])
+    out = _run(runner, world / "encoder.yaml", tmp_path / "runs", cache, tmp_path)
+    assert out.code == 0, out.log
+    assert "are damaged; computing them again" in " ".join(out.log.split())
+    metrics = _manifest(_finished_run(tmp_path / "runs"))["metrics"]
+    reference = encoder_reference["manifest"]["metrics"]
+    assert metrics.keys() == reference.keys()
+    for art in reference:
+        assert metrics[art] == pytest.approx(reference[art], abs=1e-6), art
+
+
 def test_a_hard_linked_run_file_edited_in_place_does_not_poison_the_cache(world, runner, encoder_reference, tmp_path):
     """Run folders hard-link the cache's files: writing into one in place changes the cache entry too."""
     cache, runs = tmp_path / "cache", tmp_path / "runs"
