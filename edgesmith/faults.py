@@ -1,8 +1,10 @@
 """Named fault points: where a test makes edgesmith kill itself or wait, deterministically.
 
 Code that commits work calls :func:`point` at its boundaries (``step:<id>:start``,
-``step:<id>:computed``, ``step:<id>:stored``, ``commit:<folder name>`` just before an atomic
-rename, ``train:step:<n>`` after a training step and its checkpoint, ...). With no
+``step:<id>:computed``, ``step:<id>:stored``, ``scratch:<name>`` when a pass makes its scratch
+folder, ``write:``/``commit:<folder name>`` around an atomic folder write, ``seal:<key>`` before a
+cache entry is sealed, ``train:step:<n>`` after a training step and its checkpoint,
+``run:<state>``, ``sweep:trial:<n>:told``, ``profile-worker:round:<n>``). With no
 ``EDGESMITH_FAULT`` in the environment a point does nothing. Otherwise the variable holds
 comma-separated rules ``ACTION@PATTERN[#N]``: the N-th time (default: every time) a point whose
 name matches the shell-style ``PATTERN`` is reached, ACTION runs:

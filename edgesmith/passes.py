@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from edgesmith.artifacts import Artifact
 from edgesmith.errors import BadInput
+from edgesmith.faults import point
 from edgesmith.schema import StrictModel, describe_validation_error
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class Context:
             self.workdir = Path(tempfile.mkdtemp(prefix="edgesmith-"))
             atexit.register(shutil.rmtree, self.workdir, True)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
+        point(f"scratch:{name}")  # a kill here stops a pass midway (tests/test_faults.py)
+        return folder
 
     def corpus(self, limit: int | None = None) -> list[str]:
         """Texts for calibration or fidelity: the run's data, else the shipped corpus."""

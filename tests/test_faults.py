@@ -185,7 +185,8 @@ ENCODER_KILLS = [
     "commit:entry#1",        # the entry is written in its temp folder, not renamed
     "seal:*#1",              # the entry is renamed into place but not sealed: unfinished to every reader
     "step:prune:stored",     # prune sealed (the next run reuses it)
-    "step:export:computed",  # inside the long export: graph made and validated, not stored
+    "scratch:export",        # inside the long export: its scratch folder made, the graph not yet written
+    "step:export:computed",  # the graph made and validated, not stored
     "step:quantize:start",   # export stored; quantize holds its lock
     "step:quantize:computed",
     "commit:quantize",       # copying the last artifact into the run folder
