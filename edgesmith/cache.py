@@ -37,6 +37,7 @@ from edgesmith.storage import (
     sha256_file,
     sha256_json,
     temp_owner,
+    umask,
     write_json_atomic,
 )
 
@@ -160,6 +161,7 @@ class StepCache:
             stage.mkdir(parents=True, exist_ok=True)
             try:
                 artifact.save(stage / "entry")
+                _share_modes(stage / "entry")
                 point(f"commit:{key}")
                 try:
                     os.rename(stage / "entry", self.path(key))
@@ -181,6 +183,17 @@ class StepCache:
         self.seal_path(key).unlink(missing_ok=True)
         if self.path(key).exists():
             _remove(self.path(key))
+
+
+def _share_modes(folder: Path) -> None:
+    """Give every file and folder of an entry the modes the user's umask gives a new one: some writers
+    (transformers' safetensors files, mkdtemp) make them private, which hides a shared cache's entries
+    from the rest of its group."""
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _file_list(folder: Path) -> list[str]:

@@ -51,6 +51,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{temp_owner()}-{path.name}-", suffix=".tmp", dir=path.parent)
     except PermissionError as exc:
         raise PermissionError(exc.errno, exc.strerror, str(path.parent)) from exc
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would hide the file from the user's group (a shared cache)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -66,6 +67,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def umask() -> int:
+    """This process's umask (read without changing it where Linux says it; else set and put back)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def host_tag() -> str:
@@ -94,6 +109,7 @@ def atomic_dir(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{temp_owner()}-{final.name}-", dir=final.parent))
     except PermissionError as exc:  # name the folder the user can fix, not the temp name inside it
         raise PermissionError(exc.errno, exc.strerror, str(final.parent)) from exc
+    os.chmod(tmp, 0o777 & ~umask())  # as a plain mkdir would make it, not mkdtemp's 0700
     try:
         point(f"write:{final.name}")
         yield tmp

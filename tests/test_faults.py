@@ -517,6 +517,22 @@ def test_a_read_only_output_folder_of_a_one_pass_verb_is_one_line_exit_2(world, 
     assert list(parent.iterdir()) == [] and _debris(cache) == []
 
 
+def test_a_cache_written_by_one_user_is_reused_by_another(world, runner, encoder_reference, open_tmp):
+    """A cache shared by a group: entries are made with the writer's umask (not mkdtemp's 0700), so
+    another user reads and verifies them instead of computing them again or failing."""
+    user = _user()
+    cache = open_tmp / "cache"
+    shutil.copytree(encoder_reference["cache"], cache)  # copy2 keeps the modes the writer's umask gave
+    for folder in (cache, cache / "steps", cache / "metrics"):  # the shared folders (here: everyone's)
+        os.chmod(folder, 0o777)
+    runs = _shared_folder(open_tmp, "runs", 0o777)
+    out = _run(runner, world / "encoder.yaml", runs, cache, open_tmp, user=user)
+    assert out.code == 0, out.log
+    final = _finished_run(runs)
+    assert [s["cached"] for s in _manifest(final)["steps"]] == [True, True, True]
+    assert _outputs(final) == encoder_reference["outputs"] and _debris(cache, runs) == []
+
+
 def test_the_run_folder_deleted_mid_run_is_one_line_exit_2_and_the_rerun_resumes(world, runner, tmp_path):
     cache, runs, gate = tmp_path / "cache", tmp_path / "runs", tmp_path / "gate"
     gate.mkdir()
