@@ -164,6 +164,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "export": "edgesmith.export.onnx:ExportPass",
     "tensorrt": "edgesmith.tensorrt.build:TensorRTPass",
     "gguf": "edgesmith.export.gguf:GgufPass",
+    "gguf-quantize": "edgesmith.compress.quantization.gguf_blocks:GgufQuantizePass",
     "speculate": "edgesmith.compress.speculative:SpeculatePass",
 }
 

@@ -62,7 +62,18 @@ def prune_command(
 
 @app.command("quantize")
 def quantize_command(
-    model: str = typer.Argument(..., help="ONNX model: an .onnx file or an edgesmith ONNX folder."),
+    model: str = typer.Argument(..., help="ONNX model: an .onnx file or an edgesmith ONNX folder; with --to gguf a "
+                                "causal LM ('smollm2', a .gguf file, a Hugging Face folder)."),
+    to: str = typer.Option("onnx", "--to", help="onnx (ONNX Runtime quantization) or gguf (llama.cpp's fast 4-bit "
+                           "formats: --format q4_0|iq4_nl, --method rtn|search|gptq|qat)."),
+    fmt: str = typer.Option("q4_0", "--format", help="--to gguf: block format of the decoder layers (q4_0, iq4_nl)."),
+    steps: int | None = typer.Option(None, "--steps", help="--to gguf --method qat: optimizer steps (200)."),
+    lr: float | None = typer.Option(None, "--lr", help="--to gguf --method qat: peak learning rate (5e-5)."),
+    keep_q8: int | None = typer.Option(None, "--keep-q8", help="--to gguf: the N tensors whose 4-bit rounding costs "
+                                       "most KL (measured) stay Q8_0."),
+    kl_budget: float | None = typer.Option(None, "--kl-budget", help="--to gguf: keep the costliest tensors at Q8_0 "
+                                           "until the rest's summed KL is at most this."),
+    min_top1: float | None = typer.Option(None, "--min-top1", help="--to gguf: gate, top-1 agreement in llama.cpp."),
     mode: str = typer.Option("dynamic", "--mode", help="dynamic | static (calibrated QDQ) | fp16 | int4 | "
                              "int8-weight (weight-only MatMulNBits, for decoders)."),
     per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor",
@@ -94,7 +105,31 @@ def quantize_command(
     as_json: bool = JSON_OUT,
 ) -> None:
     """Quantize an ONNX model: INT8 dynamic or static (QDQ), FP16, or weight-only INT4/INT8 for decoders;
-    accuracy-aware with --max-drop (or --max-kld)."""
+    accuracy-aware with --max-drop (or --max-kld). With --to gguf: a causal LM into llama.cpp's Q4_0 or
+    IQ4_NL with activation-aware scales, GPTQ or quantization-aware distillation, verdict in llama.cpp."""
+    if to == "gguf":
+        onnx_only = [flag for flag, value in (("--mode", mode != "dynamic"), ("--per-channel", per_channel is not None),
+                                              ("--calibration", calibration), ("--block", block),
+                                              ("--lm-head", lm_head is not None), ("--samples", samples),
+                                              ("--max-drop", max_drop), ("--optimize", optimize),
+                                              ("--embeddings", embeddings), ("--softmax-floor", softmax_floor),
+                                              ("--drop-node-metadata", drop_node_metadata),
+                                              ("--speed-check", speed_check)) if value]
+        if onnx_only:
+            raise BadInput(f"{', '.join(onnx_only)}: ONNX quantization options; --to gguf takes --format, --method, "
+                           "--steps, --lr, --keep-q8, --kl-budget, --max-kld, --min-top1")
+        given = {"format": fmt, "method": method, "steps": steps, "lr": lr, "keep_q8": keep_q8,
+                 "kl_budget": kl_budget, "max_kld": max_kld, "min_top1": min_top1}
+        run_one_pass(model, "gguf-quantize", {k: v for k, v in given.items() if v is not None}, output=output,
+                     runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json, data=data)
+        return
+    if to != "onnx":
+        raise BadInput(f"--to {to!r}: quantize writes onnx (ONNX Runtime) or gguf (llama.cpp)")
+    gguf_only = [flag for flag, value in (("--format", fmt != "q4_0"), ("--steps", steps), ("--lr", lr),
+                                          ("--keep-q8", keep_q8), ("--kl-budget", kl_budget),
+                                          ("--min-top1", min_top1)) if value]
+    if gguf_only:
+        raise BadInput(f"{', '.join(gguf_only)} appl{'y' if len(gguf_only) > 1 else 'ies'} to --to gguf")
     options: dict = {"mode": mode}
     given = {"per_channel": per_channel, "calibration": calibration, "method": method, "calibration_samples": samples,
              "block": block, "max_kld": max_kld, "quantize_lm_head": lm_head, "softmax_floor": softmax_floor}

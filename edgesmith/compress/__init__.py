@@ -7,7 +7,7 @@ from typing import Any
 from edgesmith.artifacts import Artifact
 from edgesmith.passes import Context, Pass, PassConfig, available_passes, get_pass, register
 
-__all__ = ["Context", "Pass", "PassConfig", "available_passes", "distill", "early_exit", "get_pass", "prune", "quantize", "register"]
+__all__ = ["Context", "Pass", "PassConfig", "available_passes", "distill", "early_exit", "get_pass", "prune", "quantize", "quantize_gguf", "register"]
 
 
 def _apply(name: str, artifact: Artifact, ctx: Context | None, options: dict[str, Any]) -> Artifact:
@@ -23,6 +23,12 @@ def quantize(model: Artifact, ctx: Context | None = None, **options: Any) -> Art
     """Quantize an ONNX model with ONNX Runtime: INT8 dynamic or static (QDQ), or FP16; accuracy-aware with
     ``max_drop`` (see ``QuantizeConfig``)."""
     return _apply("quantize", model, ctx, options)
+
+
+def quantize_gguf(model: Artifact, ctx: Context | None = None, **options: Any) -> Artifact:
+    """A causal LM into llama.cpp's fast 4-bit formats (Q4_0, IQ4_NL): scale search, GPTQ or
+    quantization-aware distillation, written as a GGUF with its verdict (see ``GgufQuantizeConfig``)."""
+    return _apply("gguf-quantize", model, ctx, options)
 
 
 def distill(model: Artifact, ctx: Context | None = None, **options: Any) -> Artifact:

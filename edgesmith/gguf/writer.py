@@ -60,7 +60,10 @@ LLAMACPP_QUANTS: dict[str, str] = {
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
 }
+#: file types of formats whose blocks a quantizer hands in ready (edgesmith.gguf.blocks; gguf-quantize)
+BLOCK_FILE_TYPES = {"q4_0": "MOSTLY_Q4_0", "iq4_nl": "MOSTLY_IQ4_NL"}
 QUANTS = tuple(NUMPY_QUANTS) + tuple(LLAMACPP_QUANTS)
 LLAMACPP_INSTALL = "pip install 'edgesmith[llamacpp]'"
 
@@ -176,8 +179,13 @@ def default_embeddings(quant: str) -> str:
 
 def write_gguf(module, tokenizer, path: str | Path, *, quant: str = "f16", embeddings: str | None = None,
                structure: dict | None = None, name: str = "model", tokenizer_pre: str | None = None,
-               origin: str | Path | None = None) -> dict[str, Any]:
+               origin: str | Path | None = None, blocks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``module`` (a Hugging Face causal LM) and ``tokenizer`` to the GGUF file ``path``.
+
+    ``blocks`` ({parameter name: :class:`edgesmith.gguf.blocks.BlockQuant`}) are written byte for
+    byte instead of quantizing those parameters here (their rows permuted as the others'); with
+    blocks, ``quant`` names the file type (``q4_0`` or ``iq4_nl``) and every other 2-D weight but the
+    embedding is written at Q8_0.
 
     Returns a report: architecture, quant, every tensor's written type (counts), F16 fallbacks, the
     tokenizer's pre-tokenizer name and the notes on anything guessed. The file appears only when
@@ -195,7 +203,12 @@ def write_gguf(module, tokenizer, path: str | Path, *, quant: str = "f16", embed
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if quant in LLAMACPP_QUANTS:
+        if blocks is not None:
+            if quant not in BLOCK_FILE_TYPES:
+                raise BadInput(f"GGUF with ready blocks: file type {quant!r} is not one of {', '.join(BLOCK_FILE_TYPES)}")
+            types, fallbacks = _write(module, hyper, vocab, tmp, "q8_0", embeddings, name, blocks=blocks,
+                                      file_type=BLOCK_FILE_TYPES[quant])
+        elif quant in LLAMACPP_QUANTS:
             ftype = _llamacpp_ftype(quant)
             f32 = path.with_name(f".{path.name}.{os.getpid()}.f32.tmp")
             try:
@@ -217,7 +230,7 @@ def write_gguf(module, tokenizer, path: str | Path, *, quant: str = "f16", embed
         tmp.unlink(missing_ok=True)
         raise
     return {"path": str(path), "architecture": hyper.arch, "quant": quant,
-            "embeddings": embeddings if quant not in LLAMACPP_QUANTS else "llama.cpp's choice",
+            "embeddings": embeddings if quant not in LLAMACPP_QUANTS or blocks is not None else "llama.cpp's choice",
             "tensor_types": dict(sorted(Counter(types.values()).items())),
             "f16_fallbacks": fallbacks, "tokenizer_pre": vocab.pre, "notes": vocab.notes,
             "size_bytes": path.stat().st_size, "layers": hyper.layers, "tied_embeddings": hyper.tied}
@@ -225,6 +238,13 @@ def write_gguf(module, tokenizer, path: str | Path, *, quant: str = "f16", embed
 
 def gguf_tensors(module, hyper: Hyper) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array) of every weight in llama.cpp's layout (q/k permuted, tied head left out)."""
+    return [(gguf_name, array) for _, gguf_name, array, _ in _named_tensors(module, hyper)]
+
+
+def _named_tensors(module, hyper: Hyper) -> list[tuple[str, str, np.ndarray, Any]]:
+    """(HF name, GGUF name, float32 array in llama.cpp's layout, the row permutation applied or None)."""
+    import functools
+
     import gguf
 
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == hyper.arch)
@@ -239,17 +259,20 @@ def gguf_tensors(module, hyper: Hyper) -> list[tuple[str, np.ndarray]]:
         if gguf_name is None:
             raise BadInput(f"GGUF export: no llama.cpp name for the parameter {hf_name!r} of this {hyper.arch} model")
         array = tensor.detach().to("cpu").float().numpy()
+        permute = None
         if hyper.permute and hf_name.endswith("q_proj.weight"):
-            array = permute_rows(array, hyper.heads)
+            permute = functools.partial(permute_rows, heads=hyper.heads)
         elif hyper.permute and hf_name.endswith("k_proj.weight"):
-            array = permute_rows(array, hyper.kv_heads)
-        out.append((gguf_name, array))
+            permute = functools.partial(permute_rows, heads=hyper.kv_heads)
+        out.append((hf_name, gguf_name, array if permute is None else permute(array), permute))
     return out
 
 
-def _write(module, hyper: Hyper, vocab, path: Path, quant: str, embeddings: str, name: str
-           ) -> tuple[dict[str, str], list[str]]:
+def _write(module, hyper: Hyper, vocab, path: Path, quant: str, embeddings: str, name: str, *,
+           blocks: dict[str, Any] | None = None, file_type: str | None = None) -> tuple[dict[str, str], list[str]]:
     import gguf
+
+    from edgesmith.gguf.blocks import ggml_type, pack
 
     writer = gguf.GGUFWriter(str(path), hyper.arch)
     writer.add_name(name)
@@ -265,11 +288,18 @@ def _write(module, hyper: Hyper, vocab, path: Path, quant: str, embeddings: str,
     writer.add_rope_freq_base(hyper.rope_theta)
     writer.add_layer_norm_rms_eps(hyper.eps)
     writer.add_vocab_size(hyper.vocab)
-    writer.add_file_type(int(gguf.LlamaFileType[NUMPY_QUANTS[quant][1]]))
+    writer.add_file_type(int(gguf.LlamaFileType[file_type or NUMPY_QUANTS[quant][1]]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(writer, vocab)
     types, fallbacks = {}, []
-    for gguf_name, array in gguf_tensors(module, hyper):
+    for hf_name, gguf_name, array, permute in _named_tensors(module, hyper):
+        if blocks and hf_name in blocks:
+            bq = blocks[hf_name] if permute is None else blocks[hf_name].permuted_rows(permute)
+            if bq.shape != array.shape:
+                raise BadInput(f"GGUF blocks for {hf_name}: shape {bq.shape} is not the weight's {array.shape}")
+            types[gguf_name] = ggml_type(bq.fmt).name
+            writer.add_tensor(gguf_name, pack(bq), raw_dtype=ggml_type(bq.fmt))
+            continue
         kind = _tensor_type(gguf_name, array, quant, embeddings)
         data, raw, written = _encode(array, kind)
         if written == "F16" and kind not in ("f16",):

@@ -30,14 +30,25 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
+#: a parameter attribute: its learning rate is the peak rate times this (quantization scales train faster)
+LR_SCALE_ATTR = "edgesmith_lr_scale"
+
+
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), nor on parameters that carry
+    their own learning-rate factor (:data:`LR_SCALE_ATTR`), which get a group of their own."""
+    decay, no_decay, scaled = [], [], {}
     for param in model.parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        factor = getattr(param, LR_SCALE_ATTR, None)
+        if factor is not None:
+            scaled.setdefault(float(factor), []).append(param)
+        else:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+              {"params": no_decay, "weight_decay": 0.0},
+              *({"params": ps, "weight_decay": 0.0, "lr": settings.lr * f} for f, ps in sorted(scaled.items()))]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
 
 
