@@ -87,7 +87,6 @@ def _variants(args, work: Path) -> dict[str, dict]:
         add("edgesmith q4_1", source, "q4_1", None, "FP32 source -> edgesmith GGUF q4_1 (token_embd q8_0)")
         add("edgesmith q4_1, q4_1 embeddings", source, "q4_1", "q4_1", "FP32 source -> q4_1 everywhere")
         add("edgesmith q4_0, q4_0 embeddings", source, "q4_0", "q4_0", "FP32 source -> q4_0 everywhere")
-        add("edgesmith q4_k_m", source, "q4_k_m", None, "FP32 source -> F32 GGUF -> llama.cpp's quantizer (Q4_K_M)")
     for quant in [q for q in args.llamacpp_quant.split(",") if q]:
         add(f"llama.cpp {quant}", source, quant, None, f"FP32 source -> F32 GGUF -> llama.cpp's quantizer ({quant}, "
             "no imatrix)")

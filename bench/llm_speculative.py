@@ -15,8 +15,9 @@ ratios with a bootstrap interval, acceptance, tokens per target call, token-for-
 - ``INT4 target`` (``--int4``): the same target quantized (``quantize mode=int4 method=gguf``)
   with prompt lookup.
 
-The peer: Hugging Face transformers ``generate`` on the FP32 PyTorch model (threads = 2,
-``OMP_WAIT_POLICY=PASSIVE``), plain greedy against ``prompt_lookup_num_tokens=k`` and
+The peer: Hugging Face transformers ``generate`` on the FP32 PyTorch model (threads = 2, PyTorch's
+own OpenMP defaults: until issue 23 this script set ``OMP_WAIT_POLICY=PASSIVE``, which slows what
+PyTorch's users get), plain greedy against ``prompt_lookup_num_tokens=k`` and
 ``assistant_model=`` (the self-draft's PyTorch module); timed end to end per prompt (HF does not
 split prefill from decode), in alternating pairs as well.
 
@@ -42,8 +43,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads (FIELD-NOTES)
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -119,8 +118,8 @@ def verify_drift(folder: Path, threads: int) -> float:
 
     import edgesmith as es
     from edgesmith.profiling.speculative import grounded_prompts
-    from edgesmith.runtimes.decoder import OrtDecoderSession
     from edgesmith.runtimes.generation import prompt_ids
+    from edgesmith.runtimes.onnxruntime import OrtDecoderSession
 
     model = es.load(str(folder))
     session = OrtDecoderSession(model, threads=threads)

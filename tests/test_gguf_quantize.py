@@ -222,3 +222,46 @@ def test_cli_quantize_to_gguf_and_bad_inputs(tiny, tmp_path, capsys):
     assert not (tmp_path / "gated").exists()
     code, _, err = cli("quantize", str(folder), "--format", "iq4_nl")
     assert code == 2 and "--to gguf" in err
+
+
+def test_shipped_recipe_plans():
+    """recipes/smollm2-q4_0.yaml is a valid recipe whose step chain fits (checked before any work)."""
+    from pathlib import Path
+
+    from edgesmith.pipeline import plan
+    from edgesmith.recipe import Recipe
+
+    recipe = Recipe.load(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-q4_0.yaml")
+    steps = plan(recipe)
+    assert [(s.id, s.input_kind, s.output_kind) for s in steps] == [("gguf-quantize", "torch", "gguf")]
+    assert steps[0].config.method == "qat" and steps[0].config.format == "q4_0"
+
+
+def test_bad_inputs_are_one_line_and_leave_nothing(tiny, tmp_path, capsys):
+    """K-quants on rows that are not 256-wide, an empty calibration file, rows that are not whole
+    32-blocks: one line, exit 2, nothing at -o."""
+    from edgesmith.cli.app import main
+    from edgesmith.compress import quantize_gguf
+    from edgesmith.errors import BadInput
+
+    model, folder = tiny
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as info:
+            main(list(args))
+        return info.value.code, capsys.readouterr()[1]
+
+    common = ("--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"))
+    code, err = cli("export", str(folder), "--to", "gguf", "--quant", "q4_k_m", "-o", str(tmp_path / "k"), *common)
+    assert code == 2 and "blocks of 256" in err and "hidden size is 64" in err and not (tmp_path / "k").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(BadInput, match="empty|no texts"):
+        quantize_gguf(model, Context(), format="q4_0", method="search", data=str(empty))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    odd = LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    ragged = TorchModel(module=odd, tokenizer=model.tokenizer, task="text-generation", name="odd")
+    with pytest.raises(BadInput, match="not whole blocks"):
+        quantize_gguf(ragged, Context(), format="q4_0", method="rtn")

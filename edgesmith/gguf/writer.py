@@ -198,6 +198,7 @@ def write_gguf(module, tokenizer, path: str | Path, *, quant: str = "f16", embed
     if embeddings not in NUMPY_QUANTS:
         raise BadInput(f"GGUF embeddings type {embeddings!r} is not supported; choose one of {', '.join(NUMPY_QUANTS)}")
     hyper = hyper_of(module.config, structure)
+    _check_k_quant_rows(quant, hyper)
     vocab = build_vocab(tokenizer, hyper.vocab, pre=tokenizer_pre, origin=origin)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +235,25 @@ def write_gguf(module, tokenizer, path: str | Path, *, quant: str = "f16", embed
             "tensor_types": dict(sorted(Counter(types.values()).items())),
             "f16_fallbacks": fallbacks, "tokenizer_pre": vocab.pre, "notes": vocab.notes,
             "size_bytes": path.stat().st_size, "layers": hyper.layers, "tied_embeddings": hyper.tied}
+
+
+#: K-quants pack super-blocks of 256 weights of a row
+K_QUANT_ROW = 256
+
+
+def _check_k_quant_rows(quant: str, hyper: Hyper) -> None:
+    """K-quants need rows that are whole 256-weight super-blocks; llama.cpp's quantizer would
+    otherwise write the narrower tensors in another type without saying so (SmolLM2's 576-wide rows
+    fell back to Q5_0 in a Q4_K_M file)."""
+    if not (quant in LLAMACPP_QUANTS and "_k" in quant):
+        return
+    widths = {"hidden size": hyper.hidden, "FFN width": hyper.ffn, "attention width": hyper.heads * hyper.head_dim}
+    ragged = {name: w for name, w in widths.items() if w % K_QUANT_ROW}
+    if ragged:
+        name, width = next(iter(ragged.items()))
+        raise BadInput(f"GGUF {quant}: K-quants pack rows in blocks of {K_QUANT_ROW}, and this model's {name} is {width}; "
+                       "choose q4_0 or iq4_nl (32-wide blocks; edgesmith quantize MODEL --to gguf keeps their fidelity), "
+                       "q8_0, or q4_1")
 
 
 def gguf_tensors(module, hyper: Hyper) -> list[tuple[str, np.ndarray]]:

@@ -78,6 +78,8 @@ class GgufQuantizeConfig(PassConfig):
                                                             "per-tensor KL of the rest is at most this")
     max_kld: float | None = Field(None, gt=0, description="gate: KL(input || file) in llama.cpp at most this")
     min_top1: float | None = Field(None, gt=0, le=1, description="gate: top-1 agreement at least this")
+    data: str | None = Field(None, description="texts to calibrate and train on (jsonl/csv/parquet/txt with a 'text' "
+                                               "field); default: the calibration side of the shipped corpus")
     eval_every: int = Field(50, ge=1, description="qat: steps between validation KL checks")
     checkpoint_every: int | None = Field(None, ge=1, description="qat: checkpoint (and resume) every N steps")
     seed: int = 0
@@ -99,9 +101,10 @@ class GgufQuantizePass(Pass):
     def apply(self, artifact: Artifact, ctx: Context) -> Artifact:
         assert isinstance(artifact, TorchModel)
         cfg: GgufQuantizeConfig = self.config  # type: ignore[assignment]
-        module, tokenizer = _check(artifact)
+        module, tokenizer = _check(artifact, cfg)
+        texts = _user_texts(cfg)
         t0 = time.perf_counter()
-        batches = token_batches(tokenizer, count=cfg.calibration, tokens=cfg.max_length, seed=cfg.seed)
+        batches = token_batches(tokenizer, count=cfg.calibration, tokens=cfg.max_length, texts=texts)
         stats = collect_statistics(module, batches, hessian=cfg.method in ("gptq", "qat"))
         plan = _initial_plan(module, stats, cfg)
         sensitivity: dict[str, float] = {}
@@ -118,7 +121,7 @@ class GgufQuantizePass(Pass):
         if cfg.method == "qat":
             teacher, teacher_hash = _teacher(artifact, cfg, ctx)
             train_report = _distil(student, teacher, tokenizer, plan, cfg, ctx, content=artifact.content_hash(),
-                                   teacher_hash=teacher_hash)
+                                   teacher_hash=teacher_hash, texts=texts)
             blocks = train_report.pop("blocks")
         else:
             blocks = {path: from_torch(fmt, w, s) for path, (fmt, w, s) in plan.items()}
@@ -146,7 +149,20 @@ class GgufQuantizePass(Pass):
         return candidate
 
 
-def _check(artifact: TorchModel):
+def _user_texts(cfg: GgufQuantizeConfig) -> list[str] | None:
+    """The ``data`` file's texts (None: the shipped corpus); an empty file is one line."""
+    if cfg.data is None:
+        return None
+    from edgesmith.data import load_texts
+
+    texts = [t for t in load_texts(cfg.data).texts if t and t.strip()]
+    if not texts:
+        raise BadInput(f"gguf-quantize: the calibration data {cfg.data} has no texts; give a file with text rows "
+                       "or leave data out to use the shipped corpus")
+    return texts
+
+
+def _check(artifact: TorchModel, cfg: GgufQuantizeConfig):
     if artifact.task != "text-generation":
         raise BadInput(f"gguf-quantize: llama.cpp runs causal LMs; {artifact.name} is a {artifact.task} model")
     if not artifact.is_huggingface:
@@ -155,10 +171,12 @@ def _check(artifact: TorchModel):
         raise BadInput(f"gguf-quantize: {artifact.name} has no tokenizer; save one beside the model")
     module = artifact.module
     hyper_of(module.config, artifact.structure)  # one line for an architecture llama.cpp's graph cannot take
-    linears = block_linears(module)
-    if not linears:
-        raise BadInput(f"gguf-quantize: {artifact.name} has no decoder-layer linears whose rows are whole "
-                       f"{BLOCK}-element blocks; write it with export --to gguf --quant q8_0 instead")
+    ragged = [f"{name} ({m.in_features} inputs)" for name, m in module.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}" and m.in_features % BLOCK]
+    if ragged:
+        raise BadInput(f"gguf-quantize: {cfg.format} blocks hold {BLOCK} weights of a row, and {ragged[0]} has rows "
+                       f"that are not whole blocks ({len(ragged)} such layers); write it with export --to gguf "
+                       "--quant f16 instead")
     return module, artifact.tokenizer
 
 
@@ -197,7 +215,7 @@ def _checkpoint_root(ctx: Context) -> Path:
 
 
 def _distil(student, teacher, tokenizer, plan, cfg: GgufQuantizeConfig, ctx: Context, *, content: str,
-            teacher_hash: str) -> dict[str, Any]:
+            teacher_hash: str, texts: list[str] | None) -> dict[str, Any]:
     """Quantization-aware distillation of ``student`` (wrapped by ``plan``) towards ``teacher``."""
     from edgesmith.compress.distillation.objective import DistillObjective
     from edgesmith.storage import sha256_json
@@ -212,15 +230,15 @@ def _distil(student, teacher, tokenizer, plan, cfg: GgufQuantizeConfig, ctx: Con
         p.requires_grad_(False)
     objective = DistillObjective(student, teacher, task="text-generation", losses={"kl": 1.0}, temperature=1.0,
                                  layer_pairs=[], project=None, input_names=["input_ids", "attention_mask"])
-    texts = training_passages(tokenizer, tokens=cfg.max_length, count=max(cfg.steps * cfg.batch_size // 2, 64),
-                              offset=4000)
-    data = TextBatches(tokenizer, texts, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
+    train_texts = training_passages(tokenizer, tokens=cfg.max_length,
+                                    count=max(cfg.steps * cfg.batch_size // 2, 64), offset=4000, texts=texts)
+    data = TextBatches(tokenizer, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
                        input_names=objective.input_names)
     settings = TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
                              warmup_ratio=0.05, schedule="cosine", precision="fp32", seed=cfg.seed,
                              eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                              max_length=cfg.max_length)
-    evaluate = kl_evaluator(token_batches(tokenizer, count=8, tokens=cfg.max_length, seed=cfg.seed + 1, offset=2000),
+    evaluate = kl_evaluator(token_batches(tokenizer, count=8, tokens=cfg.max_length, offset=2000, texts=texts),
                             teacher)
     checkpoint_dir, key = None, ""
     if cfg.checkpoint_every is not None:

@@ -30,7 +30,7 @@ from edgesmith.gguf.blocks import BLOCK, codes_for, levels, values_of
 log = logging.getLogger(__name__)
 
 #: candidate scales tried per block, as fractions of the reference max/level scale
-_GRID = torch.linspace(0.80, 1.20, 17)
+_GRID = torch.linspace(0.85, 1.15, 11)
 
 
 def block_linears(module: nn.Module) -> dict[str, nn.Linear]:
@@ -131,18 +131,6 @@ def search_scales(weight: torch.Tensor, importance: torch.Tensor | None, fmt: st
     return best
 
 
-def _column_value(column: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
-    """One column's quantized values (the nearest level of each element at its block's fp16 scale)."""
-    d = scale.to(torch.float16).to(torch.float32)
-    x = torch.where(d == 0, torch.zeros_like(column), column / torch.where(d == 0, torch.ones_like(d), d))
-    table = levels(fmt)
-    if fmt == "iq4_nl":
-        level = table[torch.bucketize(x.contiguous(), (table[1:] + table[:-1]) / 2)]
-    else:
-        level = torch.clamp(torch.round(x), float(table[0]), float(table[-1]))
-    return d * level
-
-
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, importance: torch.Tensor | None, fmt: str, *,
          damp: float = 0.01, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weight, scales): GPTQ with error feedback in the block format. The updated weight
@@ -160,16 +148,23 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, importance: torch.Tensor |
         log.warning("GPTQ: Hessian not positive definite; using the scale search alone for this tensor")
         return weight.detach().float(), search_scales(weight, importance, fmt)
     scales = search_scales(w, importance, fmt)
+    d16 = scales.to(torch.float16).to(torch.float32)  # [rows, K/32], as the file stores them
+    inv = torch.where(d16 == 0, torch.zeros_like(d16), 1.0 / torch.where(d16 == 0, torch.ones_like(d16), d16))
+    table = levels(fmt)
+    mids = (table[1:] + table[:-1]) / 2
+    lo, hi = float(table[0]), float(table[-1])
     for start in range(0, k, group):
         end = min(start + group, k)
         w1 = w[:, start:end].clone()
         err1 = torch.zeros_like(w1)
+        h1 = hinv[start:end, start:end]
         for i in range(end - start):
-            col = start + i
-            value = _column_value(w1[:, i], scales[:, col // BLOCK], fmt)
-            d = hinv[col, col]
-            e = (w1[:, i] - value) / d
-            w1[:, i:] -= e.unsqueeze(1) @ hinv[col, col:end].unsqueeze(0)
+            b = (start + i) // BLOCK
+            x = w1[:, i] * inv[:, b]
+            level = table[torch.bucketize(x, mids)] if fmt == "iq4_nl" else torch.clamp(torch.round(x), lo, hi)
+            value = d16[:, b] * level
+            e = (w1[:, i] - value) / h1[i, i]
+            w1[:, i + 1:] -= torch.outer(e, h1[i, i + 1:])
             w1[:, i] = value
             err1[:, i] = e
         w[:, start:end] = w1

@@ -15,27 +15,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgesmith.errors import BadInput
-from edgesmith.lm_quality import HELDOUT_START, SENTENCE_ENDS, calibration_batches, calibration_texts
+from edgesmith.lm_quality import (
+    HELDOUT_START,
+    SENTENCE_ENDS,
+    calibration_batches,
+    calibration_texts,
+    pad_batches,
+    pad_id_of,
+    passages,
+)
 
 #: passages per calibration batch
 BATCH = 8
 
 
-def token_batches(tokenizer, *, count: int, tokens: int, seed: int = 0, offset: int = 0
+def token_batches(tokenizer, *, count: int, tokens: int, offset: int = 0, texts: list[str] | None = None
                   ) -> list[dict[str, torch.Tensor]]:
-    """``count`` passages of ~``tokens`` tokens from sentence ``offset`` on, left-padded in batches
-    of :data:`BATCH`, as torch feeds (input_ids, attention_mask)."""
-    del seed  # the passages are the corpus's, in order: the same on every run
+    """``count`` passages of ~``tokens`` tokens (from corpus sentence ``offset`` on, or from the
+    user's ``texts``), left-padded in batches of :data:`BATCH`, as torch feeds."""
+    if texts is None:
+        batches = calibration_batches(tokenizer, count=count, tokens=tokens, batch_size=BATCH, offset=offset)
+    else:
+        seqs = passages(tokenizer, texts[offset % max(len(texts), 1):] + texts[:offset % max(len(texts), 1)],
+                        count=count, tokens=tokens)
+        batches = pad_batches(seqs, batch_size=BATCH, pad_id=pad_id_of(tokenizer))
     return [{"input_ids": torch.from_numpy(b.input_ids), "attention_mask": torch.from_numpy(b.attention_mask)}
-            for b in calibration_batches(tokenizer, count=count, tokens=tokens, batch_size=BATCH, offset=offset)]
+            for b in batches]
 
 
-def training_passages(tokenizer, *, tokens: int, count: int, offset: int) -> list[str]:
-    """Up to ``count`` texts of at least ``tokens`` tokens each: consecutive corpus sentences joined."""
-    available = HELDOUT_START - offset
-    if available < 1:
-        raise BadInput(f"training passages start at sentence {offset}, past the calibration side of the corpus")
-    sentences = calibration_texts(available, offset)
+def training_passages(tokenizer, *, tokens: int, count: int, offset: int, texts: list[str] | None = None
+                      ) -> list[str]:
+    """Up to ``count`` texts of at least ``tokens`` tokens each: consecutive corpus sentences (or the
+    user's ``texts``) joined."""
+    if texts is not None:
+        sentences = list(texts)
+    else:
+        available = HELDOUT_START - offset
+        if available < 1:
+            raise BadInput(f"training passages start at sentence {offset}, past the calibration side of the corpus")
+        sentences = calibration_texts(available, offset)
     lengths = tokenizer(sentences, add_special_tokens=False)["input_ids"]
     out, current, size = [], [], 0
     for text, ids in zip(sentences, lengths, strict=True):
