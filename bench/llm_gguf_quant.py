@@ -9,6 +9,10 @@ for ``bench/llm_gguf.py --variant LABEL=...`` to time beside the shipped file.
 
     .venv/bin/python bench/llm_gguf_quant.py gptq:q4_0:gptq qat200:q4_0:qat:200 iq4-gptq:iq4_nl:gptq
 
+Method ``imatrix`` is the anchor: llama.cpp's own ``llama-imatrix`` on the same calibration text
+(corpus sentences 0-1,999 as one text file) and ``llama-quantize --imatrix`` from an F32 GGUF, with
+the tools built from the llama.cpp that llama-cpp-python vendors (bench/llamacpp_tools.py).
+
 Appends to bench/results/llm_gguf_quant.json (one entry per spec; a label run again is replaced) and
 renders bench/results/llm_gguf_quant.md from it.
 """
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 OUT = HERE / ".cache" / "gguf-quant"
 RESULTS = HERE / "results" / "llm_gguf_quant.json"
 
@@ -55,13 +60,16 @@ def main() -> None:
         steps = int(parts[3]) if len(parts) > 3 else 200
         keep = int(parts[4]) if len(parts) > 4 else 0
         load_start, t0 = _load(), time.perf_counter()
-        options = {"steps": steps, "lr": args.lr} if method == "qat" else {}
-        out = quantize_gguf(source, Context(progress=sys.stderr.isatty()), format=fmt, method=method, keep_q8=keep,
-                            calibration=args.calibration, threads=args.threads, **options)
-        seconds = time.perf_counter() - t0
-        report = out.lineage[-1]["report"]
         target = OUT / f"{label}.gguf"
-        shutil.copyfile(out.path, target)
+        if method == "imatrix":
+            report = llamacpp_imatrix(source, fmt, target, threads=args.threads)
+        else:
+            options = {"steps": steps, "lr": args.lr} if method == "qat" else {}
+            out = quantize_gguf(source, Context(progress=sys.stderr.isatty()), format=fmt, method=method,
+                                keep_q8=keep, calibration=args.calibration, threads=args.threads, **options)
+            report = out.lineage[-1]["report"]
+            shutil.copyfile(out.path, target)
+        seconds = time.perf_counter() - t0
         entry = {"label": label, "spec": spec, "format": fmt, "method": method, "steps": steps if method == "qat" else 0,
                  "keep_q8": keep, "lr": args.lr if method == "qat" else None, "seconds": round(seconds, 1),
                  "load_start": load_start, "load_end": _load(), "cpu_count": os.cpu_count(),
@@ -76,6 +84,44 @@ def main() -> None:
         print(f"{label}: {fmt} {method} steps {entry['steps']} keep_q8 {keep}: KL {v['kld']:.4f} top-1 {v['top1']:.3f} "
               f"ppl {v['perplexity']:.1f} in {seconds:.0f} s (load {load_start:.1f} -> {entry['load_end']:.1f})",
               flush=True)
+
+
+def llamacpp_imatrix(source, fmt: str, target: Path, *, threads: int) -> dict:
+    """llama.cpp's best for ``fmt``: llama-imatrix on the calibration text, llama-quantize --imatrix."""
+    import subprocess
+    import tempfile
+
+    from llamacpp_tools import ensure
+
+    from edgesmith.artifacts import GgufModel
+    from edgesmith.gguf.writer import write_gguf
+    from edgesmith.lm_quality import calibration_texts, gguf_logits, lm_fidelity
+
+    tools = ensure()
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = Path(tmp) / "f32.gguf"
+        write_gguf(source.module, source.tokenizer, f32, quant="f32", name="smollm2",
+                   origin=source.meta["gguf"]["path"])
+        text = Path(tmp) / "calibration.txt"
+        text.write_text(" ".join(calibration_texts(2000, 0)))
+        imatrix = Path(tmp) / "imatrix.gguf"
+        subprocess.run([tools["llama-imatrix"], "-m", str(f32), "-f", str(text), "-o", str(imatrix), "-c", "128",
+                        "-t", str(threads), "--no-ppl"], check=True, capture_output=True)
+        subprocess.run([tools["llama-quantize"], "--imatrix", str(imatrix), str(f32), str(target), fmt.upper(),
+                        str(threads)], check=True, capture_output=True)
+    folder = target.parent / target.stem
+    folder.mkdir(exist_ok=True)
+    (folder / "model.gguf").unlink(missing_ok=True)
+    (folder / "model.gguf").symlink_to(target.resolve())
+    fn, where = gguf_logits(GgufModel(task="text-generation", name=target.stem, folder=folder), "llamacpp",
+                            threads=threads)
+    verdict = {**lm_fidelity(fn, source, tokenizer=source.tokenizer), "measured_in": where}
+    from edgesmith.gguf.file import open_gguf
+
+    types: dict[str, int] = {}
+    for t in open_gguf(target).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"verdict": verdict, "tensor_types": types}
 
 
 def _cpu() -> str:

@@ -265,3 +265,30 @@ def test_bad_inputs_are_one_line_and_leave_nothing(tiny, tmp_path, capsys):
     ragged = TorchModel(module=odd, tokenizer=model.tokenizer, task="text-generation", name="odd")
     with pytest.raises(BadInput, match="not whole blocks"):
         quantize_gguf(ragged, Context(), format="q4_0", method="rtn")
+
+
+def test_qat_under_torchrun_two_processes(tiny, tmp_path):
+    """Quantization-aware distillation runs under torchrun (DDP in the training loop, gradients
+    averaged across the two processes); rank 0 writes the GGUF with its verdict."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from edgesmith.artifacts import load
+
+    _, folder = tiny
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = {"format": "q4_0", "method": "qat", "steps": 4, "eval_every": 2, "calibration": 16, "lr": 1e-4,
+               "threads": 1}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "edgesmith.training", "gguf-quantize", str(folder),
+           "--options", json.dumps(options), "--output", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = load(tmp_path / "out")
+    report = out.lineage[-1]["report"]
+    assert out.kind == "gguf" and report["world_size"] == 2 and report["steps_run"] == 4
+    assert report["verdict"]["measured_in"] == "llama.cpp"

@@ -220,6 +220,7 @@ def _distil(student, teacher, tokenizer, plan, cfg: GgufQuantizeConfig, ctx: Con
     from edgesmith.compress.distillation.objective import DistillObjective
     from edgesmith.storage import sha256_json
     from edgesmith.training.batches import TextBatches
+    from edgesmith.training.ddp import default_device, rank_zero_remove
     from edgesmith.training.loop import LR_SCALE_ATTR, train
     from edgesmith.training.settings import TrainSettings
 
@@ -238,8 +239,7 @@ def _distil(student, teacher, tokenizer, plan, cfg: GgufQuantizeConfig, ctx: Con
                              warmup_ratio=0.05, schedule="cosine", precision="fp32", seed=cfg.seed,
                              eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                              max_length=cfg.max_length)
-    evaluate = kl_evaluator(token_batches(tokenizer, count=8, tokens=cfg.max_length, offset=2000, texts=texts),
-                            teacher)
+    eval_batches = token_batches(tokenizer, count=8, tokens=cfg.max_length, offset=2000, texts=texts)
     checkpoint_dir, key = None, ""
     if cfg.checkpoint_every is not None:
         key = sha256_json({"pass": "gguf-quantize", "config": cfg.model_dump(mode="json", exclude={"threads"}),
@@ -247,13 +247,17 @@ def _distil(student, teacher, tokenizer, plan, cfg: GgufQuantizeConfig, ctx: Con
         checkpoint_dir = _checkpoint_root(ctx) / f"gguf-qat-{key[:20]}"
     for layer in wrapped.values():
         setattr(layer.scales, LR_SCALE_ATTR, SCALE_LR_FACTOR)
+    device = default_device()  # CUDA when there is one; under torchrun every rank trains (DDP in the loop)
+    teacher.to(device)
+    evaluate = kl_evaluator([{k: v.to(device) for k, v in b.items()} for b in eval_batches], teacher)
     result = train(objective, data, settings, evaluate=evaluate, checkpoint_dir=checkpoint_dir, key=key,
-                   progress=ctx.progress, device=torch.device("cpu"), on_step=ctx.extras.get("on_step"), label="qat")
+                   progress=ctx.progress, device=device, on_step=ctx.extras.get("on_step"), label="qat")
     if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        rank_zero_remove(checkpoint_dir)
+    student.to("cpu")
     blocks = unwrap(student, wrapped)
     return {"blocks": blocks, "steps_run": result.steps_run, "best_step": result.best_step,
-            "train_seconds": round(result.seconds, 1), "history": result.history,
+            "train_seconds": round(result.seconds, 1), "history": result.history, "world_size": result.world_size,
             "val_kl_before": -result.history[0]["metric"] if result.history else None,
             "val_kl_after": -max(h["metric"] for h in result.history) if result.history else None}
 
