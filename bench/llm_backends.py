@@ -75,7 +75,7 @@ class OrtBackend:
     """An ONNX decoder folder in edgesmith's OrtDecoderSession (spinning off, ``threads``)."""
 
     def __init__(self, folder: str, threads: int) -> None:
-        from edgesmith.runtimes.decoder import OrtDecoderSession
+        from edgesmith.runtimes.onnxruntime import OrtDecoderSession
 
         self.folder = Path(folder)
         self.session = OrtDecoderSession(artifact_of(self.folder), threads=threads)

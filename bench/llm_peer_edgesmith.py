@@ -1,6 +1,6 @@
 """edgesmith's own decoder artifacts as a benchmark contender (edgesmith's ``.venv``): an ONNX decoder
 folder that ``edgesmith export`` / ``edgesmith quantize`` wrote, run by edgesmith's
-:class:`~edgesmith.runtimes.decoder.OrtDecoderSession` (KV cache kept in ONNX Runtime through IO
+:class:`~edgesmith.runtimes.onnxruntime.OrtDecoderSession` (KV cache kept in ONNX Runtime through IO
 binding, intra-op spinning off, the LM head on the last position during prefill).
 
 Greedy and forced-length like every other worker (EOS ignored); TTFT = prefill + the first argmax;
@@ -19,7 +19,7 @@ import numpy as np
 from llm_worker import main
 
 from edgesmith.artifacts import load
-from edgesmith.runtimes.decoder import OrtDecoderSession
+from edgesmith.runtimes.onnxruntime import OrtDecoderSession
 
 IMPORT_S = time.perf_counter() - _t0
 

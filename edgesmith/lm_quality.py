@@ -19,10 +19,9 @@ which run batched with left padding and an attention mask: seconds for a tiny mo
 model for SmolLM2-135M on 2 shared cores (ONNX Runtime; 540 scored tokens, FP32 perplexity 159).
 
 Logits come from callables ``fn(input_ids, attention_mask) -> logits [batch, seq, vocab]`` so one
-scorer serves every runtime: :func:`torch_logits` (a Hugging Face causal LM) and
-:func:`onnx_logits` (a decoder ONNX graph in the edgesmith layout, fed an empty KV cache, or a
-graph with only ``input_ids``/``attention_mask``) are here; a llama.cpp adapter only has to be
-such a callable. Position ids follow HF generate: ``cumsum(attention_mask) - 1`` clipped at 0.
+scorer serves every runtime: :func:`session_logits` is a decoder session's ``logits`` (the session
+generation runs on, opened by :func:`edgesmith.runtimes.generation.open_decoder`), whatever runtime
+runs it; :func:`torch_logits`, :func:`onnx_logits` and :func:`gguf_logits` name it per artifact kind.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ import numpy as np
 
 from edgesmith.artifacts import GGUF_FILE, Artifact, GgufModel, OnnxModel, TorchModel
 from edgesmith.errors import BadInput
+from edgesmith.runtimes.decoder import positions_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def calibration_batches(tokenizer, *, count: int, tokens: int, batch_size: int =
 
 def position_ids(attention_mask: np.ndarray) -> np.ndarray:
     """``cumsum(mask) - 1`` clipped at 0: real tokens count from 0 after left padding (HF generate)."""
-    return np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None).astype(np.int64)
+    return positions_from_mask(attention_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,29 +175,29 @@ def position_ids(attention_mask: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_logits(model: TorchModel) -> LogitsFn:
-    """Logits of a Hugging Face causal LM (no cache, explicit position ids from the mask)."""
-    import inspect
+def session_logits(model: Artifact, *, runtime: str | None = None, threads: int | None = None,
+                   **options: Any) -> LogitsFn:
+    """Every position's logits of ``model`` through its decoder session (:func:`~edgesmith.runtimes.
+    generation.open_decoder`, on ``runtime`` or the artifact's own): the logits generation runs on.
+    A session that takes fewer rows at once than a batch holds (``MAX_BATCH``) scores row by row."""
+    from edgesmith.runtimes.generation import open_decoder
 
-    import torch
-
-    module = model.module
-    if module is None or not callable(module):
-        raise BadInput(f"{model.name}: no torch module to run")
-    takes_positions = "position_ids" in inspect.signature(module.forward).parameters
+    _, session = open_decoder(model, runtime, threads=threads, **options)
+    rows_at_once = session.MAX_BATCH
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        kwargs: dict[str, Any] = {"input_ids": torch.from_numpy(np.asarray(input_ids, dtype=np.int64)),
-                                  "attention_mask": torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)),
-                                  "use_cache": False}
-        if takes_positions:
-            kwargs["position_ids"] = torch.from_numpy(position_ids(attention_mask))
-        with torch.inference_mode():
-            out = module(**kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits.float().numpy()
+        if rows_at_once is None or input_ids.shape[0] <= rows_at_once:
+            return session.logits(input_ids, attention_mask)
+        return np.concatenate([session.logits(input_ids[i:i + rows_at_once], attention_mask[i:i + rows_at_once])
+                               for i in range(0, input_ids.shape[0], rows_at_once)], axis=0)
 
+    run.session = session  # type: ignore[attr-defined]  # kept alive with the callable
     return run
+
+
+def torch_logits(model: TorchModel) -> LogitsFn:
+    """Logits of a Hugging Face causal LM (its PyTorch decoder session: no cache, position ids from the mask)."""
+    return session_logits(model)
 
 
 @dataclass
@@ -291,38 +291,9 @@ def decoder_inputs_from_graph(graph, meta: dict | None = None, *, where: str = "
 
 
 def onnx_logits(model: OnnxModel, *, threads: int | None = None, provider: str = "cpu") -> LogitsFn:
-    """Logits of a decoder ONNX graph run by ONNX Runtime with an empty KV cache (prefill).
-
-    The graph must emit logits for every position (``meta.decoder.logits`` ``all``, or
-    ``selectable`` with a ``logits_to_keep`` input, fed 0)."""
-    from edgesmith.runtimes.onnxruntime import OrtSession
-
-    session = OrtSession(model, provider=provider, threads=threads)
-    spec = decoder_inputs(session.session.get_inputs(), model.meta, where=str(model.path))
-    outputs = [o.name for o in session.session.get_outputs()]
-    logits_name = "logits" if "logits" in outputs else outputs[0]
-
-    from edgesmith.runtimes.decoder import padded_before_tokens, right_align
-
-    realign = unpadded_only(model)
-
-    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        order = None
-        if realign and padded_before_tokens(np.asarray(attention_mask)):
-            input_ids, attention_mask, order = right_align(np.asarray(input_ids), np.asarray(attention_mask))
-        feeds = spec.feeds(input_ids, attention_mask)
-        logits = session.session.run([logits_name], feeds)[0]
-        if order is not None:
-            back = np.empty_like(logits)
-            np.put_along_axis(back, order[:, :, None], logits, axis=1)
-            logits = back
-        if logits.ndim != 3 or logits.shape[1] != input_ids.shape[1]:
-            raise BadInput(f"{model.path}: output {logits_name} has shape {list(logits.shape)} for {input_ids.shape[1]} "
-                           "tokens; scoring needs logits for every position (re-export with logits: all)")
-        return logits.astype(np.float32, copy=False)
-
-    run.session = session  # type: ignore[attr-defined]  # kept alive with the callable
-    return run
+    """Logits of a decoder ONNX graph (its ONNX Runtime decoder session, an empty KV cache; a graph
+    that is only right on unpadded rows has each row's real tokens moved to the front and back)."""
+    return session_logits(model, threads=threads, provider=provider)
 
 
 def unpadded_only(model: Any) -> bool:
@@ -338,19 +309,12 @@ def llamacpp_available() -> bool:
 
 
 def gguf_logits(model: GgufModel, runtime: str = "auto", *, threads: int | None = None) -> tuple[LogitsFn, str]:
-    """A logits callable for a GGUF artifact and the name of what computes it: llama.cpp (one row
-    at a time: its session holds one sequence) when installed, else transformers reading the file
-    back (its weights dequantized: the weights' rounding only, not llama.cpp's 8-bit activations)."""
-    if runtime == "llamacpp" or (runtime == "auto" and llamacpp_available()):
-        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
-
-        session = LlamaCppDecoderSession(model.path, threads=threads)
-
-        def logits(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-            rows = [session.logits(input_ids[i:i + 1], attention_mask[i:i + 1]) for i in range(input_ids.shape[0])]
-            return np.concatenate(rows, axis=0)
-
-        return logits, "llama.cpp"
+    """A logits callable for a GGUF artifact and the name of what computes it: its own runtime's
+    session (llama.cpp, one row at a time) unless ``runtime`` is ``"transformers"`` or, for
+    ``"auto"``, llama-cpp-python is not installed; then transformers reading the file back (its
+    weights dequantized: the weights' rounding only, not llama.cpp's 8-bit activations)."""
+    if runtime != "transformers" and (runtime != "auto" or llamacpp_available()):
+        return session_logits(model, threads=threads), "llama.cpp"
     import torch
     import transformers
 

@@ -16,7 +16,6 @@ from edgesmith.artifacts import ONNX_FILE, OnnxModel, TorchModel, load
 from edgesmith.errors import BadInput, ValidationFailed
 from edgesmith.export import decoder as decoder_export
 from edgesmith.export.decoder import export_decoder, validate_decoder
-from edgesmith.runtimes.decoder import OrtDecoderSession, TorchDecoderSession
 from edgesmith.runtimes.generation import (
     GenerationConfig,
     TextStream,
@@ -28,6 +27,8 @@ from edgesmith.runtimes.generation import (
     load_decoder,
     prompt_ids,
 )
+from edgesmith.runtimes.onnxruntime import OrtDecoderSession
+from edgesmith.runtimes.torch import TorchDecoderSession
 
 VOCAB = 400
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -20,8 +20,9 @@ from edgesmith.errors import BadInput, ValidationFailed
 from edgesmith.export import decoder_genai
 from edgesmith.export.decoder_genai import export_genai_decoder
 from edgesmith.export.onnx import ExportConfig
-from edgesmith.runtimes.decoder import OrtDecoderSession, TorchDecoderSession
 from edgesmith.runtimes.generation import GenerationConfig, decode_loop, generate_batch, left_pad
+from edgesmith.runtimes.onnxruntime import OrtDecoderSession
+from edgesmith.runtimes.torch import TorchDecoderSession
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
                                 reason="onnxruntime-genai (ORT GenAI's model builder) is not installed")

@@ -201,12 +201,13 @@ def test_missing_llama_cpp_is_one_line_naming_the_extra(llama, monkeypatch, caps
     import sys
 
     import edgesmith.runtimes.llamacpp as lc
+    import edgesmith.runtimes.llamacpp_library as lc_library
     from edgesmith.runtimes.base import get_runtime
 
     path = tmp_path / "tiny.gguf"
     write_gguf(llama.module, llama.tokenizer, path, quant="f32")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
-    monkeypatch.setattr(lc, "_backend_ready", False)
+    monkeypatch.setattr(lc_library, "_backend_ready", False)
     with pytest.raises(BadInput, match=r"pip install edgesmith\[llamacpp\]"):
         lc.LlamaCppDecoderSession(path)
     avail = get_runtime("llamacpp").availability()

@@ -19,8 +19,8 @@ from edgesmith.cli.app import main
 from edgesmith.errors import BadInput, GateFailed
 from edgesmith.export.decoder import export_decoder
 from edgesmith.profiling.speculative import SpeculativeReport, check_speedup, grounded_prompts, refusal
-from edgesmith.runtimes.decoder import OrtDecoderSession, TorchDecoderSession
 from edgesmith.runtimes.generation import GenerationConfig, decode_loop, generate, prompt_ids
+from edgesmith.runtimes.onnxruntime import OrtDecoderSession
 from edgesmith.runtimes.speculative import (
     ModelDrafter,
     PromptLookupDrafter,
@@ -29,6 +29,7 @@ from edgesmith.runtimes.speculative import (
     speculative_generate,
     speculative_loop,
 )
+from edgesmith.runtimes.torch import TorchDecoderSession
 
 PROMPTS = ["The cocks crowed all morning and the cocks crowed", "she looked meek but had the heart of a lion",
            "a signal too loud to be erasable in a single pass"]

@@ -62,60 +62,54 @@ def profile_command(
     A decoder (text-generation) is profiled as generation: time to first token per prompt length,
     prefill and decode tokens/s, raw per-token latencies, peak RSS, load time."""
     from edgesmith.artifacts import load
-    from edgesmith.profiling.generation import LLAMACPP, is_decoder
+    from edgesmith.profiling.generation import is_decoder
+    from edgesmith.runtimes.base import get_runtime
 
-    if runtime == LLAMACPP:  # the GGUF file as it is: never dequantized into a torch model
-        from edgesmith.runtimes.llamacpp import load_gguf_file
-
-        art = load_gguf_file(artifact)
-    else:
-        art = load(artifact)
+    # read as the runtime reads it (llama.cpp: the GGUF file as it is, never dequantized into a torch model)
+    art = get_runtime(runtime).load_artifact(artifact) if runtime is not None else load(artifact)
     if is_decoder(art):
-        remote = runtime == LLAMACPP  # llama.cpp decoders also profile on a device over ssh
-        forward_flags = [flag for flag, used in (
+        # llama.cpp decoders also profile on a device over ssh
+        remote = runtime is not None and get_runtime(runtime).remote_generation
+        _refuse_forward_flags(art, remote, (
             ("--seq", seq != 128), ("--iterations", iterations != 50), ("--time-budget", time_budget is not None),
             ("--target", target is not None and not remote), ("--host", host is not None and not remote),
             ("--ssh-config", ssh_config is not None and not remote),
             ("--estimate", estimate), ("--per-op", per_op), ("--precision", precision is not None),
             ("--timeout", timeout is not None and not remote), ("--device", device is not None),
             ("--dtype", dtype is not None), ("--compile", compile_), ("--cuda-graphs", cuda_graphs),
-            ("--provider-option", bool(provider_option)))
-            if used]
-        if forward_flags:
-            from edgesmith.errors import BadInput
-
-            raise BadInput(f"{', '.join(forward_flags)} appl{'y' if len(forward_flags) > 1 else 'ies'} to "
-                           f"one-forward-pass profiles; {art.name} is a decoder: give --prompt-tokens, --new-tokens "
-                           "and --rounds")
-        remote_prof = None
-        if remote and (target is not None or host is not None or ssh_config is not None or timeout is not None):
-            remote_prof = _remote_generation(art, target=target, host=host, ssh_config=ssh_config,
-                                             targets_dir=targets_dir, prompt_tokens=prompt_tokens,
-                                             new_tokens=new_tokens, rounds=rounds, warmup=warmup, threads=threads,
-                                             timeout=timeout, label=label, batch=batch)
+            ("--provider-option", bool(provider_option))))
+        remote_prof = _remote_generation(art, target=target, host=host, ssh_config=ssh_config,
+                                         targets_dir=targets_dir, prompt_tokens=prompt_tokens,
+                                         new_tokens=new_tokens, rounds=rounds, warmup=warmup, threads=threads,
+                                         timeout=timeout, label=label, batch=batch) \
+            if remote and (target, host, ssh_config, timeout) != (None, None, None, None) else None
         _generation_profile(art, runtime=runtime, provider=provider, batch=batch, warmup=warmup,
                             prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, threads=threads,
                             label=label, output=output, as_json=as_json, prof=remote_prof)
         return
-    generation_flags = [flag for flag, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens),
-                                                  ("--rounds", rounds)) if value is not None]
-    if generation_flags:
-        from edgesmith.errors import BadInput
-
-        raise BadInput(f"{', '.join(generation_flags)} appl{'y' if len(generation_flags) > 1 else 'ies'} to decoders "
-                       f"(text-generation); {art.name} is a {art.task} model: give --batch and --seq")
+    _refuse_generation_flags(art, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds)
     warmup = 5 if warmup is None else warmup
     provider, extra = _gpu_options(art, runtime, provider, device, dtype, compile_, cuda_graphs, provider_option)
-    if extra and target is not None:
-        from edgesmith.errors import BadInput
-
-        raise BadInput("--device, --dtype, --compile, --cuda-graphs and --provider-option apply to local profiles; "
-                       "leave out --target")
+    _refuse_remote_gpu_flags(extra, target)
     prof = _profile_for(art, target=target, host=host, ssh_config=ssh_config, targets_dir=targets_dir,
                         estimate=estimate, runtime=runtime, provider=provider, batch=batch, seq=seq, warmup=warmup,
                         iterations=iterations, time_budget=time_budget, threads=threads, label=label,
                         per_op=per_op, precision=precision, timeout=timeout, progress=err_console.is_terminal
                         and not as_json, **extra)
+    _print_forward_profile(prof, batch=batch, seq=seq, output=output, as_json=as_json)
+
+
+def _refuse_remote_gpu_flags(extra: dict, target: str | None) -> None:
+    if extra and target is not None:
+        from edgesmith.errors import BadInput
+
+        raise BadInput("--device, --dtype, --compile, --cuda-graphs and --provider-option apply to local profiles; "
+                       "leave out --target")
+
+
+def _print_forward_profile(prof, *, batch: int, seq: int, output: Path | None, as_json: bool) -> None:
+    """Write the one-forward-pass profile and print it (JSON, or lines: an estimate says so; early
+    exit adds its layers)."""
     if output is not None:
         prof.save(output)
     if as_json:
@@ -145,6 +139,26 @@ def profile_command(
                       f"{s.mean:.2f} ms")
     if output is not None:
         console.print(f"profile: {output}")
+
+
+def _refuse_generation_flags(art, **flags) -> None:
+    """One line naming the decoder flags given for a one-forward-pass profile (never ignored)."""
+    used = ["--" + name.replace("_", "-") for name, value in flags.items() if value is not None]
+    if used:
+        from edgesmith.errors import BadInput
+
+        raise BadInput(f"{', '.join(used)} appl{'y' if len(used) > 1 else 'ies'} to decoders "
+                       f"(text-generation); {art.name} is a {art.task} model: give --batch and --seq")
+
+
+def _refuse_forward_flags(art, remote: bool, flags) -> None:
+    """One line naming the one-forward-pass flags given for a decoder (never ignored)."""
+    used = [flag for flag, given in flags if given]
+    if used:
+        from edgesmith.errors import BadInput
+
+        raise BadInput(f"{', '.join(used)} appl{'y' if len(used) > 1 else 'ies'} to one-forward-pass profiles; "
+                       f"{art.name} is a decoder: give --prompt-tokens, --new-tokens and --rounds")
 
 
 def _generation_profile(art, *, runtime: str | None, provider: str, batch: int, warmup: int | None,

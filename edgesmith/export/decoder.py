@@ -55,8 +55,9 @@ import numpy as np
 from edgesmith.artifacts import META_FILE, ONNX_FILE, OnnxModel, TorchModel
 from edgesmith.errors import BadInput, EdgesmithError, ValidationFailed, first_line
 from edgesmith.export.graph import quiet_exporter, root_cause, write_companions
-from edgesmith.runtimes.decoder import LOGITS_TO_KEEP, OrtDecoderSession, TorchDecoderSession, eos_ids_of
-from edgesmith.runtimes.generation import left_pad
+from edgesmith.runtimes.decoder import LOGITS_TO_KEEP
+from edgesmith.runtimes.generation import left_pad, load_decoder
+from edgesmith.runtimes.torch import eos_ids_of
 from edgesmith.storage import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -351,8 +352,8 @@ def validate_decoder(torch_model: TorchModel, onnx_model: OnnxModel | str | Path
         onnx_model = OnnxModel(task="text-generation", name=folder.name, folder=folder, meta=meta)
     ids, mask, source = probe_batch(torch_model, probe, steps=steps)
     label = f"decoder export of {torch_model.name}"
-    reference = TorchDecoderSession(torch_model, threads=threads)
-    candidate = OrtDecoderSession(onnx_model, threads=threads)
+    reference = load_decoder(torch_model, threads=threads)
+    candidate = load_decoder(onnx_model, threads=threads)
     try:
         ref_all = reference.logits(ids, mask)
         cand_all = _run_candidate(candidate.logits, label, ids, mask)

@@ -10,14 +10,14 @@ attention (:mod:`edgesmith.export.decoder`); after the exact GGUF repack 914 aga
 token. On a CPU the per-node cost of ONNX Runtime is a large part of a 10-20 ms token: the repacked
 genai graph decodes 27 % faster than the repacked dynamo graph in the same rounds (37.1 against 29.1
 tokens/s on the loaded 2-core machine, ``bench/results/llm_backends.md``). The runtime keeps its
-cache in place (:class:`~edgesmith.runtimes.decoder.OrtDecoderSession`'s shared buffer: +9-13 %).
+cache in place (:class:`~edgesmith.runtimes.onnxruntime.OrtDecoderSession`'s shared buffer: +9-13 %).
 It also survives transformers upgrades, since it does not trace the Python model.
 
 What it does not do: it has no ``position_ids`` input — GroupQueryAttention derives each row's
 positions from the attention mask's row sums, as if every row's real tokens came first — so a
 left-padded batch is wrong on its padded rows (SmolLM2: logits off by 29-32; unpadded rows match
 PyTorch to 1.5e-4). Its graphs are therefore recorded as ``meta["decoder"]["padding"] =
-"unpadded-only"``: :class:`~edgesmith.runtimes.decoder.OrtDecoderSession` refuses a padded prefill
+"unpadded-only"``: :class:`~edgesmith.runtimes.onnxruntime.OrtDecoderSession` refuses a padded prefill
 for them (one line, exit 2) and realigns left-padded rows to the right for full-sequence logits
 (scoring, KL divergence), which is exact for every real position.
 
@@ -76,7 +76,8 @@ from edgesmith.export.decoder import (
     write_decoder_companions,
 )
 from edgesmith.onnx_graph.lm_head import lm_head_node, untie_embedding_transpose
-from edgesmith.runtimes.decoder import LOGITS_TO_KEEP, OrtDecoderSession, TorchDecoderSession
+from edgesmith.runtimes.decoder import LOGITS_TO_KEEP
+from edgesmith.runtimes.generation import load_decoder
 from edgesmith.storage import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -364,8 +365,8 @@ def validate_unpadded(torch_model: TorchModel, onnx_model: OnnxModel | str | Pat
         onnx_model = OnnxModel(task="text-generation", name=folder.name, folder=folder, meta=meta)
     rows, source = unpadded_rows(torch_model, probe, steps=steps)
     label = f"genai export of {torch_model.name}"
-    reference = TorchDecoderSession(torch_model, threads=threads)
-    candidate = OrtDecoderSession(onnx_model, threads=threads)
+    reference = load_decoder(torch_model, threads=threads)
+    candidate = load_decoder(onnx_model, threads=threads)
     prefill, worst, equal, ties = 0.0, 0.0, [], []
     try:
         for index, row in enumerate(rows):

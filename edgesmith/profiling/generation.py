@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.artifacts import Artifact, OnnxModel, TorchModel
+from edgesmith.artifacts import Artifact
 from edgesmith.errors import BadInput
 from edgesmith.profiling.environment import fingerprint
 from edgesmith.profiling.measure import artifact_info
 from edgesmith.profiling.schema import ArtifactInfo, GenerationStats, Profile, RuntimeInfo, Shapes, Stats
-from edgesmith.profiling.worker import artifact_location, check_context, run_worker
+from edgesmith.profiling.worker import artifact_location, run_worker
+from edgesmith.runtimes.generation import decoder_runtime
 from edgesmith.stats import summarize
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,6 @@ DEFAULT_PROMPT_TOKENS = (128, 512)
 DEFAULT_NEW_TOKENS = 128
 DEFAULT_ROUNDS = 3
 DEFAULT_WARMUP = 1
-#: runtimes a generation profile runs on, by the artifact kind they take
-GENERATION_RUNTIMES = {"onnxruntime": OnnxModel, "torch": TorchModel}
-#: the options each runtime's decoder session takes (edgesmith.runtimes.generation), besides threads
-SESSION_OPTIONS: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("provider", "allow_spinning", "graph_optimization"), "torch": (),
-    "llamacpp": ("n_ctx", "n_batch", "flash_attn")}
-#: llama.cpp (edgesmith.runtimes.llamacpp) runs a GGUF file as it is, whatever artifact carries it
-LLAMACPP = "llamacpp"
 #: corpus sentences read per try when building a long prompt (doubled until the prompt is long enough)
 _SENTENCES_PER_TRY = 64
 
@@ -65,32 +58,6 @@ _SENTENCES_PER_TRY = 64
 def is_decoder(artifact: Artifact) -> bool:
     """A causal LM (task text-generation): profiled as generation, not as one forward pass."""
     return artifact.task == GENERATION_TASK
-
-
-def generation_runtime(artifact: Artifact, runtime: str | None) -> str:
-    """The runtime a decoder is profiled on: ``runtime``, or its own (ONNX Runtime for an ONNX
-    export, torch for a TorchModel, llama.cpp for a GGUF file); a runtime that cannot run it is one
-    line naming the fix."""
-    if runtime == LLAMACPP or artifact.kind == "gguf":
-        from edgesmith.runtimes.llamacpp import gguf_path
-
-        if runtime not in (None, LLAMACPP):
-            raise BadInput(f"runtime '{runtime}' cannot run {artifact.name} (a GGUF file loaded as it is); use "
-                           "--runtime llamacpp, or export the model to ONNX first")
-        gguf_path(artifact)  # one line when the artifact has no GGUF file
-        return LLAMACPP
-    own = next((name for name, cls in GENERATION_RUNTIMES.items() if isinstance(artifact, cls)), None)
-    if own is None:
-        raise BadInput(f"{artifact.name}: a {artifact.kind} decoder cannot be profiled for generation; "
-                       f"profile its ONNX export or the torch model ({', '.join(GENERATION_RUNTIMES)})")
-    name = runtime or own
-    if name not in GENERATION_RUNTIMES:
-        raise BadInput(f"runtime '{name}' has no generation loop; profile a decoder on "
-                       f"{', '.join(GENERATION_RUNTIMES)} or {LLAMACPP} (a GGUF file)")
-    if name != own:
-        hint = "export it first (edgesmith export MODEL --to onnx)" if own == "torch" else "use --runtime onnxruntime"
-        raise BadInput(f"runtime '{name}' cannot run {artifact.name} (a {artifact.kind} model); {hint}")
-    return name
 
 
 def parse_prompt_tokens(value: str | Sequence[int]) -> list[int]:
@@ -194,18 +161,14 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
                        "(text-generation): profile it with --batch/--seq instead")
     lengths = parse_prompt_tokens(prompt_tokens)
     _check_arguments(new_tokens, batch, warmup, rounds)
-    runtime_name = generation_runtime(artifact, runtime)
-    unknown = sorted(set(runtime_options) - set(SESSION_OPTIONS[runtime_name]))
-    if unknown:
-        allowed = ", ".join(SESSION_OPTIONS[runtime_name]) or "none"
-        raise BadInput(f"{runtime_name} decoder sessions take no option(s) {', '.join(unknown)} (they take: {allowed})")
+    chosen = decoder_runtime(artifact, runtime)
+    runtime_name = chosen.name
+    chosen.check_decoder_options(runtime_options)
     info = artifact_info(artifact)
-    if runtime_name == LLAMACPP:
-        from edgesmith.runtimes.llamacpp import gguf_path
-
-        runtime_options = _llamacpp_options(artifact, lengths, new_tokens, runtime_options)
-        # llama.cpp runs the GGUF file (for a model read from a GGUF, its original file, not the FP32 copy)
-        info = info.model_copy(update={"size_bytes": gguf_path(artifact).stat().st_size})
+    runtime_options = chosen.generation_options(artifact, lengths, new_tokens, runtime_options)
+    own_file = chosen.decoder_location(artifact)
+    if own_file is not None:  # the runtime runs its own file (llama.cpp: a model read from a GGUF runs that file)
+        info = info.model_copy(update={"size_bytes": own_file.stat().st_size})
     spec: dict[str, Any] = {"name": artifact.name, "runtime": runtime_name, "options": runtime_options,
                             "threads": threads, "lengths": lengths, "new_tokens": new_tokens, "warmup": warmup,
                             "rounds": rounds, "batch": batch, "prompts": None, "seed": 0}
@@ -235,18 +198,6 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
     log.info("%s: decode %.1f tokens/s, TTFT %s", artifact.name, prof.throughput,
              ", ".join(f"@{n} {np.median(v):.1f} ms" for n, v in raw["ttft_ms"].items()))
     return prof
-
-
-def _llamacpp_options(artifact: Artifact, lengths: list[int], new_tokens: int, options: dict[str, Any]
-                      ) -> dict[str, Any]:
-    """llama.cpp allocates its KV cache for ``n_ctx`` positions up front: unless asked otherwise,
-    just what the prompts and new tokens need (so peak RSS holds no unused cache), after checking
-    they fit the model's training context (read from the GGUF's vocab-only load)."""
-    from edgesmith.runtimes.llamacpp import gguf_path, training_context
-
-    check_context(lengths, new_tokens, training_context(gguf_path(artifact)), artifact.name)
-    needed = max(max(lengths), lengths[0] + new_tokens - 1)
-    return {"n_ctx": needed, **options}
 
 
 def generation_profile(*, label: str, artifact: ArtifactInfo, runtime: RuntimeInfo, target: str = "cpu-local",

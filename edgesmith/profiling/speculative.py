@@ -143,8 +143,7 @@ def profile_speculative(target: Artifact | str, *, draft: Artifact | str | None 
     ``draft`` (a decoder with the target's tokenizer) or ``prompt_lookup`` (longest n-gram) names the
     drafter. With ``min_speedup`` the report carries the gate's verdict (:func:`check_speedup` raises)."""
     from edgesmith.artifacts import load
-    from edgesmith.runtimes.decoder import load_decoder
-    from edgesmith.runtimes.generation import GenerationConfig, decode_loop, prompt_ids, stop_ids_for
+    from edgesmith.runtimes.generation import GenerationConfig, decode_loop, load_decoder, prompt_ids, stop_ids_for
     from edgesmith.runtimes.speculative import make_drafter, speculative_loop
 
     if rounds < 1 or warmup < 0 or new_tokens < 2:

@@ -34,14 +34,12 @@ from typing import Any
 import numpy as np
 
 from edgesmith import errors
-from edgesmith.errors import BadInput, EdgesmithError, first_line
+from edgesmith.errors import EdgesmithError, first_line
 from edgesmith.faults import point
 
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "edgesmith.profiling.worker"
-#: the runtime that takes a GGUF file's path rather than an artifact folder
-LLAMACPP = "llamacpp"
 
 
 def worker_env() -> dict[str, str]:
@@ -97,12 +95,14 @@ def run_worker(spec: dict[str, Any], *, on_round: Callable[[], None] | None = No
 
 
 def artifact_location(artifact, runtime: str, scratch: Path) -> Path:
-    """Where the worker loads ``artifact`` from: the GGUF file for llama.cpp, the artifact's folder
+    """Where the worker loads ``artifact`` from: the file the runtime runs as it is (a GGUF for
+    llama.cpp: :meth:`~edgesmith.runtimes.base.Runtime.decoder_location`), the artifact's folder
     otherwise; a model that lives only in memory is saved into ``scratch`` first."""
-    if runtime == LLAMACPP:
-        from edgesmith.runtimes.llamacpp import gguf_path
+    from edgesmith.runtimes.base import get_runtime
 
-        return gguf_path(artifact)
+    location = get_runtime(runtime).decoder_location(artifact)
+    if location is not None:
+        return location
     folder = getattr(artifact, "folder", None)
     if folder is not None and Path(folder, "edgesmith.json").exists():
         return Path(folder)
@@ -114,20 +114,6 @@ def artifact_location(artifact, runtime: str, scratch: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Inside the worker
 # ---------------------------------------------------------------------------------------------
-
-
-def check_context(prompt_tokens: list[int], new_tokens: int, max_positions: int | None, name: str) -> None:
-    """Every prompt fits the context, and the decode prompt with its new tokens: else one line."""
-    if not max_positions:
-        return
-    longest = max(prompt_tokens)
-    if longest > max_positions:
-        raise BadInput(f"{name}: a prompt of {longest} tokens is longer than the model's context of {max_positions} "
-                       f"tokens; give --prompt-tokens of at most {max_positions}")
-    first = prompt_tokens[0]
-    if first + new_tokens - 1 > max_positions:
-        raise BadInput(f"{name}: {first} prompt tokens + {new_tokens} new tokens exceed the model's context of "
-                       f"{max_positions}; lower --new-tokens to {max_positions - first + 1} or the first prompt length")
 
 
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -177,15 +163,12 @@ def peak_rss(was_reset: bool) -> tuple[float | None, str]:
 
 
 def _open_session(spec: dict[str, Any]):
-    runtime, options, threads = spec["runtime"], dict(spec.get("options") or {}), spec.get("threads")
-    if runtime == LLAMACPP:
-        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
+    """The session on what :func:`artifact_location` gave, through the runtime's own loader (the
+    llama.cpp side imports no torch)."""
+    from edgesmith.runtimes.base import get_runtime
 
-        return LlamaCppDecoderSession(Path(spec["path"]), threads=threads, **options)
-    from edgesmith.artifacts import load
-    from edgesmith.runtimes.decoder import load_decoder
-
-    return load_decoder(load(spec["path"]), threads=threads, **options)
+    runtime = get_runtime(spec["runtime"])
+    return runtime.load_decoder_at(Path(spec["path"]), threads=spec.get("threads"), **dict(spec.get("options") or {}))
 
 
 def _prompts(spec: dict[str, Any], vocab_size: int) -> dict[int, np.ndarray]:
@@ -226,6 +209,8 @@ def measure(spec: dict[str, Any], on_round: Callable[[int], None] | None = None)
     session = _open_session(spec)
     load_s = time.perf_counter() - t0
     try:
+        from edgesmith.runtimes.decoder import check_context
+
         check_context(lengths, new_tokens, session.max_positions, spec["name"])
         prompts = _prompts(spec, session.vocab_size)
         prompts = {n: prompts[n] for n in lengths}
@@ -243,7 +228,7 @@ def measure(spec: dict[str, Any], on_round: Callable[[int], None] | None = None)
             point(f"profile-worker:round:{i}")
         providers = list(session.providers)
         options = {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
-                   for k, v in dict(getattr(session, "options", {}) or {}).items()}
+                   for k, v in dict(session.options or {}).items()}
     finally:
         session.close()
     rss_mb, rss_source = peak_rss(was_reset)

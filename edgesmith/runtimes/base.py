@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,6 +59,12 @@ class Runtime(ABC):
     name: ClassVar[str]
     #: artifact kinds this runtime can load
     kinds: ClassVar[tuple[str, ...]]
+    #: artifact kinds this runtime runs as decoders (with :attr:`decoder_session`)
+    decoder_kinds: ClassVar[tuple[str, ...]] = ()
+    #: how to get an artifact this runtime generates with, for the line that refuses another one
+    decoder_hint: ClassVar[str] = ""
+    #: whether ``edgesmith profile --target`` measures this runtime's decoders on a device over ssh
+    remote_generation: ClassVar[bool] = False
 
     @abstractmethod
     def availability(self) -> Availability: ...
@@ -67,6 +74,67 @@ class Runtime(ABC):
 
     @abstractmethod
     def load(self, artifact: Artifact, **options: Any) -> Session: ...
+
+    def load_artifact(self, source: str | Path) -> Artifact:
+        """The artifact this runtime runs from ``source`` (what :func:`edgesmith.load` takes)."""
+        from edgesmith.artifacts import load
+
+        return load(source)
+
+    # -- decoders (generation) -------------------------------------------------------------------
+
+    #: the decoder session class (a :class:`edgesmith.runtimes.decoder.DecoderSession`), None without one
+    decoder_session: ClassVar[type[Any] | None] = None
+
+    def decoder_options(self) -> tuple[str, ...]:
+        """The options this runtime's decoder sessions take besides ``threads`` (the class's ``OPTIONS``)."""
+        return () if self.decoder_session is None else tuple(self.decoder_session.OPTIONS)
+
+    def check_decoder(self, artifact: Artifact) -> None:
+        """One line (BadInput) unless this runtime can run ``artifact`` as a decoder."""
+        if self.decoder_session is None:
+            raise BadInput(f"runtime '{self.name}' has no generation loop; profile a decoder on "
+                           f"{', '.join(decoder_runtime_names())}")
+        if artifact.kind in self.decoder_kinds:
+            return
+        own = default_runtime_for(artifact)
+        if own == self.name or artifact.kind not in get_runtime(own).decoder_kinds:
+            raise BadInput(f"{artifact.name}: a {artifact.kind} decoder cannot be profiled for generation; "
+                           "profile its ONNX export or the torch model")
+        hint = f"use --runtime {own}" + (f", or {self.decoder_hint}" if self.decoder_hint else "")
+        raise BadInput(f"runtime '{self.name}' cannot run {artifact.name}: a {artifact.kind} model, which runs on "
+                       f"{own}, not {self.name}; {hint}")
+
+    def check_decoder_options(self, options: dict[str, Any]) -> None:
+        """One line naming an option this runtime's decoder sessions do not declare."""
+        allowed = self.decoder_options()
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise BadInput(f"{self.name} decoder sessions take no option(s) {', '.join(unknown)} "
+                           f"(they take: {', '.join(allowed) or 'none'})")
+
+    def load_decoder(self, artifact: Artifact, *, threads: int | None = None, **options: Any) -> Session:
+        """A decoder session (:class:`edgesmith.runtimes.decoder.DecoderSession`) for ``artifact``;
+        an option the session does not declare is one line."""
+        self.check_decoder(artifact)
+        self.check_decoder_options(options)
+        assert self.decoder_session is not None  # check_decoder refused a runtime without one
+        return self.decoder_session(artifact, threads=threads, **options)
+
+    def decoder_location(self, artifact: Artifact) -> Path | None:
+        """The file this runtime loads a decoder from as it is (a GGUF for llama.cpp), or None: the
+        artifact's own folder."""
+        return None
+
+    def load_decoder_at(self, path: Path, *, threads: int | None = None, **options: Any) -> Session:
+        """The decoder session for what a profiling worker was given: the artifact folder, or what
+        :meth:`decoder_location` named."""
+        return self.load_decoder(self.load_artifact(path), threads=threads, **options)
+
+    def generation_options(self, artifact: Artifact, prompt_tokens: list[int], new_tokens: int,
+                           options: dict[str, Any]) -> dict[str, Any]:
+        """The session options a generation profile of ``prompt_tokens`` + ``new_tokens`` runs with."""
+        return dict(options)
 
     def check(self, artifact: Artifact) -> None:
         if not self.accepts(artifact):
@@ -136,6 +204,11 @@ def kind_session(runtime: str, artifact: Artifact, options: dict[str, Any]) -> S
     controller, for example), or None when the runtime loads the kind itself."""
     target = KIND_SESSIONS.get((runtime, artifact.kind))
     return None if target is None else _resolve(target)(artifact, **options)
+
+
+def decoder_runtime_names() -> list[str]:
+    """The runtimes with a generation loop (imports each runtime's module, not its library)."""
+    return [name for name, cls in available_runtimes().items() if cls.decoder_session is not None]
 
 
 def default_runtime_for(artifact: Artifact) -> str:

@@ -14,16 +14,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgesmith.artifacts import Artifact
+from edgesmith.artifacts import Artifact, load
 from edgesmith.errors import BadInput
-from edgesmith.runtimes.decoder import (
-    DecoderSession,
-    load_decoder,
-)
+from edgesmith.runtimes.base import Runtime, default_runtime_for, get_runtime
+from edgesmith.runtimes.decoder import DecoderSession
 
 log = logging.getLogger(__name__)
 
@@ -353,32 +352,32 @@ def generate(session: DecoderSession, tokenizer, prompt: str | Messages, cfg: Ge
     return generate_batch(session, tokenizer, [prompt], cfg, on_token=callback)[0]
 
 
-def open_decoder(model: Artifact | str, *, runtime: str | None = None, threads: int | None = None
-                 ) -> tuple[Artifact, DecoderSession]:
-    """The artifact and its decoder session. ``runtime="llamacpp"`` (or a GGUF artifact) runs the
-    GGUF file as it is in llama.cpp; otherwise ONNX Runtime for ONNX, PyTorch for torch models
-    (a ``.gguf`` file is then dequantized to FP32)."""
-    from edgesmith.artifacts import GgufModel, load
+def decoder_runtime(artifact: Artifact, runtime: str | None = None) -> Runtime:
+    """The runtime that runs ``artifact`` as a decoder: ``runtime``, or the artifact's own (ONNX
+    Runtime for an ONNX export, PyTorch for a torch model, llama.cpp for a GGUF file); one line
+    naming the fix when it cannot."""
+    chosen = get_runtime(runtime or default_runtime_for(artifact))
+    chosen.check_decoder(artifact)
+    return chosen
 
-    if runtime not in (None, "llamacpp", "onnxruntime", "torch"):
-        raise BadInput(f"runtime {runtime!r}: generation runs on llamacpp, onnxruntime or torch")
-    if runtime == "llamacpp" or isinstance(model, GgufModel):
-        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession, load_gguf_file
 
-        artifact = load_gguf_file(model) if isinstance(model, str) else model
-        return artifact, LlamaCppDecoderSession(artifact, threads=threads)
-    artifact = load(model) if isinstance(model, str) else model
-    if isinstance(artifact, GgufModel):  # a folder `edgesmith export --to gguf` wrote: llama.cpp runs it as it is
-        if runtime not in (None, "llamacpp"):
-            raise BadInput(f"{artifact.name} is a GGUF file, which runs on llamacpp, not {runtime}; "
-                           "drop --runtime or export the source model to ONNX")
-        from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
+def open_decoder(model: Artifact | str | Path, runtime: str | None = None, *, threads: int | None = None,
+                 **options: Any) -> tuple[Artifact, DecoderSession]:
+    """The artifact and its decoder session: the one place a decoder session is opened. ``model`` is
+    an artifact or anything :func:`edgesmith.load` takes, read as ``runtime`` reads it (llama.cpp:
+    a ``.gguf`` file as it is; the others: dequantized to FP32). ``options`` are the session's
+    declared ``OPTIONS``."""
+    if isinstance(model, str | Path):
+        artifact = get_runtime(runtime).load_artifact(model) if runtime is not None else load(model)
+    else:
+        artifact = model
+    chosen = decoder_runtime(artifact, runtime)
+    return artifact, chosen.load_decoder(artifact, threads=threads, **options)
 
-        return artifact, LlamaCppDecoderSession(artifact, threads=threads)
-    session = load_decoder(artifact, threads=threads)
-    if runtime is not None and session.runtime != runtime:
-        raise BadInput(f"{artifact.name} is a {artifact.kind} model, which runs on {session.runtime}, not {runtime}")
-    return artifact, session
+
+def load_decoder(artifact: Artifact, *, threads: int | None = None, **options: Any) -> DecoderSession:
+    """The decoder session of ``artifact`` on its own runtime (:func:`open_decoder`)."""
+    return open_decoder(artifact, threads=threads, **options)[1]
 
 
 def generate_text(model: Artifact | str, prompt: str | Messages, *, threads: int | None = None,
@@ -386,7 +385,7 @@ def generate_text(model: Artifact | str, prompt: str | Messages, *, threads: int
                   **options: Any) -> GenerationResult:
     """Load ``model`` (an artifact, or anything :func:`edgesmith.load` takes: ``"smollm2"``, a
     .gguf file, a folder), generate from ``prompt`` and close the session: ``es.generate``.
-    ``runtime="llamacpp"`` runs a GGUF in llama.cpp (see :func:`open_decoder`). ``options`` are
+    ``runtime`` picks the runtime (see :func:`open_decoder`). ``options`` are
     :class:`GenerationConfig` fields (max_new_tokens, temperature, top_k, top_p, seed,
     stop_strings, chat, ...)."""
     artifact, session = open_decoder(model, runtime=runtime, threads=threads)

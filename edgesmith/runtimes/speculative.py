@@ -43,6 +43,7 @@ from edgesmith.runtimes.generation import (
     GenerationResult,
     Messages,
     TextStream,
+    load_decoder,
     prompt_ids,
     stop_ids_for,
 )
@@ -318,7 +319,6 @@ def make_drafter(target: DecoderSession, *, draft: Any = None, prompt_lookup: in
     takes) or ``prompt_lookup`` (the longest n-gram); exactly one. The draft's vocabulary is checked
     against the target's before anything runs."""
     from edgesmith.artifacts import load
-    from edgesmith.runtimes.decoder import load_decoder
 
     if (draft is None) == (prompt_lookup is None):
         raise BadInput("give exactly one draft: a draft model (--draft FOLDER) or n-gram prompt lookup "

@@ -17,6 +17,7 @@ import numpy as np
 from edgesmith.artifacts import Artifact, TorchModel
 from edgesmith.errors import BadInput
 from edgesmith.runtimes.base import Availability, Runtime, Session, kind_session, register_runtime
+from edgesmith.runtimes.decoder import DecoderSession
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +177,89 @@ class TorchSession(Session):
         self._graphs.clear()
 
 
+# ---------------------------------------------------------------------------------------------
+# The decoder session
+# ---------------------------------------------------------------------------------------------
+
+
+class TorchDecoderSession(DecoderSession):
+    """A Hugging Face causal LM in a manual KV-cache loop (``DynamicCache``), the PyTorch baseline.
+
+    ``threads`` sets torch's intra-op threads for the whole process (torch has no per-model
+    setting). The module runs as it is (its attention implementation, dtype and device)."""
+
+    runtime = "torch"
+    OPTIONS = ()
+
+    def __init__(self, model: TorchModel | Any, *, threads: int | None = None):
+        super().__init__()
+        import torch
+
+        module = model.module if isinstance(model, TorchModel) else model
+        if module is None or not hasattr(module, "config"):
+            raise BadInput("TorchDecoderSession needs a Hugging Face causal LM (a transformers PreTrainedModel)")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.module = module.eval()
+        self._torch = torch
+        config = module.config.get_text_config(decoder=True) if hasattr(module.config, "get_text_config") else module.config
+        self.config = config
+        self.device = str(next(module.parameters()).device)
+        self.providers = ["torch-" + self.device.split(":")[0]]
+        self.options = {"threads": torch.get_num_threads(), "attention": getattr(config, "_attn_implementation", None),
+                        "dtype": str(next(module.parameters()).dtype).removeprefix("torch."), "kv_cache": "DynamicCache"}
+        self.num_layers = int(config.num_hidden_layers)
+        self.vocab_size = int(config.vocab_size)
+        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.eos_token_ids = eos_ids_of(module)
+        self.pad_token_id = getattr(config, "pad_token_id", None)
+        self._cache = None
+
+    def _call(self, ids, mask, positions, cache, keep) -> np.ndarray:
+        torch = self._torch
+        t = {k: torch.from_numpy(v).to(self.device) for k, v in (("ids", ids), ("mask", mask), ("pos", positions))}
+        with torch.inference_mode():
+            out = self.module(input_ids=t["ids"], attention_mask=t["mask"], position_ids=t["pos"], cache=cache,
+                              use_cache=cache is not None, logits_to_keep=keep)
+        return out.logits.float().cpu().numpy()
+
+    def _forward(self, ids, mask, positions, *, start, keep):
+        if start:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=self.module.config)
+        return self._call(ids, mask, positions, self._cache, keep)
+
+    def _full(self, ids, mask, positions):
+        return self._call(ids, mask, positions, None, 0)
+
+    def _truncate(self, length: int) -> None:
+        self._cache.crop(length - self._cache.get_seq_length())  # a negative count: tokens removed
+
+    def reset(self) -> None:
+        super().reset()
+        self._cache = None
+
+    def close(self) -> None:
+        self.reset()
+
+
+def eos_ids_of(module) -> list[int]:
+    """The EOS ids of a Hugging Face model: its generation config's, else its config's."""
+    for source in (getattr(module, "generation_config", None), getattr(module, "config", None)):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    return []
+
+
 @register_runtime
 class TorchRuntime(Runtime):
     name = "torch"
     kinds = ("torch", "early-exit")
     OPTIONS = ("device", "threads", "dtype", "compile", "cuda_graphs")
+    decoder_kinds = ("torch",)
+    decoder_session = TorchDecoderSession
 
     def availability(self) -> Availability:
         import torch
@@ -199,3 +278,8 @@ class TorchRuntime(Runtime):
             raise BadInput(f"torch runtime: unknown option(s) {', '.join(sorted(unknown))}; "
                            f"known: {', '.join(self.OPTIONS)}")
         return TorchSession(artifact, **options)  # type: ignore[arg-type]
+
+    def check_decoder(self, artifact: Artifact) -> None:
+        super().check_decoder(artifact)
+        if artifact.task != "text-generation":
+            raise BadInput(f"{artifact.name} is a {artifact.task} model; generation needs a causal LM (text-generation)")

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgesmith.artifacts import Artifact, GgufModel, OnnxModel, TorchModel
+from edgesmith.artifacts import Artifact
 from edgesmith.errors import BadInput
 from edgesmith.tasks.harness import SHIPPED, TaskSelection, build_tasks, require_lm_eval, select_tasks
 from edgesmith.tasks.paired import Accuracy, PairedDelta, accuracy, paired_delta
@@ -109,16 +109,10 @@ class TaskReport:
 
 
 def runtime_of(artifact: Artifact, runtime: str | None) -> str:
-    if runtime is not None:
-        return runtime
-    if isinstance(artifact, GgufModel):
-        return "llamacpp"
-    if isinstance(artifact, OnnxModel):
-        return "onnxruntime"
-    if isinstance(artifact, TorchModel):
-        return "torch"
-    raise BadInput(f"{artifact.name}: a {artifact.kind} artifact is not a decoder; task accuracy needs a causal LM "
-                   "(a torch model, its decoder ONNX, or a GGUF)")
+    """The runtime that scores ``artifact``: ``runtime``, or its own (one line when it cannot run it)."""
+    from edgesmith.runtimes.generation import decoder_runtime
+
+    return decoder_runtime(artifact, runtime).name
 
 
 def check_decoder(artifact: Artifact) -> None:
