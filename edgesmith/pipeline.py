@@ -373,7 +373,7 @@ def _evaluate_all(recipe: Recipe, artifacts: dict[str, Artifact], data: TextData
 def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[str, dict[str, float]],
                  run_dir: Path, console: Console):
     from edgesmith.profiling import compare, is_decoder, profile, profile_generation
-    from edgesmith.runtimes.base import default_runtime_for
+    from edgesmith.runtimes.base import default_runtime_for, get_runtime
 
     spec = recipe.profile
     assert spec is not None
@@ -382,7 +382,7 @@ def _profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[s
         art = artifacts[target.artifact]
         runtime = target.runtime or default_runtime_for(art)
         precision = _precision(art, runtime)
-        label = f"{target.artifact} ({RUNTIME_SHORT.get(runtime, runtime)} {precision})"
+        label = f"{target.artifact} ({get_runtime(runtime).short_name or runtime} {precision})"
         progress = console.is_terminal and not console.quiet
         if is_decoder(art):
             lengths = ",".join(map(str, spec.prompt_tokens))
@@ -433,20 +433,20 @@ def _slower_than_parent(recipe: Recipe, targets: list, profiles: list) -> list[s
     return warnings
 
 
-RUNTIME_SHORT = {"onnxruntime": "ort", "torch": "torch"}
-
-
 def profile_filename(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in label).strip("_") + ".json"
 
 
 def _precision(art: Artifact, runtime: str | None = None) -> str:
+    from edgesmith.runtimes.base import get_runtime
+
     if art.kind in ("onnx", "tensorrt", "early-exit"):
         return str(art.meta.get("precision", "fp32")).removesuffix("-dynamic")
     if art.kind == "gguf":
         return str((art.meta.get("gguf_export") or {}).get("quant", "gguf"))
     summary = (art.meta.get("gguf") or {}).get("quant_summary") or {}
-    if runtime == "llamacpp" and summary:  # a model read from a GGUF runs its original file on llama.cpp
+    if summary and runtime is not None and "gguf" in get_runtime(runtime).decoder_kinds:
+        # a model read from a GGUF runs its original file on a runtime of GGUF files (llama.cpp)
         return max(summary, key=lambda kind: summary[kind]).lower()
     return "fp32"
 

@@ -448,10 +448,13 @@ def test_torch_refuses_what_it_cannot_do_here(tiny_bert_dir):
 
 def test_measure_uses_a_gpu_sessions_own_timer():
     from edgesmith.profiling.measure import _device_memory_mb, measure
+    from edgesmith.runtimes.base import Session
 
-    class FakeGpuSession:
+    class FakeGpuSession(Session):
         device = "cuda:0"
+        times_on_device = True
         runs = 0
+        input_names = ["input_ids"]
 
         def run(self, feeds):
             raise AssertionError("a GPU session is timed through time_run")

@@ -215,9 +215,6 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
         raise AssertionError("an upward import went unnoticed")
 
 
-if __name__ == "__main__":
-    for importer, line, imported, _ in sorted(edges()):
-        print(f"L{layer_of(importer)} {importer}:{line} -> L{layer_of(imported)} {imported}")
 
 
 def test_readme_layout_lists_every_module():
@@ -225,3 +222,200 @@ def test_readme_layout_lists_every_module():
     missing = [str(p.relative_to(PACKAGE.parent)) for p in modules().values()
                if f"`{p.relative_to(PACKAGE.parent)}`" not in readme]
     assert not missing, f"README § Layout misses {missing}: run python scripts/layout.py --write"
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes are named and probed in one place
+# ---------------------------------------------------------------------------------------------
+#
+# What a session can do is declared on its class (edgesmith.runtimes.base.Session: times_on_device,
+# time_run, device_memory_mb, reset_stats, exit_stats, policy; DecoderSession: OPTIONS, MAX_BATCH),
+# and which runtime does what is a Runtime attribute (decoder_kinds, device_option, short_name,
+# builds_on_device, remote_generation, per_op) or a line of the runtime tables
+# (edgesmith/runtimes/base.py: BUILTIN_RUNTIMES, KIND_SESSIONS, PER_OP_PROFILERS). So outside the
+# modules that implement runtimes, nothing probes a session with getattr/hasattr, and no code
+# branches on a runtime's name.
+#
+# A runtime's home: edgesmith/runtimes/, and every module the tables name (a feature's own runtime:
+# edgesmith.tensorrt.runtime, edgesmith.early_exit.runtime), read from the tables here, so a new
+# runtime module is a home by its table line. The CLI may also name runtimes (its help and flags).
+#
+# A runtime-name literal is a string constant equal to a name in BUILTIN_RUNTIMES that is *used as a
+# runtime name*: compared (==, !=, in) with an expression whose name says runtime (``runtime``,
+# ``runtime_name``, ``session.runtime``, ``spec["runtime"]``); passed to get_runtime/kind_session or
+# as a ``runtime=``/``*_runtime=`` keyword; held by (in a tuple, list, set or dict assigned to) a
+# name that says runtime; or returned by a function whose name says runtime. The same words as an
+# artifact kind ("torch", "tensorrt"), a package or distribution name ("onnxruntime" in a version
+# table), a pass name or a meta key are other things and are not counted.
+#
+# Exemptions, each checked rather than trusted:
+# - ``Literal[...]`` in config schemas (targets' RuntimeName, the GGUF export's ``runtime``):
+#   pydantic validates recipes and target files against them, and L1 config cannot import the L2
+#   table; every runtime-like member must be a registered runtime, so a renamed runtime fails here.
+#   A schema field's default that is such a Literal's member is allowed with it.
+# - edgesmith/profiling/agent.py: the stdlib-only device agent, copied alone to devices; its
+#   subcommands (``onnxruntime``, ``llamacpp``) are its own protocol and it imports nothing.
+
+AGENT = "edgesmith.profiling.agent"
+
+
+def _runtime_tables() -> dict[str, dict]:
+    """BUILTIN_RUNTIMES, KIND_SESSIONS and PER_OP_PROFILERS, read from runtimes/base.py (no import)."""
+    tree = ast.parse((PACKAGE / "runtimes" / "base.py").read_text())
+    tables = {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None \
+                and node.target.id in ("BUILTIN_RUNTIMES", "KIND_SESSIONS", "PER_OP_PROFILERS"):
+            tables[node.target.id] = ast.literal_eval(node.value)
+    return tables
+
+
+def runtime_names() -> set[str]:
+    return set(_runtime_tables()["BUILTIN_RUNTIMES"])
+
+
+def runtime_homes() -> set[str]:
+    """edgesmith.runtimes and every module the runtime tables name."""
+    targets = [t for table in _runtime_tables().values() for t in table.values()]
+    return {"edgesmith.runtimes"} | {t.split(":")[0] for t in targets}
+
+
+def _within(module: str, prefixes: set[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _word(node: ast.AST) -> str:
+    """The name an expression goes by: ``x``, ``a.x``, ``a["x"]``."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        return node.slice.value
+    return ""
+
+
+def _says_runtime(node: ast.AST) -> bool:
+    return "runtime" in _word(node).lower()
+
+
+def _literals(node: ast.AST, names: set[str]) -> list[ast.Constant]:
+    """Runtime-name constants in ``node`` itself or among its tuple/list/set/dict elements."""
+    if isinstance(node, ast.Constant) and node.value in names:
+        return [node]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [c for e in node.elts for c in _literals(e, names)]
+    if isinstance(node, ast.Dict):
+        return [c for e in [*node.keys, *node.values] if e is not None for c in _literals(e, names)]
+    return []
+
+
+def _runtime_literals(tree: ast.AST, names: set[str]) -> list[tuple[int, str, str]]:
+    """(line, literal, how it is used) for every runtime-name literal used as a runtime name."""
+    found: list[tuple[int, str, str]] = []
+
+    def add(nodes: list[ast.Constant], how: str) -> None:
+        found.extend((c.lineno, c.value, how) for c in nodes)
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_says_runtime(s) for s in sides):
+                add([c for s in sides for c in _literals(s, names)], "compared with a runtime")
+        elif isinstance(node, ast.Call):
+            if _word(node.func) in ("get_runtime", "kind_session"):
+                add([c for a in node.args for c in _literals(a, names)], f"passed to {_word(node.func)}")
+            for keyword in node.keywords:
+                if keyword.arg and "runtime" in keyword.arg:
+                    add(_literals(keyword.value, names), f"passed as {keyword.arg}=")
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            schema_default = isinstance(node, ast.AnnAssign) and _word(node.annotation) in LITERAL_ALIASES
+            if any(_says_runtime(t) for t in targets) and not schema_default and not _is_literal(node.value):
+                add(_literals(node.value, names), "held by a runtime name")
+        elif isinstance(node, ast.Return) and node.value is not None and "runtime" in function.lower():
+            add(_literals(node.value, names), f"returned by {function}")
+        for child in ast.iter_child_nodes(node):
+            if not _is_literal(child):
+                visit(child, function)
+
+    visit(tree, "")
+    return found
+
+
+def _is_literal(node: ast.AST) -> bool:
+    return isinstance(node, ast.Subscript) and _word(node.value) == "Literal"
+
+
+#: type aliases of Literals a schema field may default to one member of
+LITERAL_ALIASES = ("RuntimeName",)
+
+
+def _literal_members(tree: ast.AST) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(tree):
+        if _is_literal(node):
+            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            out += [(e.lineno, e.value) for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return out
+
+
+def _session_probes(tree: ast.AST) -> list[int]:
+    """Lines of ``getattr``/``hasattr`` calls on a session (an expression whose name says session)."""
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+            and node.args and "session" in _word(node.args[0]).lower()]
+
+
+def test_no_session_capability_is_probed_outside_the_runtimes():
+    homes = runtime_homes()
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{line}" for name, path in modules().items() if not _within(name, homes)
+           for line in _session_probes(ast.parse(path.read_text()))]
+    assert not bad, ("getattr/hasattr on a session outside the runtimes (declare the capability on "
+                     "runtimes.base.Session or the session class instead):\n" + "\n".join(bad))
+
+
+def test_no_runtime_name_is_written_outside_the_runtimes_and_the_cli():
+    names, allowed = runtime_names(), runtime_homes() | {"edgesmith.cli", AGENT}
+    bad = []
+    for name, path in modules().items():
+        if _within(name, allowed):
+            continue
+        for line, value, how in _runtime_literals(ast.parse(path.read_text()), names):
+            bad.append(f"{path.relative_to(PACKAGE.parent)}:{line} {value!r} {how}")
+    assert not bad, ("runtime names written outside edgesmith/runtimes/ and edgesmith/cli/ (ask the Runtime, "
+                     "or add a Runtime attribute or table line):\n" + "\n".join(bad))
+
+
+def test_schema_literals_name_registered_runtimes_only():
+    """The exemption for config Literals holds only while their runtime-like members are runtimes."""
+    names = runtime_names()
+    like = {n for n in names} | {"ort", "onnx-runtime", "llama.cpp", "llama-cpp", "trt"}
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{line} {value!r}" for path in modules().values()
+           for line, value in _literal_members(ast.parse(path.read_text())) if value in like and value not in names]
+    assert not bad, "Literal members that look like runtimes but are not registered:\n" + "\n".join(bad)
+
+
+def test_the_runtime_rules_catch_what_they_describe():
+    names = {"torch", "onnxruntime", "llamacpp"}
+    code = ast.parse(
+        "def f(session, art, runtime):\n"
+        "    if runtime == 'llamacpp': pass\n"                      # 2: compared
+        "    get_runtime('onnxruntime')\n"                          # 3: passed to get_runtime
+        "    open_decoder(art, runtime='torch')\n"                  # 4: keyword
+        "    RUNTIME_SHORT = {'onnxruntime': 'ort'}\n"              # 5: held by a runtime name
+        "    getattr(session, 'time_run', None)\n"                  # 6: probing
+        "    if art.kind == 'torch': pass\n"                        # an artifact kind: not a runtime name
+        "    KEY_PACKAGES = ('torch', 'onnxruntime')\n"             # packages: not runtime names
+        "    x: Literal['onnxruntime', 'tensorrt'] = 'x'\n"         # a schema Literal: exempt
+        "def default_runtime(a):\n"
+        "    return 'torch'\n")                                     # 11: returned by a runtime function
+    assert sorted(line for line, _, _ in _runtime_literals(code, names)) == [2, 3, 4, 5, 11]
+    assert _session_probes(code) == [6]
+
+
+if __name__ == "__main__":
+    for importer, line, imported, _ in sorted(edges()):
+        print(f"L{layer_of(importer)} {importer}:{line} -> L{layer_of(imported)} {imported}")

@@ -347,11 +347,12 @@ def compare_controllers(reference: EarlyExitModel, candidate: EarlyExitModel, te
     """How far ``candidate``'s ONNX Runtime controller is from ``reference``'s on ``texts``."""
     from edgesmith.early_exit.policy import pooled
     from edgesmith.inputs import tokenize
-    from edgesmith.runtimes.base import get_runtime
+    from edgesmith.runtimes.base import default_runtime_for, get_runtime
 
     tokenizer = reference.tokenizer
-    ref_s = get_runtime("onnxruntime").load(reference)
-    cand_s = get_runtime("onnxruntime").load(candidate)
+    runtime = get_runtime(default_runtime_for(reference))  # an early-exit model's own: ONNX Runtime
+    ref_s = runtime.load(reference)
+    cand_s = runtime.load(candidate)
     same_exit, agree, cosines, layers = [], [], [], []
     try:
         for start in range(0, len(texts), batch_size):

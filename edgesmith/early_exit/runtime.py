@@ -151,6 +151,14 @@ class EarlyExitSession(Session):
     def reset_stats(self) -> None:
         self.controller.reset_stats()
 
+    def device_memory_mb(self) -> float | None:
+        """What torch allocated on CUDA (the torch controller's segments, weights included); None elsewhere."""
+        if self.runtime != "torch" or not self.device.startswith("cuda"):
+            return None
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
     def close(self) -> None:
         for close in self._closers:
             close()

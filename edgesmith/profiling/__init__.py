@@ -57,9 +57,7 @@ from edgesmith.profiling.measure import (
     early_exit_stats,
     measure,
     measured_profile,
-    ort_per_op,
     peak_host_memory_mb,
-    tensorrt_per_layer,
 )
 from edgesmith.profiling.schema import (
     PROFILE_SCHEMA_VERSION,
@@ -85,7 +83,7 @@ __all__ = [
     # measuring
     "MIN_SAMPLES", "INPUT_BATCHES", "EARLY_EXIT_INPUT_BATCHES", "artifact_size_bytes", "artifact_info",
     "build_feeds", "peak_host_memory_mb", "check_arguments", "measure", "profile", "measured_profile",
-    "early_exit_stats", "tensorrt_per_layer", "ort_per_op",
+    "early_exit_stats",
     # generation (decoders)
     "DEFAULT_PROMPT_TOKENS", "DEFAULT_NEW_TOKENS", "is_decoder", "parse_prompt_tokens", "profile_generation",
     "generation_profile",

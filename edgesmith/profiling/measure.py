@@ -7,7 +7,6 @@ loop alone, for callers that hold a session already.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import sys
@@ -15,7 +14,6 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from itertools import cycle
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,39 +86,27 @@ def peak_host_memory_mb() -> float | None:
     return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)
 
 
-def _on_torch_cuda(session) -> bool:
-    return session.runtime == "torch" and str(getattr(session, "device", "cpu")).startswith("cuda")
-
-
 def _reset_device_memory(session) -> None:
-    if str(getattr(session, "device", "cpu")).startswith("cuda"):
+    if session.device.startswith("cuda"):
         import torch
 
         torch.cuda.reset_peak_memory_stats()
 
 
 def _device_memory_mb(session) -> float | None:
-    """Peak device memory while profiling: the session's own account where it keeps one (TensorRT:
-    the engine's context memory plus its buffers), else what torch allocated on CUDA (weights
-    included); None off the GPU."""
-    own = getattr(session, "device_memory_mb", None)
-    if callable(own):
-        return own()
-    if not _on_torch_cuda(session):
-        return None
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    """Peak device memory while profiling: the session's own account (TensorRT: the engine's context
+    memory plus its buffers; torch on CUDA: what its allocator holds, weights included); None off the GPU."""
+    return session.device_memory_mb()
 
 
 def _runtime_options(runtime: str, provider: str, threads: int | None, options: dict[str, Any]) -> dict[str, Any]:
-    """What the runtime's ``load`` takes: torch names its device ``device``, ORT its ``provider``."""
+    """What the runtime's ``load`` takes: ``provider`` under the option that names its device
+    (:attr:`~edgesmith.runtimes.base.Runtime.device_option`: torch's ``device``, ORT's ``provider``)."""
+    from edgesmith.runtimes.base import get_runtime
+
     options = dict(options)
     options["threads"] = threads
-    if runtime == "torch":
-        options.setdefault("device", provider)
-    else:
-        options.setdefault("provider", provider)
+    options.setdefault(get_runtime(runtime).device_option, provider)
     return options
 
 
@@ -146,8 +132,7 @@ def _progress(enabled: bool, total: int):
 
 def _device_timer(session):
     """A GPU session's own timer (CUDA events, inputs on the device), or None: wall-clock timing."""
-    timer = getattr(session, "time_run", None)
-    return timer if callable(timer) and str(getattr(session, "device", "cpu")).startswith("cuda") else None
+    return session.time_run if session.times_on_device and session.device.startswith("cuda") else None
 
 
 def measure(session, feeds: list[dict[str, np.ndarray]], *, warmup: int, iterations: int,
@@ -163,9 +148,7 @@ def measure(session, feeds: list[dict[str, np.ndarray]], *, warmup: int, iterati
     for _ in range(warmup):
         warm(next(batches))
     session.synchronize()
-    reset = getattr(session, "reset_stats", None)
-    if callable(reset):  # an early-exit session counts exits and segment times: the timed runs only
-        reset()
+    session.reset_stats()  # an early-exit session counts exits and segment times: the timed runs only
     latencies: list[float] = []
     device_timer = _device_timer(session)
     bar = _progress(progress, iterations)
@@ -224,19 +207,13 @@ def profile(artifact: Artifact, runtime: str | None = None, *, batch: int = 1, s
                             progress=progress)
         exit_stats = early_exit_stats(session, batch)
         providers = list(session.providers)
-        session_options = dict(getattr(session, "options", {}) or {})
+        session_options = dict(session.options or {})
         device_peak = _device_memory_mb(session)
     finally:
         session.close()
     ops = None
     if per_op:
-        if runtime_name == "tensorrt":
-            ops = tensorrt_per_layer(artifact, options, feeds, per_op_runs)
-        elif runtime_name != "onnxruntime":
-            raise BadInput(f"per-op times come from ONNX Runtime's or TensorRT's profiler; runtime '{runtime_name}' "
-                           "has none")
-        else:
-            ops = ort_per_op(artifact, options, feeds, per_op_runs)
+        ops = [OpTime(**op) for op in get_runtime(runtime_name).per_op(artifact, options, feeds, per_op_runs)]
     used_threads = session_options.get("threads", threads)
     return measured_profile(
         label=label or f"{artifact.name} ({runtime_name})",
@@ -289,12 +266,11 @@ def measured_profile(*, label: str, artifact: ArtifactInfo, runtime: RuntimeInfo
 def early_exit_stats(session, batch: int) -> EarlyExitStats | None:
     """The exit histogram and segment times an early-exit session counted, with the latency its
     calibration histogram predicts from those segment times (None for other sessions)."""
-    stats_of = getattr(session, "exit_stats", None)
-    if not callable(stats_of):
+    stats = session.exit_stats()
+    if stats is None:
         return None
-    stats = stats_of()
     layers = stats["exit_layers"]
-    policy = getattr(session, "policy", None)
+    policy = session.policy
     expected_hist = {str(k): int(v) for k, v in ((policy.calibration or {}).get("histogram") or {}).items()} \
         if policy is not None else {}
     expected_ms = None
@@ -311,41 +287,3 @@ def early_exit_stats(session, batch: int) -> EarlyExitStats | None:
                           mean_layers=stats["mean_layers"], total_layers=layers[-1], segment_runs=stats["segment_runs"],
                           segment_rows=stats["segment_rows"], segment_ms=stats["segment_ms"],
                           expected_histogram=expected_hist, expected_ms=expected_ms)
-
-
-def tensorrt_per_layer(artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],
-                       runs: int) -> list[OpTime]:
-    """Per-layer mean times of a TensorRT engine through TensorRT's IProfiler, in a separate session."""
-    from edgesmith.runtimes.base import get_runtime
-
-    session = get_runtime("tensorrt").load(artifact, **options)
-    try:
-        return [OpTime(**layer) for layer in session.per_layer(feeds, runs)]
-    finally:
-        session.close()
-
-
-def ort_per_op(artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],
-               runs: int) -> list[OpTime]:
-    """Per-op mean times from ONNX Runtime's profiler (``enable_profiling``), parsed from its trace."""
-    import os
-    import tempfile
-
-    from edgesmith.profiling.agent import per_op_from_trace
-    from edgesmith.runtimes.base import get_runtime
-
-    if runs < 1:
-        raise BadInput(f"per-op runs must be at least 1 (got {runs})")
-    with tempfile.TemporaryDirectory(prefix="edgesmith-ortprof-") as folder:
-        # the trace goes into the temp folder (profile_file_prefix), never the process's working directory
-        prefix = os.path.join(folder, "trace")
-        events = []
-        for n in (1, runs):  # a first session absorbs first-run allocations; the second is recorded
-            session = get_runtime("onnxruntime").load(artifact, **{**options, "enable_profiling": True,
-                                                                   "profile_file_prefix": prefix})
-            for i in range(n):
-                session.run(feeds[i % len(feeds)])
-            trace = session.end_profiling()
-            session.close()
-            events = json.loads(Path(trace).read_text(encoding="utf-8"))
-    return [OpTime(**op) for op in per_op_from_trace(events, runs)]

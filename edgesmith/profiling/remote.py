@@ -41,6 +41,7 @@ from edgesmith.profiling.environment import Environment
 from edgesmith.profiling.measure import artifact_info, build_feeds, check_arguments, measured_profile
 from edgesmith.profiling.schema import OpTime, Profile, RuntimeInfo
 from edgesmith.profiling.ssh import RemoteDevice, ssh_error
+from edgesmith.runtimes.base import get_runtime
 from edgesmith.tensorrt.precision import needs_conversion, typing_for_version
 from edgesmith.tensorrt.trtexec import device_engine_key, trtexec_build_argv, trtexec_run_argv
 
@@ -122,7 +123,8 @@ def profile_remote(artifact: Artifact, target, *, ssh_config: str | Path | None 
     try:
         device.connect()
         fingerprint = _check_device(device, target, runtime, provider, left)
-        if runtime == "tensorrt":
+        builds_there = get_runtime(runtime).builds_on_device  # TensorRT: trtexec builds the engine on the device
+        if builds_there:
             precision = precision or _precision_of(artifact)
             artifact = strongly_typed_source(artifact, precision, (fingerprint.get("libraries") or {}).get("tensorrt"))
         info = artifact_info(artifact)
@@ -130,7 +132,7 @@ def profile_remote(artifact: Artifact, target, *, ssh_config: str | Path | None 
         copied = device.put_folder(model_files(artifact), art_dir, timeout=left())
         feeds = build_feeds(artifact.tokenizer, artifact.input_names, batch=batch, seq=seq, texts=texts)
         inputs_dir = put_inputs(device, feeds, left)
-        if runtime == "tensorrt":
+        if builds_there:
             result = _run_trtexec(device, target, artifact, info.hash, fingerprint, art_dir, inputs_dir,
                                   batch=batch, seq=seq, warmup=warmup, iterations=iterations,
                                   time_budget_s=time_budget_s, precision=precision or _precision_of(artifact),
@@ -263,9 +265,9 @@ def _time_left(device: RemoteDevice, timeout_s: float, started: float) -> Callab
 
 def _check_device(device: RemoteDevice, target, runtime: str, provider: str, left: Callable[[], float]) -> dict:
     """The device's fingerprint, from an agent run that fails clearly when the runtime or provider is missing."""
-    check = ["fingerprint", "--require", "trtexec" if runtime == "tensorrt" else "onnxruntime",
-             "--provider", provider]
-    if runtime == "tensorrt":
+    builds_there = get_runtime(runtime).builds_on_device
+    check = ["fingerprint", "--require", "trtexec" if builds_there else "onnxruntime", "--provider", provider]
+    if builds_there:
         check += ["--trtexec", target.trtexec or "trtexec"]
     return device.agent(check, timeout=min(60.0, left()))["environment"]
 

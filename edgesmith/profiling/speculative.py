@@ -216,7 +216,7 @@ def profile_speculative(target: Artifact | str, *, draft: Artifact | str | None 
             raise BadInput("every prompt stopped after its first token; nothing to time (use --ignore-eos or other "
                            "prompts)")
         providers = list(session.providers)
-        used_threads = (getattr(session, "options", {}) or {}).get("threads", threads)
+        used_threads = (session.options or {}).get("threads", threads)
         runtime = session.runtime
     finally:
         if drafter is not None:

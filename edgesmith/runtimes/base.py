@@ -26,13 +26,21 @@ class Availability:
 
 
 class Session(ABC):
-    """A loaded model, ready to run on numpy feeds (int64 token ids, masks)."""
+    """A loaded model, ready to run on numpy feeds (int64 token ids, masks).
+
+    What a session can do beyond ``run`` is declared here, with the answer for a session that
+    cannot (a class attribute or a method to override), so callers never probe with ``getattr``."""
 
     runtime: str = ""
     device: str = "cpu"
     #: the providers / backends the session really runs on, in priority order
     providers: list[str]
+    #: the options the session runs with, read back from the runtime
     options: dict[str, Any]
+    #: whether :meth:`time_run` times one run on the GPU (CUDA events or IOBinding, inputs on the device)
+    times_on_device: ClassVar[bool] = False
+    #: an early-exit session's exit policy (None for every other session)
+    policy: Any = None
 
     @property
     @abstractmethod
@@ -44,6 +52,21 @@ class Session(ABC):
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the CPU)."""
+
+    def time_run(self, feeds: dict[str, np.ndarray]) -> float:
+        """One run timed on the device, in ms (sessions with :attr:`times_on_device`)."""
+        raise BadInput(f"{type(self).__name__} has no device timer; time session.run")
+
+    def device_memory_mb(self) -> float | None:
+        """Peak device memory the session accounts for (MiB); None off the GPU or where it keeps no account."""
+        return None
+
+    def reset_stats(self) -> None:
+        """Forget what the session counted so far (an early-exit session's exits): the timed runs only."""
+
+    def exit_stats(self) -> dict[str, Any] | None:
+        """What an early-exit session counted (exits, segment times); None for every other session."""
+        return None
 
     def close(self) -> None:
         """Release what the session holds."""
@@ -65,6 +88,12 @@ class Runtime(ABC):
     decoder_hint: ClassVar[str] = ""
     #: whether ``edgesmith profile --target`` measures this runtime's decoders on a device over ssh
     remote_generation: ClassVar[bool] = False
+    #: the load option that names the device or execution provider (``--provider``'s value goes there)
+    device_option: ClassVar[str] = "provider"
+    #: a short name for profile labels (``ort``); empty: the name
+    short_name: ClassVar[str] = ""
+    #: whether a device profile builds the artifact on the device from its ONNX source (trtexec)
+    builds_on_device: ClassVar[bool] = False
 
     @abstractmethod
     def availability(self) -> Availability: ...
@@ -136,6 +165,16 @@ class Runtime(ABC):
         """The session options a generation profile of ``prompt_tokens`` + ``new_tokens`` runs with."""
         return dict(options)
 
+    def per_op(self, artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],
+               runs: int) -> list[dict[str, Any]]:
+        """Per-op (per-layer) mean times from the runtime's own profiler (:data:`PER_OP_PROFILERS`),
+        recorded in a session of their own so the profiler never slows a timed loop."""
+        target = PER_OP_PROFILERS.get(self.name)
+        if target is None:
+            raise BadInput(f"per-op times come from ONNX Runtime's or TensorRT's profiler; runtime '{self.name}' "
+                           "has none")
+        return _resolve(target)(artifact, options, feeds, runs)
+
     def check(self, artifact: Artifact) -> None:
         if not self.accepts(artifact):
             raise BadInput(
@@ -160,6 +199,12 @@ BUILTIN_RUNTIMES: dict[str, str] = {
 KIND_SESSIONS: dict[tuple[str, str], str] = {
     ("onnxruntime", "early-exit"): "edgesmith.early_exit.runtime:ort_session",
     ("torch", "early-exit"): "edgesmith.early_exit.runtime:torch_session",
+}
+
+#: per-op profilers by runtime: name -> "module:function(artifact, options, feeds, runs) -> [op time dicts]"
+PER_OP_PROFILERS: dict[str, str] = {
+    "onnxruntime": "edgesmith.runtimes.onnxruntime_profiler:ort_per_op",
+    "tensorrt": "edgesmith.tensorrt.runtime:tensorrt_per_layer",
 }
 
 _RUNTIMES: dict[str, type[Runtime]] = {}

@@ -82,6 +82,7 @@ def session_options(*, threads: int | None = None, graph_optimization: str = "al
 
 class OrtSession(Session):
     runtime = "onnxruntime"
+    times_on_device = True  # on the GPU providers
 
     def __init__(self, model: OnnxModel, *, provider: str = "cpu", threads: int | None = None,
                  provider_options: dict | None = None, enable_profiling: bool = False,
@@ -182,10 +183,9 @@ def parse_provider_options(items: list[str] | None) -> dict[str, str]:
 # The decoder session
 # ---------------------------------------------------------------------------------------------
 
-#: ORT intra-op spinning for decoder sessions: off. SmolLM2 FP32, threads = 2, prompt 128, 64 new
-#: tokens, the shared 2-core machine at load ~2.5: 20.1 tokens/s and TTFT 243 ms without spinning,
-#: 11.7 tokens/s and 416 ms with it (at load ~9: 9.1 against 5.8 tokens/s); spinning threads
-#: fight whatever else runs (the other runtime of a comparison, other jobs) for the two cores.
+#: ORT intra-op spinning for decoder sessions: off. SmolLM2 FP32, threads = 2, prompt 128, 64 new tokens, the
+#: shared 2-core machine at load ~2.5: 20.1 tokens/s and TTFT 243 ms without spinning, 11.7 tokens/s and 416 ms
+#: with it (at load ~9: 9.1 against 5.8); spinning threads fight whatever else runs for the two cores.
 DEFAULT_ALLOW_SPINNING = False
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -417,6 +417,7 @@ class OrtDecoderSession(DecoderSession):
 @register_runtime
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
+    short_name = "ort"
     kinds = ("onnx", "early-exit")
     decoder_kinds = ("onnx",)
     decoder_session = OrtDecoderSession

@@ -57,6 +57,7 @@ def check_device(device: str) -> None:
 
 class TorchSession(Session):
     runtime = "torch"
+    times_on_device = True  # on CUDA
 
     def __init__(self, model: TorchModel, *, device: str = "cpu", threads: int | None = None,
                  dtype: str = "fp32", compile: bool = False, cuda_graphs: bool = False):
@@ -258,6 +259,7 @@ class TorchRuntime(Runtime):
     name = "torch"
     kinds = ("torch", "early-exit")
     OPTIONS = ("device", "threads", "dtype", "compile", "cuda_graphs")
+    device_option = "device"
     decoder_kinds = ("torch",)
     decoder_session = TorchDecoderSession
 

@@ -174,4 +174,4 @@ class EdgesmithLM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         return {"model_name": self.artifact.name, "model_kind": self.artifact.kind,
-                "runtime": self.session.runtime, "providers": list(getattr(self.session, "providers", []) or [])}
+                "runtime": self.session.runtime, "providers": list(self.session.providers)}

@@ -68,8 +68,8 @@ class SessionScorer:
         if batch_size < 1:
             raise BadInput(f"batch_size must be at least 1 (got {batch_size})")
         self.session = session
-        # llama.cpp's session holds one sequence
-        self.batch_size = 1 if session.runtime == "llamacpp" else int(batch_size)
+        # a session that holds fewer sequences (llama.cpp's: one) scores that many at a time
+        self.batch_size = min(int(batch_size), session.MAX_BATCH or int(batch_size))
         limit = session.max_positions or DEFAULT_MAX_LENGTH
         self.max_length = int(min(max_length or limit, limit))
         self.pad_id = int(pad_id if pad_id is not None else (session.pad_token_id or 0))

@@ -65,6 +65,7 @@ def pick_profile(ranges: list[dict[str, tuple]], shapes: dict[str, tuple[int, ..
 
 class TensorRTSession(Session):
     runtime = "tensorrt"
+    times_on_device = True
 
     def __init__(self, model: TensorRTEngine, *, device: str = "cuda"):
         trt = import_tensorrt()
@@ -239,10 +240,22 @@ def _layer_recorder(trt):
     return LayerTimes()
 
 
+def tensorrt_per_layer(artifact: Artifact, options: dict[str, Any], feeds: list[dict[str, np.ndarray]],
+                       runs: int) -> list[dict[str, Any]]:
+    """Per-layer mean times of a TensorRT engine through TensorRT's IProfiler, in a separate session
+    (the runtime's per-op profiler, :data:`edgesmith.runtimes.base.PER_OP_PROFILERS`)."""
+    session = TensorRTRuntime().load(artifact, **options)
+    try:
+        return session.per_layer(feeds, runs)
+    finally:
+        session.close()
+
+
 @register_runtime
 class TensorRTRuntime(Runtime):
     name = "tensorrt"
     kinds = ("tensorrt",)
+    builds_on_device = True  # a device profile builds the engine there (trtexec) from the ONNX source
 
     def availability(self) -> Availability:
         try:

@@ -57,10 +57,10 @@ def speed_against_parent(parent: OnnxModel, quantized: OnnxModel, *, batch: int 
     of iterations per model, alternating order, so neither is favoured by the caches), with the
     bootstrap speedup; ``slower_than_parent`` when the whole interval lies below 1."""
     from edgesmith.profiling import build_feeds, measure
-    from edgesmith.runtimes.base import get_runtime
+    from edgesmith.runtimes.base import default_runtime_for, get_runtime
     from edgesmith.stats import bootstrap_speedup, summarize, verdict_of
 
-    runtime = get_runtime("onnxruntime")
+    runtime = get_runtime(default_runtime_for(parent))  # ONNX Runtime for the ONNX models this pass writes
     sessions = {"parent": runtime.load(parent), "quantized": runtime.load(quantized)}
     samples: dict[str, list[float]] = {"parent": [], "quantized": []}
     try:
