@@ -106,3 +106,78 @@ def test_report_renders_in_headless_chromium(run_folder, tmp_path):
     assert len(set(pixels)) > 50  # coloured plot marks and anti-aliased text
     # the plots drew: blue Pareto points/lines exist somewhere on the page
     assert any(b > 150 and r < 100 and g < 160 for r, g, b in pixels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison at 80 columns (edgesmith run recipes/smollm2-gguf.yaml in a new user's terminal)
+# ---------------------------------------------------------------------------------------------
+
+
+def _generation(label: str, runtime: str, provider: str, decode_ms: float, ttft: dict[int, float], seed: int):
+    import numpy as np
+
+    from edgesmith.profiling.generation import generation_profile
+    from edgesmith.profiling.schema import ArtifactInfo, RuntimeInfo
+
+    rng = np.random.default_rng(seed)
+    return generation_profile(
+        label=label, artifact=ArtifactInfo(name=label, kind="gguf", hash="0" * 64, size_bytes=98_000_000,
+                                           task="text-generation"),
+        runtime=RuntimeInfo(name=runtime, providers=[provider]), threads=2, batch=1, new_tokens=64, warmup=1,
+        ttft_ms={n: list(ms * rng.lognormal(0, 0.02, 3)) for n, ms in ttft.items()},
+        decode_ms=[list(decode_ms * rng.lognormal(0, 0.05, 63)) for _ in range(3)], load_s=0.2,
+        peak_rss_mb=180.0, rss_source="test").model_copy(
+            update={"quality": {"kld": 0.0123, "top1": 0.9512, "perplexity": 17.25}})
+
+
+def test_a_decoder_comparison_reads_at_80_columns_and_report_md_keeps_every_column():
+    from rich.console import Console
+
+    from edgesmith.profiling import compare
+
+    comparison = compare([
+        _generation("smollm2-source (llamacpp)", "llamacpp", "llama.cpp-cpu", 9.0, {128: 480.0, 512: 2100.0}, 1),
+        _generation("smollm2-gguf-q4_1-pruned (llamacpp)", "llamacpp", "llama.cpp-cpu", 7.5,
+                    {128: 400.0, 512: 1800.0}, 2),
+        _generation("smollm2 (torch)", "torch", "torch-cpu", 70.0, {128: 380.0, 512: 1500.0}, 3)])
+    wide = comparison.table("generation comparison")
+    assert len(wide.columns) >= 14  # the grid a wide terminal gets (and what the 80-column one could not show)
+    for width in (80, 100):
+        console = Console(record=True, width=width)
+        console.print(comparison.table("generation comparison", width=width))
+        text = console.export_text()
+        assert "…" not in text, text
+        assert max(len(line) for line in text.splitlines()) <= width
+        for needle in ("smollm2-gguf-q4_1-pruned", "decode tok/s", "TTFT@512 ms", "slower", "faster",
+                       "peak RSS MB", "kld"):
+            assert needle in text
+    console = Console(record=True, width=250)
+    console.print(comparison.table("generation comparison", width=250))  # room: the grid as before
+    text = console.export_text()
+    assert "…" not in text and "TTFT@128" in text and "speedup" in text, text
+    markdown = comparison.markdown().splitlines()
+    for column in ("label", "target", "artifact", "runtime", "provider", "shapes", "decode tok/s", "ms/token p50",
+                   "decode speedup [95% CI]", "verdict", "TTFT@128 ms", "TTFT@128 speedup", "TTFT@512 ms",
+                   "TTFT@512 speedup", "kld", "top1", "perplexity", "peak RSS MB", "size MB"):
+        assert f" {column} |" in markdown[0]
+    assert markdown[0].count("|") == 20 and all(line.count("|") == 20 for line in markdown[:5])
+
+
+def test_an_encoder_comparison_reads_at_80_columns():
+    from rich.console import Console
+
+    from edgesmith.profiling import compare
+    from edgesmith.profiling.schema import Shapes
+
+    profiles = []
+    for i, (label, ms) in enumerate((("minilm fp32 (onnxruntime)", 20.0), ("minilm int8 pruned 30 % (onnxruntime)", 9.0),
+                                     ("minilm fp16 (onnxruntime)", 15.0))):
+        prof = _generation(label, "onnxruntime", "CPUExecutionProvider", ms, {8: ms}, i)
+        profiles.append(prof.model_copy(update={"kind": "measured", "generation": None, "shapes": Shapes(batch=8, seq=128),
+                                                "quality": {"cosine": 0.999, "cosine_min": 0.98, "spearman": 0.97,
+                                                            "top1": 0.99}}))
+    comparison = compare(profiles)
+    console = Console(record=True, width=80)
+    console.print(comparison.table(width=80))
+    text = console.export_text()
+    assert "…" not in text and "minilm int8 pruned 30 %" in text and "cosine" in text

@@ -306,7 +306,8 @@ def compare_command(
     if as_json:
         print_json(comparison.model_dump(mode="json"))
         return
-    console.print(comparison.table("generation comparison" if comparison.is_generation else "latency comparison"))
+    console.print(comparison.table("generation comparison" if comparison.is_generation else "latency comparison",
+                                   width=console.width))
     for line in comparison.early_exit_lines():
         console.print(f"early exit, {escape(line)}")
     for row in comparison.rows:

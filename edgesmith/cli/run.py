@@ -28,7 +28,7 @@ def run_command(
                     "comparison": result.manifest.get("comparison")})
         return
     if result.comparison is not None:
-        console.print(result.comparison.table())
+        console.print(result.comparison.table(width=console.width))
         for line in result.comparison.early_exit_lines():
             console.print(f"early exit, {escape(line)}")
     console.print(f"run folder: {result.run_dir}  (manifest.json, report.md)")

@@ -21,11 +21,8 @@ every public name of schema, measure and compare.
 from __future__ import annotations
 
 from edgesmith.profiling.compare import (
-    COMPACT_DROPPABLE,
-    COMPACT_HIDDEN,
     MIN_TTFT_SAMPLES,
     OP_DELTA_ROWS,
-    VERDICT_HEADER,
     Comparison,
     ComparisonRow,
     EarlyExitSummary,
@@ -72,6 +69,7 @@ from edgesmith.profiling.schema import (
     Shapes,
     Stats,
 )
+from edgesmith.reports.comparison import COMPACT_DROPPABLE, COMPACT_HIDDEN, VERDICT_HEADER
 from edgesmith.stats import CONFIDENCE, Verdict, bootstrap_speedup, summarize, verdict_of
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Comparing profiles against a baseline, and rendering the comparison (rich tables, Markdown).
+"""Comparing profiles against a baseline (the tables are rendered by edgesmith.reports.comparison).
 
 A speedup is median(baseline) / median(candidate) with a bootstrap confidence interval
 (:mod:`edgesmith.stats`); a verdict claims "faster" or "slower" only when the whole interval lies
@@ -27,11 +27,6 @@ from edgesmith.profiling.schema import OpTime, Profile, ProfileKind, Shapes
 from edgesmith.schema import StrictModel
 from edgesmith.stats import CONFIDENCE, Verdict, bootstrap_speedup, verdict_of
 
-VERDICT_HEADER = "verdict"
-#: columns the compact table folds into its title when every row has the same value
-COMPACT_DROPPABLE = ("target", "artifact", "runtime", "provider", "shapes")
-#: columns the compact table leaves to the JSON and Markdown outputs
-COMPACT_HIDDEN = ("artifact", "runtime", "cosine_min", "ms/token p50")
 #: per-op deltas listed per compared profile (the largest absolute changes)
 OP_DELTA_ROWS = 12
 #: fewest TTFT samples (rounds) per side for a bootstrap interval; fewer: the ratio of medians, "within noise"
@@ -137,150 +132,29 @@ class Comparison(StrictModel):
                 seen.update(dict.fromkeys(row.generation.ttft_ms))
         return list(seen)
 
-    def _cells(self, row: ComparisonRow, *, words: bool = True) -> list[str]:
-        """One row's cells; ``words``: TTFT verdicts spelled out (Markdown) rather than left to colour."""
-        label = f"{row.label} (estimate)" if row.kind == "estimate" else row.label
-        provider = "roofline estimate" if row.kind == "estimate" else row.provider.removesuffix("ExecutionProvider")
-        if row.generation is not None:
-            gen = row.generation
-            ttft = []
-            for n in self.prompt_lengths():
-                ms = gen.ttft_ms.get(n)
-                ttft += [_ms_text(ms), _ratio_text(gen.ttft.get(n), words=words)]
-            return ([label, row.target, row.artifact, row.runtime, provider, f"{row.shapes}+{gen.new_tokens}",
-                     f"{gen.decode_tokens_per_s:.1f}", f"{row.p50:.2f}", _speedup_text(row), row.verdict] + ttft
-                    + [_quality_text(row.quality.get(m)) for m in self.quality_metrics()]
-                    + ["-" if gen.peak_rss_mb is None else f"{gen.peak_rss_mb:.0f}", f"{row.size_mb:.1f}"])
-        return ([label, row.target, row.artifact, row.runtime, provider, str(row.shapes),
-                 f"{row.p50:.2f}", f"{row.p90:.2f}", _speedup_text(row), row.verdict]
-                + [_quality_text(row.quality.get(m)) for m in self.quality_metrics()]
-                + [f"{row.size_mb:.1f}"])
+    # rendering lives in edgesmith.reports.comparison; these delegate to it
 
-    def _headers(self) -> list[str]:
-        if self.is_generation:
-            ttft = [h for n in self.prompt_lengths() for h in (f"TTFT@{n} ms", f"TTFT@{n} speedup")]
-            return (["label", "target", "artifact", "runtime", "provider", "shapes", "decode tok/s", "ms/token p50",
-                     f"decode speedup [{self.confidence:.0%} CI]", VERDICT_HEADER] + ttft + self.quality_metrics()
-                    + ["peak RSS MB", "size MB"])
-        return (["label", "target", "artifact", "runtime", "provider", "shapes", "p50 ms", "p90 ms",
-                 f"speedup [{self.confidence:.0%} CI]", VERDICT_HEADER] + self.quality_metrics() + ["size MB"])
+    def table(self, title: str | None = "latency comparison", *, compact: bool = True, width: int | None = None):
+        """A rich Table (:func:`edgesmith.reports.comparison.table`); ``width``: the terminal's columns."""
+        from edgesmith.reports import comparison as render
 
-    def _numeric(self) -> set[str]:
-        """Right-aligned columns."""
-        ttft = {f"TTFT@{n} ms" for n in self.prompt_lengths()}
-        return {"p50 ms", "p90 ms", "size MB", "decode tok/s", "ms/token p50", "peak RSS MB", *ttft,
-                *self.quality_metrics()}
-
-    def _compact(self) -> tuple[list[str], list[list[str]], list[str]]:
-        """Headers and cells without the columns that say the same on every row (named in a note instead)."""
-        headers, cells = self._headers(), [self._cells(row, words=False) for row in self.rows]
-        keep, notes = [], []
-        for i, header in enumerate(headers):
-            values = {c[i] for c in cells}
-            if header in COMPACT_DROPPABLE and len(values) == 1 and len(cells) > 1:
-                notes.append(f"{header} {next(iter(values))}")
-            elif header not in COMPACT_HIDDEN:
-                keep.append(i)
-        return [headers[i] for i in keep], [[c[i] for i in keep] for c in cells], notes
-
-    def table(self, title: str | None = "latency comparison", *, compact: bool = True):
-        """A rich Table of the rows (verdicts coloured); ``compact`` folds columns equal on every row into the title."""
-        from rich.markup import escape
-        from rich.table import Table
-
-        if compact:
-            headers, rows_cells, notes = self._compact()
-        else:
-            headers, rows_cells, notes = self._headers(), [self._cells(row, words=False) for row in self.rows], []
-        if title and notes:
-            title = f"{title} ({', '.join(notes)})"
-        table = Table(title=title)
-        numeric = self._numeric()
-        for header in headers:
-            # generation tables are wide: long headers on two lines, intervals never broken
-            shown = header.replace(" ", "\n", 1) if self.is_generation and len(header) > 8 else header
-            table.add_column(shown, justify="right" if header in numeric else "left",
-                             no_wrap=self.is_generation and "speedup" in header)
-        styles = {"faster": "green", "slower": "red", "baseline": "bold", "within noise": "yellow",
-                  "different shapes": "dim", "estimate": "magenta"}
-        verdict_column = headers.index(VERDICT_HEADER)
-        previous = None
-        for row, row_cells in zip(self.rows, rows_cells):
-            cells = [escape(c) for c in row_cells]
-            cells[verdict_column] = f"[{styles[row.verdict]}]{cells[verdict_column]}[/]"
-            for n, ratio in (row.generation.ttft.items() if row.generation is not None else ()):
-                column = f"TTFT@{n} speedup"
-                if column in headers:
-                    at = headers.index(column)
-                    cells[at] = f"[{styles[ratio.verdict]}]{cells[at]}[/]"
-            table.add_row(*cells, end_section=False)
-            if previous is not None and previous != row.target:
-                table.rows[-2].end_section = True
-            previous = row.target
-        return table
+        return render.table(self, title, compact_columns=compact, width=width)
 
     def op_delta_table(self, row: ComparisonRow):
-        """A rich Table of one row's per-op deltas against the baseline (largest changes first)."""
-        from rich.markup import escape
-        from rich.table import Table
+        """A rich Table of one row's per-op deltas (:func:`edgesmith.reports.comparison.op_delta_table`)."""
+        from edgesmith.reports import comparison as render
 
-        base = self.rows[self.baseline]
-        table = Table(title=f"per-op: {escape(row.label)} vs {escape(base.label)} (ms per run)")
-        for header in ("op", "level", "baseline ms", "ms", "delta ms"):
-            table.add_column(header, justify="left" if header in ("op", "level") else "right")
-        for d in row.op_deltas or []:
-            colour = "green" if d.delta_ms < 0 else "red" if d.delta_ms > 0 else ""
-            delta = f"{d.delta_ms:+.3f}"
-            table.add_row(escape(d.key), d.level, f"{d.baseline_ms:.3f}", f"{d.ms:.3f}",
-                          f"[{colour}]{delta}[/]" if colour else delta)
-        return table
+        return render.op_delta_table(self, row)
 
     def markdown(self) -> str:
-        """A Markdown table for report.md."""
-        headers = self._headers()
-        numeric = self._numeric() - set(self.quality_metrics())
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---:" if h in numeric else "---" for h in headers) + "|"]
-        for row in self.rows:
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in self._cells(row)) + " |")
-        exits = self.early_exit_lines()
-        if exits:
-            lines += [""] + [f"- Early exit, {line}" for line in exits]
-        return "\n".join(lines) + "\n"
+        """A Markdown table for report.md, every column (:func:`edgesmith.reports.comparison.markdown`)."""
+        from edgesmith.reports import comparison as render
+
+        return render.markdown(self)
 
     def early_exit_lines(self) -> list[str]:
         """One sentence per early-exit row: layers executed, expected vs measured latency."""
         return [row.early_exit.sentence(row.label) for row in self.rows if row.early_exit is not None]
-
-
-def _speedup_text(row: ComparisonRow) -> str:
-    if row.verdict == "baseline":
-        return "1.00x"
-    if row.speedup is None:
-        return "-"
-    if row.ci_low is None or row.ci_high is None:
-        return f"{row.speedup:.2f}x"
-    return f"{row.speedup:.2f}x [{row.ci_low:.2f}-{row.ci_high:.2f}]"
-
-
-def _ratio_text(ratio: RatioCI | None, *, words: bool = True) -> str:
-    """A TTFT cell: the speedup, its interval and (``words``) the verdict."""
-    if ratio is None or ratio.verdict == "different shapes":
-        return "-"
-    if ratio.verdict == "baseline":
-        return "1.00x"
-    if ratio.speedup is None:
-        return "-"
-    interval = "" if ratio.ci_low is None or ratio.ci_high is None else f" [{ratio.ci_low:.2f}-{ratio.ci_high:.2f}]"
-    return f"{ratio.speedup:.2f}x{interval}" + (f" {ratio.verdict}" if words else "")
-
-
-def _ms_text(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
-
-
-def _quality_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _baseline_index(profiles: list[Profile], baseline: int | str) -> int:

@@ -161,8 +161,11 @@ def _verdict_class(verdict: str) -> str:
 
 
 def comparison_html(comparison: Comparison) -> str:
-    headers = comparison._headers()
-    cells_by_row = [comparison._cells(r) for r in comparison.rows]
+    from edgesmith.reports.comparison import cells as row_cells
+    from edgesmith.reports.comparison import headers as header_row
+
+    headers = header_row(comparison)
+    cells_by_row = [row_cells(comparison, r) for r in comparison.rows]
     numeric = {"p50 ms", "p90 ms", "size MB", *comparison.quality_metrics()}
     out = ["<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr></thead><tbody>"]
     previous = None
