@@ -158,17 +158,19 @@ def _print_report(report) -> None:
             table.add_row(name, f"{value:.4f}")
         console.print(table)
     table = Table(title=f"task accuracy of {model}" + (f", paired against {reference}" if report.reference else ""))
-    for column in ("task", "metric", "n", "candidate [95% CI]", "reference", "paired delta [95% CI]",
-                   "lost / gained", "McNemar p", "verdict", "seconds"):
-        table.add_column(column, justify="left" if column in ("task", "metric", "verdict") else "right")
+    for column in ("task (metric)", "n", "accuracy [95% CI]", "source", "paired delta [95% CI]", "lost/gained",
+                   "McNemar p", "verdict"):
+        table.add_column(column, justify="left" if column in ("task (metric)", "verdict") else "right", no_wrap=True)
+    seconds = []
     for name, comp in report.tasks.items():
-        cand = comp.candidate
-        value = f"{cand.value:.4f}" + (f" [{cand.interval.low:.3f}-{cand.interval.high:.3f}]" if cand.interval else "")
-        ref = f"{comp.reference.value:.4f}" if comp.reference else "-"
-        paired = comp.paired
-        delta = f"{paired.delta:+.4f} [{paired.low:+.3f}, {paired.high:+.3f}]" if paired else "-"
-        flips = f"{paired.lost} / {paired.gained}" if paired else "-"
-        seconds = f"{cand.seconds:.1f}" + (f" + {comp.reference.seconds:.1f}" if comp.reference else "")
-        table.add_row(name, cand.metric, str(cand.n), value, ref, delta, flips,
-                      f"{paired.p_value:.3g}" if paired else "-", paired.verdict if paired else "-", seconds)
+        cand, paired = comp.candidate, comp.paired
+        value = f"{cand.value:.3f}" + (f" [{cand.interval.low:.3f}-{cand.interval.high:.3f}]" if cand.interval else "")
+        table.add_row(f"{name} ({cand.metric})", str(cand.n), value,
+                      f"{comp.reference.value:.3f}" if comp.reference else "-",
+                      f"{paired.delta:+.3f} [{paired.low:+.3f}, {paired.high:+.3f}]" if paired else "-",
+                      f"{paired.lost}/{paired.gained}" if paired else "-",
+                      f"{paired.p_value:.3g}" if paired else "-", paired.verdict if paired else "-")
+        seconds.append(f"{name} {cand.seconds:.0f} s" + (f" (source {comp.reference.seconds:.0f} s)"
+                                                         if comp.reference else ""))
     console.print(table)
+    console.print("time, cached results included: " + ", ".join(seconds), style="dim")
