@@ -132,6 +132,59 @@ def _load_average() -> float:
         return float("nan")
 
 
+def _checked_target(target: Artifact | str, *, rounds: int, warmup: int, new_tokens: int, num_tokens: int) -> Artifact:
+    """The target artifact, after the arguments and the artifact are checked (one line each)."""
+    from edgesmith.artifacts import load
+
+    if rounds < 1 or warmup < 0 or new_tokens < 2:
+        raise BadInput(f"rounds must be >= 1, warmup >= 0 and new tokens >= 2 (got {rounds}, {warmup}, {new_tokens})")
+    if num_tokens < 1:
+        raise BadInput(f"--num-tokens (tokens drafted per round) must be at least 1, got {num_tokens}")
+    artifact = load(target) if isinstance(target, str) else target
+    if artifact.task != "text-generation":
+        raise BadInput(f"{artifact.name} is a {artifact.task} model; speculative decoding needs a causal LM")
+    if artifact.tokenizer is None:
+        raise BadInput(f"{artifact.name} has no tokenizer; save one beside the model to build prompts")
+    return artifact
+
+
+def _check_lengths(rows: list[list[int]], new_tokens: int, max_positions: int | None) -> None:
+    if max_positions:
+        too_long = [len(r) for r in rows if len(r) + new_tokens > int(max_positions)]
+        if too_long:
+            raise BadInput(f"a prompt of {too_long[0]} tokens + {new_tokens} new tokens exceeds the context of "
+                           f"{max_positions}; lower --new-tokens or give shorter prompts")
+
+
+def _paired_rounds(rows: list[list[int]], rounds: int, plain, speculative) -> dict[str, Any]:
+    """Every prompt run plain and speculative in each round, the order alternating (neither side
+    favoured by caches): the first round's tokens, the speeds, their ratios and the speculative runs."""
+    out: dict[str, Any] = {"reference": [], "ratios": [], "e2e": [], "plain_speed": [], "spec_speed": [],
+                           "per_prompt": [[] for _ in rows], "mismatches": set(), "spec_runs": []}
+    for r in range(rounds):
+        for i, ids in enumerate(rows):
+            order = ("plain", "spec") if (r + i) % 2 == 0 else ("spec", "plain")
+            result: dict[str, Any] = {}
+            for name in order:
+                result[name] = plain(ids) if name == "plain" else speculative(ids)
+            tokens, plain_ms, ttft = result["plain"]
+            run = result["spec"]
+            if r == 0:
+                out["reference"].append(tokens)
+            if run.tokens != tokens:
+                out["mismatches"].add(i)
+            steps = len(tokens) - 1
+            if steps < 1 or plain_ms <= 0 or run.decode_ms <= 0:
+                continue
+            out["plain_speed"].append(steps * 1000.0 / plain_ms)
+            out["spec_speed"].append((len(run.tokens) - 1) * 1000.0 / run.decode_ms)
+            out["ratios"].append(out["spec_speed"][-1] / out["plain_speed"][-1])
+            out["per_prompt"][i].append(round(out["ratios"][-1], 4))
+            out["e2e"].append((ttft + plain_ms) / (run.ttft_ms + run.decode_ms) * len(run.tokens) / len(tokens))
+            out["spec_runs"].append(run)
+    return out
+
+
 def profile_speculative(target: Artifact | str, *, draft: Artifact | str | None = None,
                         prompt_lookup: int | None = None, num_tokens: int = 4, task: Task = "summarise",
                         prompts: Sequence[str] | None = None, count: int = DEFAULT_PROMPTS,
@@ -142,20 +195,11 @@ def profile_speculative(target: Artifact | str, *, draft: Artifact | str | None 
     """Measure plain against speculative greedy decoding of ``target`` (see the module's docstring).
     ``draft`` (a decoder with the target's tokenizer) or ``prompt_lookup`` (longest n-gram) names the
     drafter. With ``min_speedup`` the report carries the gate's verdict (:func:`check_speedup` raises)."""
-    from edgesmith.artifacts import load
     from edgesmith.runtimes.generation import GenerationConfig, decode_loop, load_decoder, prompt_ids, stop_ids_for
     from edgesmith.runtimes.speculative import make_drafter, speculative_loop
 
-    if rounds < 1 or warmup < 0 or new_tokens < 2:
-        raise BadInput(f"rounds must be >= 1, warmup >= 0 and new tokens >= 2 (got {rounds}, {warmup}, {new_tokens})")
-    if num_tokens < 1:
-        raise BadInput(f"--num-tokens (tokens drafted per round) must be at least 1, got {num_tokens}")
-    artifact = load(target) if isinstance(target, str) else target
-    if artifact.task != "text-generation":
-        raise BadInput(f"{artifact.name} is a {artifact.task} model; speculative decoding needs a causal LM")
+    artifact = _checked_target(target, rounds=rounds, warmup=warmup, new_tokens=new_tokens, num_tokens=num_tokens)
     tokenizer = artifact.tokenizer
-    if tokenizer is None:
-        raise BadInput(f"{artifact.name} has no tokenizer; save one beside the model to build prompts")
     texts = list(prompts) if prompts is not None else grounded_prompts(count, task=task, sentences=sentences)
     load_start = _load_average()
     session = load_decoder(artifact, threads=threads)
@@ -164,11 +208,7 @@ def profile_speculative(target: Artifact | str, *, draft: Artifact | str | None 
         drafter = make_drafter(session, draft=draft, prompt_lookup=prompt_lookup, target_tokenizer=tokenizer,
                                threads=threads)
         rows = [prompt_ids(tokenizer, t, chat=chat) for t in texts]
-        if session.max_positions:
-            too_long = [len(r) for r in rows if len(r) + new_tokens > int(session.max_positions)]
-            if too_long:
-                raise BadInput(f"a prompt of {too_long[0]} tokens + {new_tokens} new tokens exceeds the context of "
-                               f"{session.max_positions}; lower --new-tokens or give shorter prompts")
+        _check_lengths(rows, new_tokens, session.max_positions)
         cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=ignore_eos)
         stops = stop_ids_for(session, tokenizer, cfg)
 
@@ -186,32 +226,10 @@ def profile_speculative(target: Artifact | str, *, draft: Artifact | str | None 
         for _ in range(warmup):
             plain(rows[0])
             speculative(rows[0])
-        reference: list[list[int]] = []
-        ratios, e2e, plain_speed, spec_speed = [], [], [], []
-        per_prompt: list[list[float]] = [[] for _ in rows]
-        mismatches: set[int] = set()
-        spec_runs = []
-        for r in range(rounds):
-            for i, ids in enumerate(rows):
-                order = ("plain", "spec") if (r + i) % 2 == 0 else ("spec", "plain")
-                result: dict[str, Any] = {}
-                for name in order:
-                    result[name] = plain(ids) if name == "plain" else speculative(ids)
-                tokens, plain_ms, ttft = result["plain"]
-                run = result["spec"]
-                if r == 0:
-                    reference.append(tokens)
-                if run.tokens != tokens:
-                    mismatches.add(i)
-                steps = len(tokens) - 1
-                if steps < 1 or plain_ms <= 0 or run.decode_ms <= 0:
-                    continue
-                plain_speed.append(steps * 1000.0 / plain_ms)
-                spec_speed.append((len(run.tokens) - 1) * 1000.0 / run.decode_ms)
-                ratios.append(spec_speed[-1] / plain_speed[-1])
-                per_prompt[i].append(round(ratios[-1], 4))
-                e2e.append((ttft + plain_ms) / (run.ttft_ms + run.decode_ms) * len(run.tokens) / len(tokens))
-                spec_runs.append(run)
+        pairs = _paired_rounds(rows, rounds, plain, speculative)
+        reference, ratios, e2e = pairs["reference"], pairs["ratios"], pairs["e2e"]
+        plain_speed, spec_speed, spec_runs = pairs["plain_speed"], pairs["spec_speed"], pairs["spec_runs"]
+        per_prompt, mismatches = pairs["per_prompt"], pairs["mismatches"]
         if not ratios:
             raise BadInput("every prompt stopped after its first token; nothing to time (use --ignore-eos or other "
                            "prompts)")
@@ -242,6 +260,11 @@ def profile_speculative(target: Artifact | str, *, draft: Artifact | str | None 
         draft_ms_per_call=draft_ms / calls if calls else 0.0, verify_ms_per_call=verify_ms / calls if calls else 0.0,
         identical=not mismatches, mismatches=sorted(mismatches), load_average=[load_start, _load_average()],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return _gated(report, min_speedup)
+
+
+def _gated(report: SpeculativeReport, min_speedup: float | None) -> SpeculativeReport:
+    """The report with the gate's verdict when ``min_speedup`` is given; logged."""
     if min_speedup is not None:
         report.min_speedup = float(min_speedup)
         report.reason = refusal(report, min_speedup)
