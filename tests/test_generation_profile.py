@@ -375,3 +375,31 @@ def test_old_and_generation_profiles_mixed_in_cli_compare(torch_profile, tmp_pat
     assert code == 2 and "cannot compare generation profiles" in " ".join(err.split())
     assert len(err.strip().splitlines()) == 1
 
+
+
+def test_runtimes_open_decoders_and_their_sessions_declare_their_options(lm):
+    """One way to open a decoder: each runtime's load_decoder behind open_decoder; ONNX Runtime's
+    load gives a decoder its decoder session; the options a session takes are its class's OPTIONS."""
+    from edgesmith.runtimes.base import decoder_runtime_names, get_runtime
+    from edgesmith.runtimes.generation import decoder_runtime, open_decoder
+    from edgesmith.runtimes.llamacpp import LlamaCppDecoderSession
+    from edgesmith.runtimes.onnxruntime import OrtDecoderSession
+    from edgesmith.runtimes.torch import TorchDecoderSession
+
+    torch_model, onnx_model = lm
+    assert set(decoder_runtime_names()) == {"llamacpp", "onnxruntime", "torch"}
+    assert decoder_runtime(onnx_model).name == "onnxruntime" and decoder_runtime(torch_model).name == "torch"
+    assert get_runtime("onnxruntime").decoder_options() == OrtDecoderSession.OPTIONS
+    assert get_runtime("llamacpp").decoder_options() == LlamaCppDecoderSession.OPTIONS and LlamaCppDecoderSession.MAX_BATCH == 1
+    with get_runtime("onnxruntime").load(onnx_model, threads=1) as session:
+        assert isinstance(session, OrtDecoderSession)
+    artifact, session = open_decoder(onnx_model, threads=1, allow_spinning=True)
+    with session:
+        assert artifact is onnx_model and session.options["allow_spinning"] is True
+    _, session = open_decoder(torch_model)
+    with session:
+        assert isinstance(session, TorchDecoderSession) and session.MAX_BATCH is None
+    with pytest.raises(BadInput, match=r"torch decoder sessions take no option\(s\) dtype"):
+        open_decoder(torch_model, dtype="fp16")
+    with pytest.raises(BadInput, match="unknown runtime 'nope'"):
+        open_decoder(onnx_model, "nope")
