@@ -37,7 +37,13 @@ def summary(path: Path) -> str:
 def section() -> str:
     mods = modules()
     lines = [BEGIN, "", "Every import points to its own layer or below (`tests/test_layers.py` checks each one, "
-             "inside functions too). Regenerate this list with `python scripts/layout.py --write`.", ""]
+             "inside functions too). Regenerate this list with `python scripts/layout.py --write`. The same test "
+             "holds two more rules: outside the runtimes' own modules (`edgesmith/runtimes/` and the modules the "
+             "runtime tables in `runtimes/base.py` name) nothing probes a session with `getattr` (capabilities are "
+             "declared on `Session`, `DecoderSession` and `Runtime`), and outside those and `edgesmith/cli/` no code "
+             "uses a runtime's name as one (it asks the runtime). A new decoder runtime is one module under "
+             "`edgesmith/runtimes/` (its `DecoderSession` with `OPTIONS`/`MAX_BATCH`, its `Runtime` with "
+             "`decoder_kinds` and `decoder_session`) and one `BUILTIN_RUNTIMES` line.", ""]
     for layer in range(8):
         names = sorted(m for m in mods if layer_of(m) == layer)
         if not names:
