@@ -115,21 +115,12 @@ def quantize_command(
                                               ("--embeddings", embeddings), ("--softmax-floor", softmax_floor),
                                               ("--drop-node-metadata", drop_node_metadata),
                                               ("--speed-check", speed_check)) if value]
-        if onnx_only:
-            raise BadInput(f"{', '.join(onnx_only)}: ONNX quantization options; --to gguf takes --format, --method, "
-                           "--steps, --lr, --keep-q8, --kl-budget, --max-kld, --min-top1")
         given = {"format": fmt, "method": method, "steps": steps, "lr": lr, "keep_q8": keep_q8,
-                 "kl_budget": kl_budget, "max_kld": max_kld, "min_top1": min_top1}
-        run_one_pass(model, "gguf-quantize", {k: v for k, v in given.items() if v is not None}, output=output,
-                     runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json, data=data)
+                 "kl_budget": kl_budget, "max_kld": max_kld, "min_top1": min_top1, "data": data}
+        run_one_pass(model, "gguf-quantize", _gguf_options(onnx_only, given), output=output, runs_dir=runs_dir,
+                     cache_dir=cache_dir, as_json=as_json)
         return
-    if to != "onnx":
-        raise BadInput(f"--to {to!r}: quantize writes onnx (ONNX Runtime) or gguf (llama.cpp)")
-    gguf_only = [flag for flag, value in (("--format", fmt != "q4_0"), ("--steps", steps), ("--lr", lr),
-                                          ("--keep-q8", keep_q8), ("--kl-budget", kl_budget),
-                                          ("--min-top1", min_top1)) if value]
-    if gguf_only:
-        raise BadInput(f"{', '.join(gguf_only)} appl{'y' if len(gguf_only) > 1 else 'ies'} to --to gguf")
+    _check_onnx_target(to, fmt, steps, lr, keep_q8, kl_budget, min_top1)
     options: dict = {"mode": mode}
     given = {"per_channel": per_channel, "calibration": calibration, "method": method, "calibration_samples": samples,
              "block": block, "max_kld": max_kld, "quantize_lm_head": lm_head, "softmax_floor": softmax_floor}
@@ -143,6 +134,23 @@ def quantize_command(
         options["keep_node_metadata"] = False
     run_one_pass(model, "quantize", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json,
                  data=data)
+
+
+def _gguf_options(onnx_only: list[str], given: dict) -> dict:
+    """quantize --to gguf: the pass's options, or one line naming the ONNX-only flags given."""
+    if onnx_only:
+        raise BadInput(f"{', '.join(onnx_only)}: ONNX quantization options; --to gguf takes --format, --method, "
+                       "--steps, --lr, --keep-q8, --kl-budget, --max-kld, --min-top1, --data")
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _check_onnx_target(to: str, fmt: str, *gguf_values) -> None:
+    if to != "onnx":
+        raise BadInput(f"--to {to!r}: quantize writes onnx (ONNX Runtime) or gguf (llama.cpp)")
+    flags = ("--steps", "--lr", "--keep-q8", "--kl-budget", "--min-top1")
+    gguf_only = [flag for flag, value in (("--format", fmt != "q4_0"), *zip(flags, gguf_values, strict=True)) if value]
+    if gguf_only:
+        raise BadInput(f"{', '.join(gguf_only)} appl{'y' if len(gguf_only) > 1 else 'ies'} to --to gguf")
 
 
 def parse_gates(values: list[str]) -> dict[str, float]:
