@@ -70,7 +70,7 @@ def main() -> None:
             report = out.lineage[-1]["report"]
             shutil.copyfile(out.path, target)
         seconds = time.perf_counter() - t0
-        entry = {"label": label, "spec": spec, "format": fmt, "method": method, "steps": steps if method == "qat" else 0,
+        entry = {"label": label, "spec": spec, "learn_scales": False, "format": fmt, "method": method, "steps": steps if method == "qat" else 0,
                  "keep_q8": keep, "lr": args.lr if method == "qat" else None, "seconds": round(seconds, 1),
                  "load_start": load_start, "load_end": _load(), "cpu_count": os.cpu_count(),
                  "file": str(target.relative_to(HERE.parent)), "size_mb": target.stat().st_size / 1e6,
@@ -157,9 +157,11 @@ def render(entries: list[dict]) -> str:
     for e in entries:
         v = e["verdict"]
         curve = (f"{e['val_kl_before']:.4f} → {e['val_kl_after']:.4f}" if e.get("val_kl_before") is not None else "-")
-        lines.append(f"| {e['label']} | {e['format']} | {e['method']} | {e['steps'] or '-'} | {len(e['q8_tensors'] or [])}"
+        method = e["method"] + (" (+scales)" if e.get("learn_scales") else "")
+        lines.append(f"| {e['label']} | {e['format']} | {method} | {e['steps'] or '-'} | {len(e['q8_tensors'] or [])}"
                      f" | {v['kld']:.4f} | {v['top1']:.3f} | {v['perplexity']:.1f} | {curve} | {e['size_mb']:.1f} | "
                      f"{e['seconds'] / 60:.1f} ({e['load_start']:.1f}→{e['load_end']:.1f}) |")
+    lines += [f"- {e['label']}: {e['note']}" for e in entries if e.get("note")]
     sens = next((e["sensitivity"] for e in reversed(entries) if e.get("sensitivity")), None)
     if sens:
         lines += ["", "Costliest tensors alone in the 4-bit format (KL to FP32 on calibration text): "

@@ -292,3 +292,25 @@ def test_qat_under_torchrun_two_processes(tiny, tmp_path):
     report = out.lineage[-1]["report"]
     assert out.kind == "gguf" and report["world_size"] == 2 and report["steps_run"] == 4
     assert report["verdict"]["measured_in"] == "llama.cpp"
+
+
+def test_qat_keeps_the_searched_scales_unless_asked(tiny):
+    """learn_scales off (the default): training moves the weights (so codes may change) but every
+    block's scale in the file is the one GPTQ chose."""
+    from edgesmith.gguf.file import open_gguf
+
+    model, _ = tiny
+
+    def scales(out):
+        found = {}
+        for t in open_gguf(out.path).tensors:
+            if t.tensor_type.name == "Q4_0":
+                raw = np.asarray(t.data).reshape(-1, 18)
+                found[t.name] = raw[:, :2].copy().view(np.float16)
+        return found
+
+    gptq_out, _ = _quantize(model, format="q4_0", method="gptq")
+    qat_out, report = _quantize(model, format="q4_0", method="qat", steps=3, eval_every=1, lr=1e-3)
+    before, after = scales(gptq_out), scales(qat_out)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert report["steps_run"] == 3

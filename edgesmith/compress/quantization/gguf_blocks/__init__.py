@@ -55,8 +55,9 @@ from edgesmith.passes import ORIGIN_KEY, Context, Pass, PassConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "search", "gptq", "qat")
-#: the scales' learning rate over the weights' (Adam moves both by about lr a step, and scales are as small as weights)
-SCALE_LR_FACTOR = 1.0
+#: the scales' learning rate over the weights' when they train (learn_scales): Adam moves a parameter by
+#: about lr a step whatever its size, and a block's scale is ~1/8 of its largest weight, so a tenth
+SCALE_LR_FACTOR = 0.1
 
 
 class GgufQuantizeConfig(PassConfig):
@@ -80,6 +81,8 @@ class GgufQuantizeConfig(PassConfig):
     min_top1: float | None = Field(None, gt=0, le=1, description="gate: top-1 agreement at least this")
     data: str | None = Field(None, description="texts to calibrate and train on (jsonl/csv/parquet/txt with a 'text' "
                                                "field); default: the calibration side of the shipped corpus")
+    learn_scales: bool = Field(False, description="qat: train the block scales too (LSQ-style); off: the scales stay "
+                                                  "as the scale search / GPTQ chose them and only the weights move")
     eval_every: int = Field(50, ge=1, description="qat: steps between validation KL checks")
     checkpoint_every: int | None = Field(None, ge=1, description="qat: checkpoint (and resume) every N steps")
     seed: int = 0
@@ -246,6 +249,7 @@ def _distil(student, teacher, tokenizer, plan, cfg: GgufQuantizeConfig, ctx: Con
                            "student": content, "teacher": teacher_hash})
         checkpoint_dir = _checkpoint_root(ctx) / f"gguf-qat-{key[:20]}"
     for layer in wrapped.values():
+        layer.scales.requires_grad_(cfg.learn_scales)
         setattr(layer.scales, LR_SCALE_ATTR, SCALE_LR_FACTOR)
     device = default_device()  # CUDA when there is one; under torchrun every rank trains (DDP in the loop)
     teacher.to(device)
