@@ -143,7 +143,7 @@ class GgufQuantizePass(Pass):
             shutil.rmtree(folder, ignore_errors=True)
             raise
         summary = {"format": cfg.format, "method": cfg.method, "q8_tensors": kept,
-                   "sensitivity": dict(sorted(sensitivity.items(), key=lambda kv: -kv[1])[:12]),
+                   "sensitivity": dict(sorted(sensitivity.items(), key=lambda kv: -kv[1])),
                    "seconds": round(time.perf_counter() - t0, 1), **train_report,
                    **{k: v for k, v in report.items() if k != "path"}, "verdict": verdict}
         candidate.meta["gguf_export"] = {**report, "path": GGUF_FILE, "verdict": verdict,
