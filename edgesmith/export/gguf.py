@@ -136,17 +136,25 @@ class GgufPass(Pass):
                                        f"{diff['missing'][:3]}, extra {diff['extra'][:3]}, unequal {diff['unequal'][:3]}")
             log.info("GGUF %s: %d tensors read back exactly", quant, diff["tensors"])
             return {"exact": True, "tensors": diff["tensors"]}
-        fn, measured_in = gguf_logits(candidate, cfg.runtime, threads=cfg.threads)
-        result = lm_fidelity(fn, source, tokenizer=source.tokenizer)
-        verdict = {"exact": False, "measured_in": measured_in, **result}
-        failures = []
-        if cfg.max_kld is not None and result["kld"] > cfg.max_kld:
-            failures.append(f"KL {result['kld']:.4f} > max_kld {cfg.max_kld}")
-        if cfg.min_top1 is not None and result["top1"] < cfg.min_top1:
-            failures.append(f"top-1 {result['top1']:.3f} < min_top1 {cfg.min_top1}")
-        if failures:
-            raise ValidationFailed(f"gguf {quant}: {'; '.join(failures)} (measured in {measured_in} on "
-                                   f"{result['tokens']} held-out tokens); try a wider type such as q8_0")
-        log.info("GGUF %s: KL %.4f, top-1 %.3f, perplexity %.2f (source %.2f), measured in %s", quant, result["kld"],
-                 result["top1"], result["perplexity"], result["perplexity_reference"], measured_in)
-        return verdict
+        return gguf_verdict(source, candidate, runtime=cfg.runtime, threads=cfg.threads, max_kld=cfg.max_kld,
+                            min_top1=cfg.min_top1, what=f"gguf {quant}", hint="try a wider type such as q8_0")
+
+
+def gguf_verdict(source: TorchModel, candidate: GgufModel, *, runtime: str = "auto", threads: int | None = None,
+                 max_kld: float | None = None, min_top1: float | None = None, what: str = "gguf",
+                 hint: str = "") -> dict[str, Any]:
+    """KL / top-1 / perplexity of a quantized GGUF against its source on the held-out passages (in
+    llama.cpp when installed), and the gates on them: ValidationFailed (exit 3) naming ``what``."""
+    fn, measured_in = gguf_logits(candidate, runtime, threads=threads)
+    result = lm_fidelity(fn, source, tokenizer=source.tokenizer)
+    failures = []
+    if max_kld is not None and result["kld"] > max_kld:
+        failures.append(f"KL {result['kld']:.4f} > max_kld {max_kld}")
+    if min_top1 is not None and result["top1"] < min_top1:
+        failures.append(f"top-1 {result['top1']:.3f} < min_top1 {min_top1}")
+    if failures:
+        raise ValidationFailed(f"{what}: {'; '.join(failures)} (measured in {measured_in} on {result['tokens']} "
+                               f"held-out tokens)" + (f"; {hint}" if hint else ""))
+    log.info("%s: KL %.4f, top-1 %.3f, perplexity %.2f (source %.2f), measured in %s", what, result["kld"],
+             result["top1"], result["perplexity"], result["perplexity_reference"], measured_in)
+    return {"exact": False, "measured_in": measured_in, **result}

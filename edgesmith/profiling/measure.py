@@ -20,6 +20,7 @@ import numpy as np
 
 from edgesmith.artifacts import Artifact, TorchModel
 from edgesmith.errors import BadInput
+from edgesmith.profiling.agent import peak_host_memory_mb as agent_peak_host_memory_mb
 from edgesmith.profiling.environment import Environment, fingerprint
 from edgesmith.profiling.schema import ArtifactInfo, EarlyExitStats, OpTime, Profile, RuntimeInfo, Shapes, Stats
 from edgesmith.stats import summarize
@@ -74,14 +75,11 @@ def build_feeds(tokenizer, input_names: list[str], *, batch: int, seq: int,
 
 
 def peak_host_memory_mb() -> float | None:
-    """Peak resident memory of this process (VmHWM), in MiB."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    """Peak resident memory of this process (VmHWM, read by the device agent's stdlib function), in
+    MiB; getrusage's lifetime peak where /proc is not there."""
+    hwm = agent_peak_host_memory_mb()
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)
 

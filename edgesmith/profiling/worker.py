@@ -36,6 +36,7 @@ import numpy as np
 from edgesmith import errors
 from edgesmith.errors import EdgesmithError, first_line
 from edgesmith.faults import point
+from edgesmith.profiling.agent import peak_host_memory_mb as vmhwm_mb
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +130,10 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _vmhwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
 def peak_rss(was_reset: bool) -> tuple[float | None, str]:
     """(peak RSS in MiB, how it was read)."""
     if was_reset:
-        hwm = _vmhwm_mb()
+        hwm = vmhwm_mb()
         if hwm is not None:
             return hwm, "VmHWM reset before loading (Linux /proc/self/clear_refs)"
     try:

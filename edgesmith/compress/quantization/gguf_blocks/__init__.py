@@ -46,10 +46,10 @@ from edgesmith.compress.quantization.gguf_blocks.search import (
 )
 from edgesmith.compress.quantization.gguf_blocks.sensitivity import choose_q8, tensor_sensitivity
 from edgesmith.compress.quantization.gguf_blocks.texts import kl_evaluator, token_batches, training_passages
-from edgesmith.errors import BadInput, ValidationFailed
+from edgesmith.errors import BadInput
+from edgesmith.export.gguf import gguf_verdict
 from edgesmith.gguf.blocks import BLOCK, from_torch
 from edgesmith.gguf.writer import hyper_of, write_gguf
-from edgesmith.lm_quality import gguf_logits, lm_fidelity
 from edgesmith.passes import ORIGIN_KEY, Context, Pass, PassConfig
 
 log = logging.getLogger(__name__)
@@ -267,17 +267,6 @@ def _distil(student, teacher, tokenizer, plan, cfg: GgufQuantizeConfig, ctx: Con
 
 
 def _verdict(source: TorchModel, candidate: GgufModel, cfg: GgufQuantizeConfig) -> dict[str, Any]:
-    fn, measured_in = gguf_logits(candidate, "auto", threads=cfg.threads)
-    result = lm_fidelity(fn, source, tokenizer=source.tokenizer)
-    failures = []
-    if cfg.max_kld is not None and result["kld"] > cfg.max_kld:
-        failures.append(f"KL {result['kld']:.4f} > max_kld {cfg.max_kld}")
-    if cfg.min_top1 is not None and result["top1"] < cfg.min_top1:
-        failures.append(f"top-1 {result['top1']:.3f} < min_top1 {cfg.min_top1}")
-    if failures:
-        raise ValidationFailed(f"gguf-quantize {cfg.format} ({cfg.method}): {'; '.join(failures)} (measured in "
-                               f"{measured_in} on {result['tokens']} held-out tokens); try method qat with more "
-                               "steps, keep_q8 / kl_budget, or export --to gguf --quant q8_0")
-    log.info("GGUF %s (%s): KL %.4f, top-1 %.3f, perplexity %.2f, measured in %s", cfg.format, cfg.method,
-             result["kld"], result["top1"], result["perplexity"], measured_in)
-    return {"exact": False, "measured_in": measured_in, **result}
+    return gguf_verdict(source, candidate, threads=cfg.threads, max_kld=cfg.max_kld, min_top1=cfg.min_top1,
+                        what=f"gguf-quantize {cfg.format} ({cfg.method})",
+                        hint="try method qat with more steps, keep_q8 / kl_budget, or export --to gguf --quant q8_0")
