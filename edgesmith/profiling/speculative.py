@@ -36,6 +36,7 @@ from pydantic import Field
 from edgesmith.artifacts import Artifact
 from edgesmith.errors import BadInput, GateFailed
 from edgesmith.schema import StrictModel
+from edgesmith.stats import median_ci
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,11 @@ def grounded_prompts(count: int = DEFAULT_PROMPTS, *, task: Task = "summarise",
 
 def paired_interval(ratios: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
                     confidence: float = 0.95) -> list[float]:
-    """[median, low, high] of paired ratios, the interval a percentile bootstrap of the median."""
-    values = np.asarray(ratios, dtype=np.float64)
-    if values.size == 0:
+    """[median, low, high] of paired ratios, the interval a percentile bootstrap of the median
+    (:func:`edgesmith.stats.median_ci`)."""
+    if len(ratios) == 0:
         raise BadInput("no paired measurements to summarise")
-    rng = np.random.default_rng(seed)
-    boot = np.median(values[rng.integers(0, values.size, size=(n_boot, values.size))], axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(boot, [tail, 100 - tail])
-    return [float(np.median(values)), float(low), float(high)]
+    return list(median_ci(ratios, n_boot=n_boot, seed=seed, confidence=confidence))
 
 
 def _load_average() -> float:
