@@ -246,8 +246,11 @@ def adapt_graph(source: Path, folder: Path, *, label: str) -> dict[str, Any]:
 
 def add_logits_to_keep(graph) -> bool:
     """An int64 scalar input ``logits_to_keep``: the LM head sees hidden positions
-    ``[(seq - keep) % seq, seq)`` only (0 keeps all). Returns whether it applied."""
+    ``[(seq - keep) % seq, seq)`` only (0 keeps all, the default when it is not fed). Returns
+    whether it applied."""
     from onnx import TensorProto, helper, numpy_helper
+
+    from edgesmith.onnx_graph.lm_head import keep_all_logits_by_default
 
     head = lm_head_node(graph)
     if head is None or any(i.name == LOGITS_TO_KEEP for i in graph.input):
@@ -270,6 +273,7 @@ def add_logits_to_keep(graph) -> bool:
     for offset, node in enumerate(nodes):
         graph.node.insert(index + offset, node)
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    keep_all_logits_by_default(graph, LOGITS_TO_KEEP)
     for output in graph.output:
         if output.name == "logits" and len(output.type.tensor_type.shape.dim) == 3:
             dim = output.type.tensor_type.shape.dim[1]

@@ -1,10 +1,14 @@
-"""Graph-generic ONNX edits: unused initializers dropped (subgraphs too), the com.microsoft opset, saving.
+"""Graph-generic ONNX edits: unused initializers dropped (subgraphs too), the com.microsoft opset,
+an input given a default value, saving.
 
 What every rewrite of a graph's weights needs after it has swapped nodes: the replaced float
 weights dropped (:func:`drop_unused_initializers`, which keeps what an If/Loop/Scan body reads
 from the outer scope), ONNX Runtime's contrib domain declared when a contrib op was added
 (:func:`ensure_ms_opset`), and the graph written as an artifact's ``model.onnx``
 (:func:`save_graph`). Used by weight-only quantization, the GGUF repack and the ORT GenAI export.
+:func:`set_input_default` makes an input optional: an initializer of the same name is the value a
+consumer that does not feed it gets (ONNX IR >= 4; ONNX Runtime then lists the name among the
+session's ``get_overridable_initializers()``, no longer among ``get_inputs()``).
 
 Layer L1: imports onnx and edgesmith.artifacts (for the file name) only.
 """
@@ -38,6 +42,26 @@ def drop_unused_initializers(graph) -> None:
     keep = [i for i in graph.initializer if i.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(keep)
+
+
+def set_input_default(graph, name: str, value) -> None:
+    """Give graph input ``name`` the default ``value`` (a numpy array of the input's element type
+    and rank): an initializer of the same name, replacing one that was there. A consumer that
+    feeds the input overrides it; one that does not runs with ``value``."""
+    from onnx import helper, numpy_helper
+
+    declared = next((i for i in graph.input if i.name == name), None)
+    if declared is None:
+        raise ValueError(f"the graph has no input {name!r} to give a default")
+    tensor = numpy_helper.from_array(value, name)
+    elem, rank = declared.type.tensor_type.elem_type, len(declared.type.tensor_type.shape.dim)
+    if tensor.data_type != elem or len(tensor.dims) != rank:
+        raise ValueError(f"default for input {name!r} is a {helper.tensor_dtype_to_np_dtype(tensor.data_type)} "
+                         f"of rank {len(tensor.dims)}; the input is a {helper.tensor_dtype_to_np_dtype(elem)} of "
+                         f"rank {rank}")
+    for index in reversed([k for k, init in enumerate(graph.initializer) if init.name == name]):
+        del graph.initializer[index]
+    graph.initializer.append(tensor)
 
 
 def ensure_ms_opset(model) -> None:

@@ -5,14 +5,15 @@ a ``Transpose`` on one side. The dynamo exporter stores the [vocab, hidden] tabl
 head ``MatMul(x, Transpose(E))``; ORT GenAI's builder stores the LM head's [hidden, vocab] weight and
 gives the embedding ``Gather(Transpose(W), ids)``. Quantizers want a constant weight on the MatMul
 (:func:`materialize_transposed_weights`) and the embedding and LM head as the usual pair
-(:func:`untie_embedding_transpose`).
+(:func:`untie_embedding_transpose`). A ``logits_to_keep`` input before the head is optional with
+Hugging Face's keep-everything default (:func:`keep_all_logits_by_default`).
 
-Layer L1: imports onnx and edgesmith.onnx_graph.edit only.
+Layer L1: imports onnx, numpy and edgesmith.onnx_graph.edit only.
 """
 
 from __future__ import annotations
 
-from edgesmith.onnx_graph.edit import drop_unused_initializers
+from edgesmith.onnx_graph.edit import drop_unused_initializers, set_input_default
 
 #: the decoder graph output the LM head feeds
 LOGITS = "logits"
@@ -99,3 +100,16 @@ def untie_embedding_transpose(graph) -> bool:
         drop_unused_initializers(graph)  # W: nothing reads it any more
         return True
     return False
+
+
+#: what ``logits_to_keep`` is when a consumer does not feed it: Hugging Face's 0, every position
+KEEP_ALL_LOGITS = 0
+
+
+def keep_all_logits_by_default(graph, name: str) -> None:
+    """Make the int64 scalar input ``name`` (``logits_to_keep``) optional with the keep-everything
+    default, so that a consumer unaware of it (Optimum's ORTModelForCausalLM, ORT GenAI, a plain
+    ``session.run``) gets the logits of every position while edgesmith's loop still feeds 1."""
+    import numpy as np
+
+    set_input_default(graph, name, np.array(KEEP_ALL_LOGITS, dtype=np.int64))

@@ -262,7 +262,7 @@ class OrtDecoderSession(DecoderSession):
         self.has_cache = bool(self._past_names) and not missing
         self._present_names = self._present_names if self.has_cache else []
         self._has_positions = "position_ids" in inputs
-        self._has_keep = LOGITS_TO_KEEP in inputs
+        self._has_keep = LOGITS_TO_KEEP in {*inputs, *(i.name for i in self.session.get_overridable_initializers())}
         first = inputs[self._past_names[0]] if self._past_names else None
         self._cache_dtype = _ORT_FLOAT_TYPES.get(first.type) if first is not None else np.float32
         if first is not None and self._cache_dtype is None:
