@@ -1,0 +1,1 @@
+"""One way to time, describe the machine, write results and take arguments, for every benchmark."""

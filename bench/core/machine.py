@@ -1,0 +1,97 @@
+"""The one machine record every benchmark writes: CPU model and ISA, cores, threads, OS, library
+versions (edgesmith's environment fingerprint, built on the device agent's stdlib functions) and
+the load average at the start and at the end of the run.
+
+    rec = machine.record(threads=2)         # at the start
+    ...                                      # measure
+    machine.finish(rec)                      # load at the end
+    machine.line(rec)                        # the sentence every table carries
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+#: the instruction-set extensions that decide which kernels ONNX Runtime, PyTorch and llama.cpp run
+#: (x86: SSE → AVX-512 and AMX; Arm: NEON dot products, SVE, int8 matrix multiply), in this order
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+             "asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def isa_flags(cpuinfo: str | None = None) -> list[str]:
+    """The ISA extensions of :data:`ISA_FLAGS` this CPU reports (``flags`` on x86, ``Features`` on Arm)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text(errors="replace")
+        except OSError:
+            return []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            have = set(value.split())
+            return [f for f in ISA_FLAGS if f in have]
+    return []
+
+
+def isa_summary(flags: list[str]) -> str:
+    """A short name for the widest vector ISA: "AVX-512 (VNNI, BF16) + AMX", "AVX2", "NEON (dot)"..."""
+    have = set(flags)
+    if "avx512f" in have:
+        extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("avx512_fp16", "FP16"))
+                  if flag in have]
+        text = "AVX-512" + (f" ({', '.join(extras)})" if extras else "")
+        return text + (" + AMX" if "amx_tile" in have else "")
+    if "avx2" in have:
+        return "AVX2" + (" + AVX-VNNI" if "avx_vnni" in have else "")
+    if "avx" in have:
+        return "AVX"
+    if "asimd" in have:
+        extras = [name for flag, name in (("asimddp", "dot"), ("i8mm", "i8mm"), ("sve", "SVE")) if flag in have]
+        return "NEON" + (f" ({', '.join(extras)})" if extras else "")
+    return "unknown ISA"
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages (empty where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - no load average (Windows)
+        return []
+
+
+def record(threads: int | None, **extra: Any) -> dict[str, Any]:
+    """The machine as this run starts: fingerprint + ISA + load average at the start; ``extra``
+    (a foreign venv's versions, a build's flags) is kept under its own keys."""
+    from edgesmith.profiling.environment import fingerprint
+
+    env = fingerprint(threads=threads).model_dump()
+    flags = isa_flags()
+    return {"cpu_model": env["cpu_model"], "isa": isa_summary(flags), "isa_flags": flags, "cores": env["cores"],
+            "threads": threads, "os": env["os"], "kernel": env["kernel"], "python": env["python"],
+            "libraries": env["libraries"], "gpu": env["gpu"],
+            "load_average": {"start": load_average(), "end": None}, **extra}
+
+
+def finish(rec: dict[str, Any]) -> dict[str, Any]:
+    """Adds the load average at the end of the run to ``rec`` (and returns it)."""
+    rec.setdefault("load_average", {"start": None})["end"] = load_average()
+    return rec
+
+
+def _load_text(load: dict[str, Any] | None) -> str:
+    if not load or not load.get("start"):
+        return ""
+    start, end = load["start"][0], (load.get("end") or [None])[0]
+    return f"; load average (1 min) {start:.2f} at the start" + (f", {end:.2f} at the end" if end is not None else "")
+
+
+def line(rec: dict[str, Any]) -> str:
+    """One sentence naming the machine, for the head of every table (older records lack the ISA)."""
+    isa = rec.get("isa") or (isa_summary(rec["isa_flags"]) if rec.get("isa_flags") else "ISA not recorded")
+    threads = f", threads {rec['threads']}" if rec.get("threads") else ""
+    cores = f", {rec['cores']} logical cores" if rec.get("cores") else ""
+    return f"Machine: {rec.get('cpu_model', 'unknown CPU')} ({isa}){cores}{threads}{_load_text(rec.get('load_average'))}."
