@@ -36,7 +36,7 @@ import numpy as np
 
 from edgesmith.artifacts import GGUF_FILE, Artifact, GgufModel, OnnxModel, TorchModel
 from edgesmith.errors import BadInput
-from edgesmith.runtimes.decoder import positions_from_mask
+from edgesmith.runtimes.decoder import RIGHT_PADDED, positions_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +298,8 @@ def onnx_logits(model: OnnxModel, *, threads: int | None = None, provider: str =
 
 def unpadded_only(model: Any) -> bool:
     """A decoder graph that is only right on unpadded or right-padded rows (``meta["decoder"]
-    ["padding"] == "unpadded-only"``: ORT GenAI builder graphs, edgesmith.export.decoder_genai)."""
-    return isinstance(model, OnnxModel) and ((model.meta or {}).get("decoder") or {}).get("padding") == "unpadded-only"
+    ["padding"]`` in :data:`RIGHT_PADDED`: ORT GenAI folders, edgesmith.export.decoder_genai)."""
+    return isinstance(model, OnnxModel) and ((model.meta or {}).get("decoder") or {}).get("padding") in RIGHT_PADDED
 
 
 def llamacpp_available() -> bool:

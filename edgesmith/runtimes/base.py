@@ -192,6 +192,7 @@ BUILTIN_RUNTIMES: dict[str, str] = {
     "onnxruntime": "edgesmith.runtimes.onnxruntime:OnnxRuntime",
     "tensorrt": "edgesmith.tensorrt.runtime:TensorRTRuntime",
     "llamacpp": "edgesmith.runtimes.llamacpp:LlamaCppRuntime",
+    "ortgenai": "edgesmith.runtimes.ortgenai:OrtGenAIRuntime",
 }
 
 #: sessions for artifact kinds a runtime runs through a feature's own controller:

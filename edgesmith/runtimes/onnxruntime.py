@@ -16,6 +16,7 @@ from edgesmith.errors import BadInput, first_line
 from edgesmith.runtimes.base import Availability, Runtime, Session, kind_session, register_runtime
 from edgesmith.runtimes.decoder import (
     LOGITS_TO_KEEP,
+    RIGHT_PADDED,
     DecoderSession,
     padded_before_tokens,
     positions_from_mask,
@@ -274,7 +275,9 @@ class OrtDecoderSession(DecoderSession):
         self.max_positions = meta.get("max_positions")
         self.eos_token_ids = [int(t) for t in meta.get("eos_token_ids") or []]
         self.pad_token_id = meta.get("pad_token_id")
-        self._unpadded_only = meta.get("padding") == "unpadded-only"
+        # GroupQueryAttention graphs (ORT GenAI's layout) take each row's positions and cache slots
+        # from the mask's row sums: their contract is right padding (real tokens first)
+        self._right_padded = meta.get("padding") in RIGHT_PADDED
         self._layout = meta.get("layout")
         # GroupQueryAttention writes the new keys/values into its past buffer when past and present
         # are one tensor (ORT GenAI's past_present_share_buffer): no copy of the cache per token
@@ -335,15 +338,28 @@ class OrtDecoderSession(DecoderSession):
     def _forward(self, ids, mask, positions, *, start, keep):
         if not self.has_cache:
             raise BadInput(self._no_cache)
-        if start and self._unpadded_only and not mask.all():
-            raise BadInput(f"{self.model.path}: this {self._layout or 'unpadded-only'}-layout decoder (ORT GenAI's "
-                           "builder graph) cannot run a padded batch with a KV cache (its attention takes positions "
-                           "from the mask); generate one prompt at a time or export with backend dynamo")
+        if start and self._right_padded and not mask.all():
+            return self._prefill_right_padded(ids, mask)
         if self._shared:
             return self._run_shared(ids, mask, start=start, keep=keep)
         past = self._empties(ids.shape[0]) if start else self._past
         logits, self._past = self._run(ids, mask, positions, past, keep)
         return logits
+
+    def _prefill_right_padded(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """A left-padded prefill on a right-padding graph: each row's real tokens moved to the front
+        (GroupQueryAttention writes them to cache slots 0..len-1 and ropes them from 0), logits kept
+        from the shortest row's last token on, each row's own last token picked: [batch, 1, vocab].
+        Later steps keep the caller's mask: the graph reads only its row sums and its length."""
+        ids, mask, _ = right_align(ids, mask)
+        lengths = mask.sum(axis=1)
+        keep = int(ids.shape[1] - lengths.min() + 1)
+        if self._shared:
+            logits = self._run_shared(ids, mask, start=True, keep=keep)
+        else:
+            logits, self._past = self._run(ids, mask, positions_from_mask(mask), self._empties(ids.shape[0]), keep)
+        index = lengths - 1 - (ids.shape[1] - logits.shape[1])
+        return logits[np.arange(ids.shape[0]), index][:, None, :]
 
     def _run_shared(self, ids: np.ndarray, mask: np.ndarray, *, start: bool, keep: int) -> np.ndarray:
         """One run with each layer's past and present bound to the same preallocated buffer
@@ -385,7 +401,7 @@ class OrtDecoderSession(DecoderSession):
         self._buffers, self._capacity = buffers, capacity
 
     def _full(self, ids, mask, positions):
-        if self._unpadded_only and padded_before_tokens(mask):
+        if self._right_padded and padded_before_tokens(mask):
             ids, mask, order = right_align(ids, mask)
             logits, _ = self._run(ids, mask, positions_from_mask(mask), self._empties(ids.shape[0]), 0)
             out = np.empty_like(logits)
