@@ -24,10 +24,11 @@ between calls:
   SmolLM2's prefill of 128 tokens takes 239 ms so against 271 ms with every position's logits.
   It also runs the ``genai`` layout (ORT GenAI's builder graphs, :mod:`edgesmith.export.decoder_genai`:
   no ``position_ids``, GroupQueryAttention takes positions from the mask as if every row's tokens
-  came first). Those are recorded ``meta["decoder"]["padding"] = "unpadded-only"``: a padded prefill
-  is refused (one line, exit 2), and :meth:`~DecoderSession.logits` moves each row's real tokens to
-  the front before the run and its logits back after it (:func:`right_align`), exact on every real
-  position.
+  came first). Those are recorded ``meta["decoder"]["padding"] = "right"``: a left-padded prefill
+  and :meth:`~DecoderSession.logits` move each row's real tokens to the front before the run (and
+  the logits back after it, :func:`right_align`), exact on every real position; later steps keep
+  the mask as it was, since the graph reads only its row sums (each row's next cache slot and
+  position) and its length.
 - :class:`TorchDecoderSession` runs a Hugging Face causal LM with a ``DynamicCache`` in a manual
   loop: the PyTorch baseline, and the reference the export is validated against.
 
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 #: the decoder graphs' input that picks how many last positions get logits
 LOGITS_TO_KEEP = "logits_to_keep"
 
+#: ``meta["decoder"]["padding"]`` of graphs whose contract is right padding (GroupQueryAttention:
+#: ORT GenAI folders; "unpadded-only" is what exports before the ``genai`` target recorded)
+RIGHT_PADDED = ("right", "unpadded-only")
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     """Position ids for (left-)padded rows: cumsum(mask) - 1, clipped at 0 (as HF generate)."""
