@@ -276,11 +276,11 @@ def test_slower_than_parent_flag():
     assert len(slower) == 2 and slower[0].startswith("decode") and slower[1].startswith("TTFT at 128")
     assert generation_slowdowns(child, parent) == []
 
-    from edgesmith.pipeline import _slower_than_parent
+    from edgesmith.pipeline.profiles import slower_than_parent
 
     recipe = Recipe.from_dict({"steps": ["export", {"quantize": {"mode": "int4"}}]})
     targets = recipe.profile_targets()[1:]
-    warnings = _slower_than_parent(recipe, targets, [parent, child])
+    warnings = slower_than_parent(recipe, targets, [parent, child])
     assert len(warnings) == 1 and "int4 is slower than its parent export" in warnings[0]
     assert "compressed but not faster" in warnings[0]
 
@@ -305,11 +305,11 @@ def test_recipe_profile_block():
 def test_pipeline_profiles_decoders_as_generation(lm, tmp_path):
     from rich.console import Console
 
-    from edgesmith.pipeline import _profile_all
+    from edgesmith.pipeline.profiles import profile_all
 
     torch_model, onnx_model = lm
     recipe = Recipe.from_dict({"steps": ["export"], "profile": {"prompt_tokens": [6], "new_tokens": 3, "rounds": 1}})
-    profiles, comparison = _profile_all(recipe, {"source": torch_model, "export": onnx_model}, {"export": {"kld": 0.0}},
+    profiles, comparison = profile_all(recipe, {"source": torch_model, "export": onnx_model}, {"export": {"kld": 0.0}},
                                         tmp_path, Console(quiet=True))
     assert [p.kind for p in profiles] == ["generation", "generation"]
     assert [p.runtime.name for p in profiles] == ["torch", "onnxruntime"]
@@ -390,7 +390,7 @@ def test_runtimes_open_decoders_and_their_sessions_declare_their_options(lm):
     assert set(decoder_runtime_names()) == {"llamacpp", "onnxruntime", "torch"}
     assert decoder_runtime(onnx_model).name == "onnxruntime" and decoder_runtime(torch_model).name == "torch"
     assert get_runtime("onnxruntime").decoder_options() == OrtDecoderSession.OPTIONS
-    assert get_runtime("llamacpp").decoder_options() == LlamaCppDecoderSession.OPTIONS and LlamaCppDecoderSession.MAX_BATCH == 1
+    assert get_runtime("llamacpp").decoder_options() == LlamaCppDecoderSession.OPTIONS and LlamaCppDecoderSession.MAX_BATCH == 256
     with get_runtime("onnxruntime").load(onnx_model, threads=1) as session:
         assert isinstance(session, OrtDecoderSession)
     artifact, session = open_decoder(onnx_model, threads=1, allow_spinning=True)

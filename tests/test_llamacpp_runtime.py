@@ -157,8 +157,8 @@ def test_context_overflow_batch_and_bad_options_are_one_line(tiny):
         small.prefill(ids[:, :256])
         with pytest.raises(BadInput, match="exceed the model's context of 256"):
             small.step(ids[:, 256])
-        with pytest.raises(BadInput, match="batch 1"):
-            small.prefill(np.repeat(ids[:, :8], 2, axis=0))
+        with pytest.raises(BadInput, match="batch 257 is more than LlamaCppDecoderSession runs at once"):
+            small.reserve(257, 8)  # llama.cpp's LLAMA_MAX_SEQ sequences at most
     with pytest.raises(BadInput, match="training context of 256"):
         LlamaCppDecoderSession(path, n_ctx=1024)
     with pytest.raises(BadInput, match="not a GGUF file"):

@@ -12,6 +12,8 @@ Schema versions (every older version still loads):
   prompt length, prefill and decode tokens/s, load time, peak RSS). A version-1 file is a valid
   version-2 file without that part; the version moved so that an older edgesmith refuses a
   generation profile with one line ("written by a newer edgesmith") instead of a validation error.
+- 3: adds ``generation.batched`` (a static batch of mixed-length prompts: ``--batch 1,2,4,8``, one
+  profile per batch size). A version-2 file is a valid version-3 file without it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from edgesmith.profiling.environment import Environment
 from edgesmith.schema import StrictModel
 from edgesmith.storage import write_json_atomic
 
-PROFILE_SCHEMA_VERSION = 2
+PROFILE_SCHEMA_VERSION = 3
 ProfileKind = Literal["measured", "estimate", "generation"]
 
 
@@ -106,6 +108,23 @@ class EarlyExitStats(StrictModel):
         "1 - (1 - reach)^batch, reach = share of samples that get to the segment"))
 
 
+class BatchedGeneration(StrictModel):
+    """A static batch of prompts of different lengths, all arriving together (``edgesmith profile
+    --batch 1,2,4,8``): every request waits for the whole batch's prefill, so each request's time to
+    first token is the batch's (``GenerationStats.ttft_ms``); after it, every step gives each
+    request one token, so each request's time per output token is the step's latency (the profile's
+    ``latencies_ms``), and the aggregate decode throughput is ``GenerationStats.decode_tokens_per_s``
+    (batch x steps / their time)."""
+
+    row_prompt_tokens: list[int] = Field(description="each request's prompt length, in tokens (mixed lengths)")
+    spread: float = Field(description="prompt lengths spread evenly over center x (1 - spread) .. center x (1 + "
+                          "spread); center: the profile's decode_prompt_tokens")
+    loop: str = Field(description="who ran the batch: edgesmith's loop (left padding, prefill then step) or the "
+                      "session's own batched loop")
+    time_per_output_token_ms: list[float] = Field(description="per round: each request's mean time per output "
+                                                  "token after the first (decode time / decode steps)")
+
+
 class GenerationStats(StrictModel):
     """What a generation profile measured besides the per-token decode latencies.
 
@@ -137,6 +156,8 @@ class GenerationStats(StrictModel):
                                                               "through the tokenizer, or random ids in the vocabulary")
     greedy: bool = True
     eos_ignored: bool = True
+    batched: BatchedGeneration | None = Field(default=None, description="a static batch of mixed-length prompts "
+                                              "(schema 3); absent for equal-length rows")
 
     def ttft_of(self, prompt_tokens: int) -> list[float]:
         return self.ttft_ms.get(str(prompt_tokens), [])

@@ -191,7 +191,10 @@ def measure(spec: dict[str, Any], on_round: Callable[[int], None] | None = None)
     """Load the artifact on its runtime and time ``warmup`` + ``rounds`` rounds of the prompts.
 
     ``spec``: name, runtime, path, options, threads, lengths (the first is the one decode follows),
-    new_tokens, warmup, rounds, batch, and prompts {length: ids} (or seed for random ids)."""
+    new_tokens, warmup, rounds, batch, and prompts {length: ids} (or seed for random ids); or, for
+    static batches of mixed-length prompts, ``batches`` (see :func:`_measure_batches`)."""
+    if spec.get("batches"):
+        return _measure_batches(spec, on_round)
     lengths = [int(n) for n in spec["lengths"]]
     new_tokens, warmup, rounds = int(spec["new_tokens"]), int(spec["warmup"]), int(spec["rounds"])
     was_reset = reset_peak_rss()
@@ -223,6 +226,68 @@ def measure(spec: dict[str, Any], on_round: Callable[[int], None] | None = None)
         session.close()
     rss_mb, rss_source = peak_rss(was_reset)
     return {"ttft_ms": ttft, "decode_ms": decode_rounds, "load_s": load_s, "peak_rss_mb": rss_mb,
+            "rss_source": rss_source + ", in the profiling worker (the runtime's process, not edgesmith's)",
+            "providers": providers, "options": options, "pid": os.getpid()}
+
+
+def _batch_rows(spec: dict[str, Any], vocab_size: int) -> dict[int, list[list[int]]]:
+    """{batch size: its rows' token ids}: the spec's, or random ids of the spec's row lengths."""
+    if spec.get("rows") is not None:
+        return {int(b): [[int(t) for t in row] for row in rows] for b, rows in spec["rows"].items()}
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    return {int(b): [rng.integers(0, vocab_size, size=int(n)).tolist() for n in lengths]
+            for b, lengths in spec["row_lengths"].items()}
+
+
+def _measure_batches(spec: dict[str, Any], on_round: Callable[[int], None] | None) -> dict[str, Any]:
+    """Static batches of mixed-length prompts, one session for every batch size: room for the
+    largest batch is made first (:meth:`~edgesmith.runtimes.decoder.DecoderSession.reserve`), then
+    ``warmup`` untimed and ``rounds`` timed rounds, each round running every batch size, starting
+    at another size each round (rotating, so a slow spell of a loaded machine is not one size's).
+
+    ``spec``: name, runtime, path, options, threads, batches, rows {batch: token ids per row} (or
+    row_lengths and seed), new_tokens, warmup, rounds, pad_id (None: the session's)."""
+    from edgesmith.runtimes.decoder import DecoderSession
+    from edgesmith.runtimes.generation import decode_static_batch, pad_id_of
+
+    batches = [int(b) for b in spec["batches"]]
+    new_tokens, warmup, rounds = int(spec["new_tokens"]), int(spec["warmup"]), int(spec["rounds"])
+    was_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    session = _open_session(spec)
+    load_s = time.perf_counter() - t0
+    try:
+        rows = _batch_rows(spec, session.vocab_size)
+        longest = max(len(r) for b in batches for r in rows[b])
+        session.reserve(max(batches), longest + new_tokens - 1)
+        pad = spec.get("pad_id")
+        pad = pad_id_of(session) if pad is None else int(pad)
+        for _ in range(warmup):
+            for b in batches:
+                decode_static_batch(session, rows[b], new_tokens, pad)
+        ttft: dict[str, list[float]] = {str(b): [] for b in batches}
+        decode: dict[str, list[list[float]]] = {str(b): [] for b in batches}
+        for i in range(rounds):
+            for b in batches[i % len(batches):] + batches[:i % len(batches)]:
+                run = decode_static_batch(session, rows[b], new_tokens, pad)
+                session.reset()
+                ttft[str(b)].append(run.ttft_ms)
+                decode[str(b)].append(run.latencies_ms)
+                if on_round is not None:
+                    on_round(i)
+            point(f"profile-worker:round:{i}")
+        providers = list(session.providers)
+        options = {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
+                   for k, v in dict(session.options or {}).items()}
+        own_loop = type(session).decode_rows is not DecoderSession.decode_rows
+        loop = f"{type(session).__name__}'s own batched loop" if own_loop else \
+            "edgesmith's loop (rows left-padded, prefill then step)"
+    finally:
+        session.close()
+    rss_mb, rss_source = peak_rss(was_reset)
+    return {"loop": loop, "batches": {str(b): {"ttft_ms": ttft[str(b)], "decode_ms": decode[str(b)],
+                                 "row_prompt_tokens": [len(r) for r in rows[b]]} for b in batches},
+            "load_s": load_s, "peak_rss_mb": rss_mb,
             "rss_source": rss_source + ", in the profiling worker (the runtime's process, not edgesmith's)",
             "providers": providers, "options": options, "pid": os.getpid()}
 

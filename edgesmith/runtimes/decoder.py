@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -63,10 +64,10 @@ log = logging.getLogger(__name__)
 
 #: the decoder graphs' input that picks how many last positions get logits
 LOGITS_TO_KEEP = "logits_to_keep"
-
 #: ``meta["decoder"]["padding"]`` of graphs whose contract is right padding (GroupQueryAttention:
 #: ORT GenAI folders; "unpadded-only" is what exports before the ``genai`` target recorded)
 RIGHT_PADDED = ("right", "unpadded-only")
+
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     """Position ids for (left-)padded rows: cumsum(mask) - 1, clipped at 0 (as HF generate)."""
@@ -177,6 +178,28 @@ class DecoderSession(Session):
             raise BadInput(f"{type(self).__name__} gave logits of shape {list(out.shape)} for {ids.shape[1]} tokens; "
                            "scoring needs logits for every position (re-export with logits: all)")
         return out
+
+    def reserve(self, rows: int, positions: int) -> None:
+        """Make room for batches of up to ``rows`` sequences of up to ``positions`` positions each,
+        before anything is timed (a batched profile asks first, so no allocation lands in a timed
+        round); one line when the session cannot: more rows than :attr:`MAX_BATCH`, or more
+        positions than the context. Sessions whose cache is sized up front (llama.cpp) grow it here."""
+        if rows < 1:
+            raise BadInput(f"a batch needs at least one row (got {rows})")
+        if self.MAX_BATCH is not None and rows > self.MAX_BATCH:
+            raise BadInput(f"batch {rows} is more than {type(self).__name__} runs at once ({self.MAX_BATCH} rows); "
+                           f"give batch sizes up to {self.MAX_BATCH}")
+        self._check_length(positions)
+
+    def decode_rows(self, rows: Sequence[Sequence[int]], new_tokens: int, pad_id: int):
+        """A static batch in the runtime's own batched loop, for runtimes that have one (their own
+        padding, their own generator): every row (a prompt's token ids, lengths may differ)
+        generates ``new_tokens`` greedy tokens, EOS ignored, and the result is a
+        :class:`~edgesmith.runtimes.generation.DecodeRun` (tokens [rows, new_tokens], the batch's
+        TTFT, one latency per later step). None (the default): edgesmith's loop runs the batch, rows
+        left-padded, :meth:`prefill` then :meth:`step`
+        (:func:`~edgesmith.runtimes.generation.decode_static_batch`)."""
+        return None
 
     def reset(self) -> None:
         self._mask = None

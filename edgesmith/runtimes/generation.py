@@ -277,6 +277,25 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
     return ids, mask
 
 
+def decode_static_batch(session: DecoderSession, rows: Sequence[Sequence[int]], new_tokens: int,
+                        pad_id: int) -> DecodeRun:
+    """A static batch of prompts that may differ in length (all arrive together): every row
+    generates ``new_tokens`` greedy tokens, EOS ignored. The session's own batched loop where it
+    has one (:meth:`~edgesmith.runtimes.decoder.DecoderSession.decode_rows`), else this module's:
+    rows left-padded with ``pad_id``, :func:`decode_loop`. Batched generation profiles time this."""
+    run = session.decode_rows(rows, new_tokens, pad_id)
+    if run is not None:
+        return run
+    ids, mask = left_pad(rows, pad_id)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, chat=False)
+    return decode_loop(session, ids, mask, cfg, pad_id=pad_id)
+
+
+def pad_id_of(session: DecoderSession, tokenizer=None) -> int:
+    """The id padding is written with: the tokenizer's pad, the session's, else the first EOS (0 when none)."""
+    return _pad_id(session, tokenizer)
+
+
 def _pad_id(session: DecoderSession, tokenizer) -> int:
     for value in (getattr(tokenizer, "pad_token_id", None), session.pad_token_id,
                   (session.eos_token_ids or [None])[0], getattr(tokenizer, "eos_token_id", None)):

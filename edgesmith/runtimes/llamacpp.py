@@ -90,7 +90,7 @@ class LlamaCppDecoderSession(DecoderSession):
 
     runtime = NAME
     OPTIONS = ("n_ctx", "n_batch", "flash_attn")
-    MAX_BATCH = 1  # one sequence in the KV cache
+    MAX_BATCH = 256  # sequences in one KV cache (llama.cpp's LLAMA_MAX_SEQ)
 
     def __init__(self, model: Artifact | str | Path, *, threads: int | None = None, n_ctx: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, flash_attn: bool = False):
@@ -117,28 +117,13 @@ class LlamaCppDecoderSession(DecoderSession):
             if self.n_ctx_train > 0 and n_ctx > self.n_ctx_train:
                 raise BadInput(f"{path}: n_ctx {n_ctx} exceeds the model's training context of {self.n_ctx_train}; "
                                f"give at most {self.n_ctx_train}")
-            params = llama_cpp.llama_context_default_params()
-            params.n_ctx = int(n_ctx)
-            params.n_batch = params.n_ubatch = int(min(n_batch, n_ctx))
-            params.n_seq_max = 1
-            params.n_threads = params.n_threads_batch = threads
-            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-            self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-            if not self._ctx:
-                raise BadInput(f"{path}: llama.cpp could not make a context of {n_ctx} positions (out of memory?); "
-                               "give a smaller n_ctx")
-            self._memory = llama_cpp.llama_get_memory(self._ctx)
-            self.n_batch = int(params.n_batch)
-            self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+            self._flash_attn, self._threads = bool(flash_attn), threads
+            self._make_context(int(n_ctx), 1, int(n_batch))
         except BaseException:
             self.close()
             raise
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.num_layers = int(llama_cpp.llama_model_n_layer(self._model))
-        self.max_positions = int(llama_cpp.llama_n_ctx(self._ctx))  # n_ctx padded up to a multiple of 256
-        if self.n_ctx_train > 0:
-            self.max_positions = min(self.max_positions, self.n_ctx_train)
         null = llama_cpp.LLAMA_TOKEN_NULL
         eos = [int(llama_cpp.llama_vocab_eos(self._vocab)), int(llama_cpp.llama_vocab_eot(self._vocab))]
         self.eos_token_ids = sorted({t for t in eos if t != null})
@@ -148,93 +133,140 @@ class LlamaCppDecoderSession(DecoderSession):
         self.providers = ["llama.cpp-cpu"]
         info = build_info()
         self.options = {"threads": threads, "n_ctx": self.max_positions, "n_ctx_train": self.n_ctx_train,
-                        "n_batch": self.n_batch, "flash_attn": bool(flash_attn), "kv_cache": "llama.cpp",
-                        "model": _model_desc(llama_cpp, self._model),
+                        "n_batch": self.n_batch, "n_seq_max": self._n_seq, "flash_attn": bool(flash_attn),
+                        "kv_cache": "llama.cpp", "model": _model_desc(llama_cpp, self._model),
                         "version": info["llama_cpp_python"], "build": info["system_info"]}
-        self._tokens: list[int] = []
+        self._rows: list[list[int]] = []
+
+    def _make_context(self, n_ctx: int, n_seq: int, n_batch: int) -> None:
+        """A llama.cpp context whose KV cache holds ``n_seq`` sequences of ``n_ctx`` positions each
+        (llama.cpp's default: a cache per sequence, ``kv_unified`` off), and a batch of ``n_batch``
+        tokens; the one before it is freed."""
+        llama_cpp = self._llama
+        self._free_context()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = int(n_ctx) * int(n_seq)
+        params.n_batch = params.n_ubatch = int(min(n_batch, params.n_ctx))
+        params.n_seq_max = int(n_seq)
+        params.n_threads = params.n_threads_batch = self._threads
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self._flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise BadInput(f"{self.path}: llama.cpp could not make a context of {n_seq} x {n_ctx} positions (out of "
+                           "memory?); give a smaller n_ctx or batch")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.n_batch = int(params.n_batch)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._n_seq = int(llama_cpp.llama_n_seq_max(self._ctx))
+        self.max_positions = int(llama_cpp.llama_n_ctx_seq(self._ctx))  # per sequence, padded to a multiple of 256
+        if self.n_ctx_train > 0:
+            self.max_positions = min(self.max_positions, self.n_ctx_train)
+        self._rows = []
+
+    def _free_context(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._llama.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            self._llama.llama_free(self._ctx)
+            self._ctx = None
+
+    def reserve(self, rows: int, positions: int) -> None:
+        """Room for ``rows`` sequences of ``positions`` each: a new context (and KV cache) when this
+        one holds fewer sequences or positions (at most the model's training context)."""
+        if self.n_ctx_train > 0 and positions > self.n_ctx_train:
+            raise BadInput(f"{positions} tokens exceed the model's context of {self.n_ctx_train}; shorten the prompts "
+                           "or lower the new tokens")
+        super().reserve(rows, min(positions, self.max_positions))
+        if rows > self._n_seq or positions > self.max_positions:
+            self._make_context(max(positions, self.max_positions), max(rows, self._n_seq), self.n_batch)
+            self.options.update(n_ctx=self.max_positions, n_seq_max=self._n_seq)
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def _decode(self, tokens: list[int], *, all_logits: bool) -> np.ndarray:
-        """Append ``tokens`` to the cached sequence; every position's logits ([n, vocab]) when
-        ``all_logits``, else the last one's ([1, vocab])."""
+    def _decode(self, rows: list[list[int]], *, all_logits: bool) -> list[np.ndarray]:
+        """Append ``rows[s]`` to cached sequence ``s``, every sequence in the same ``llama_decode``
+        calls (``n_batch`` tokens each, each token tagged with its sequence); per row, every new
+        position's logits ([n, vocab]) when ``all_logits``, else its last one's ([1, vocab])."""
         llama_cpp, batch = self._llama, self._batch
-        start = len(self._tokens)
-        if start + len(tokens) > self.max_positions:
-            raise BadInput(f"{start + len(tokens)} tokens exceed the llama.cpp context of {self.max_positions} "
-                           f"positions; shorten the prompt or give a larger n_ctx (at most {self.n_ctx_train})")
-        outs = []
-        for off in range(0, len(tokens), self.n_batch):
-            chunk = tokens[off:off + self.n_batch]
-            last_chunk = off + self.n_batch >= len(tokens)
+        starts = [len(self._rows[s]) if s < len(self._rows) else 0 for s in range(len(rows))]
+        longest = max(start + len(r) for start, r in zip(starts, rows))
+        if longest > self.max_positions:
+            raise BadInput(f"{longest} tokens exceed the llama.cpp context of {self.max_positions} positions; shorten "
+                           f"the prompt or give a larger n_ctx (at most {self.n_ctx_train})")
+        # (sequence, position, token, wants logits) in row order
+        work = [(s, start + i, int(t), all_logits or i == len(r) - 1)
+                for s, (start, r) in enumerate(zip(starts, rows)) for i, t in enumerate(r)]
+        outs: list[list[np.ndarray]] = [[] for _ in rows]
+        for off in range(0, len(work), self.n_batch):
+            chunk = work[off:off + self.n_batch]
             batch.n_tokens = len(chunk)
-            for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = start + off + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
+            for i, (seq, pos, token, flag) in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, flag
+                batch.seq_id[i][0] = seq
             rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
-                self._tokens = self._tokens[:start]
-                llama_cpp.llama_memory_seq_rm(self._memory, 0, start, -1)
+                for s, start in enumerate(starts):
+                    llama_cpp.llama_memory_seq_rm(self._memory, s, start, -1)
                 if rc == 1:
-                    raise BadInput(f"llama.cpp found no room in its KV cache for {len(chunk)} more tokens after "
-                                   f"{start + off}; give a larger n_ctx")
-                raise RuntimeError(f"llama_decode returned {rc} at position {start + off}")
-            if all_logits:
+                    raise BadInput(f"llama.cpp found no room in its KV cache for {len(chunk)} more tokens; give a "
+                                   "larger n_ctx")
+                raise RuntimeError(f"llama_decode returned {rc} at token {off} of {len(work)}")
+            flagged = [seq for seq, _, _, flag in chunk if flag]
+            if flagged:  # llama.cpp's logits buffer holds the flagged tokens' rows in batch order
                 ptr = llama_cpp.llama_get_logits(self._ctx)
-                outs.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.vocab_size)).copy())
-        self._tokens = self._tokens + list(tokens)
-        if all_logits:
-            return np.concatenate(outs, axis=0)
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(1, self.vocab_size)).copy()
+                logits = np.ctypeslib.as_array(ptr, shape=(len(flagged), self.vocab_size))
+                for j, seq in enumerate(flagged):
+                    outs[seq].append(logits[j].copy())
+        self._rows = [(self._rows[s] if s < len(self._rows) else []) + list(r) for s, r in enumerate(rows)]
+        return [np.stack(o) for o in outs]
 
     def _clear(self) -> None:
         self._llama.llama_memory_clear(self._memory, True)
-        self._tokens = []
+        self._rows = []
 
     @staticmethod
-    def _one_row(ids: np.ndarray, mask: np.ndarray) -> list[int]:
-        if ids.shape[0] != 1:
-            raise BadInput(f"the llama.cpp runtime runs one sequence at a time (batch 1); got a batch of "
-                           f"{ids.shape[0]}: give one prompt per call or profile with --batch 1")
-        return [int(t) for t in ids[0][mask[0] > 0]]
+    def _real_rows(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+        """Each row's real tokens (the padding is never decoded: a row is a sequence of its own)."""
+        return [[int(t) for t in ids[r][mask[r] > 0]] for r in range(ids.shape[0])]
 
     def _forward(self, ids, mask, positions, *, start, keep):
         if start:
             self._clear()
-            tokens = self._one_row(ids, mask)
+            if ids.shape[0] > self._n_seq:  # generate on several prompts: room for every sequence
+                self.reserve(ids.shape[0], self.max_positions)
+            rows = self._real_rows(ids, mask)
         else:
-            tokens = [int(t) for t in ids.reshape(-1)]
-        if keep == 1:
-            return self._decode(tokens, all_logits=False)[None, :, :]
-        return self._decode(tokens, all_logits=True)[None, -keep:, :]
+            if ids.shape[0] != len(self._rows):
+                raise BadInput(f"got {ids.shape[0]} rows for a cache of {len(self._rows)} sequences")
+            rows = [[int(t) for t in row] for row in ids]
+        out = self._decode(rows, all_logits=keep > 1)
+        return np.stack([o[-keep:] for o in out])
 
     def _full(self, ids, mask, positions):
-        """Every position's logits of one sequence (padding positions left at 0). The cache holds
-        one sequence: a sequence in progress is decoded again afterwards, so it continues as before."""
-        tokens = self._one_row(ids, mask)
-        kept = list(self._tokens)
-        self._clear()
+        """Every position's logits, one sequence at a time (padding positions left at 0). The
+        sequences in progress are decoded again afterwards, so they continue as before."""
+        kept = [list(r) for r in self._rows]
+        out = np.zeros((ids.shape[0], ids.shape[1], self.vocab_size), dtype=np.float32)
         try:
-            logits = self._decode(tokens, all_logits=True)
+            for r, tokens in enumerate(self._real_rows(ids, mask)):
+                self._clear()
+                out[r, mask[r] > 0] = self._decode([tokens], all_logits=True)[0]
         finally:
             self._clear()
             if kept:
                 self._decode(kept, all_logits=False)
-        out = np.zeros((1, ids.shape[1], self.vocab_size), dtype=np.float32)
-        out[0, mask[0] > 0] = logits
         return out
 
     def _truncate(self, length: int) -> None:
-        """Keep the sequence's first ``length`` positions (``rollback``): llama.cpp drops the rest
-        of its KV cache in place (``llama_memory_seq_rm``)."""
-        padding = self.past_length - len(self._tokens)  # a padded prompt's padding was never decoded
-        keep = max(0, int(length) - padding)
-        self._llama.llama_memory_seq_rm(self._memory, 0, keep, -1)
-        self._tokens = self._tokens[:keep]
+        """Keep every sequence's first ``length`` positions (``rollback``): llama.cpp drops the
+        rest of its KV cache in place (``llama_memory_seq_rm``)."""
+        for s, row in enumerate(self._rows):
+            padding = self.past_length - len(row)  # a padded prompt's padding was never decoded
+            keep = max(0, int(length) - padding)
+            self._llama.llama_memory_seq_rm(self._memory, s, keep, -1)
+            self._rows[s] = row[:keep]
 
     def reset(self) -> None:
         super().reset()
@@ -242,18 +274,12 @@ class LlamaCppDecoderSession(DecoderSession):
             self._clear()
 
     def close(self) -> None:
-        llama_cpp = self._llama
-        if getattr(self, "_batch", None) is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
+        self._free_context()
         if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
+            self._llama.llama_model_free(self._model)
             self._model = None
         super().reset()
-        self._tokens = []
+        self._rows = []
 
     def __del__(self):
         try:
