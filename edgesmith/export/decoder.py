@@ -12,6 +12,10 @@ N keeps the last N (generation asks for 1, so the LM head does not run over the 
 SmolLM2's 128-token prefill in ONNX Runtime takes 239 ms so, 271 ms with every position). It is
 recorded as
 ``meta["decoder"]["logits"] = "selectable"`` (the input's name in ``meta["decoder"]["logits_input"]``).
+It is optional: an initializer of its name holds the default 0, so a consumer that does not feed it
+(Optimum's ``ORTModelForCausalLM``) gets every position's logits; ONNX Runtime lists it among
+``get_overridable_initializers()``, not ``get_inputs()``. The folder also loads in Optimum
+(transformers 4): the tokenizer config names a class transformers 4 has (``tokenizer_class.py``).
 
 How: ``torch.onnx.export(dynamo=True)`` of a wrapper that turns the flat past tensors into a
 transformers ``DynamicCache`` (one plain ``DynamicLayer`` per layer, no sliding window, so the
@@ -55,6 +59,8 @@ import numpy as np
 from edgesmith.artifacts import META_FILE, ONNX_FILE, OnnxModel, TorchModel
 from edgesmith.errors import BadInput, EdgesmithError, ValidationFailed, first_line
 from edgesmith.export.graph import quiet_exporter, root_cause, write_companions
+from edgesmith.export.tokenizer_class import portable_tokenizer_class
+from edgesmith.onnx_graph.lm_head import keep_all_logits_by_default
 from edgesmith.runtimes.decoder import LOGITS_TO_KEEP
 from edgesmith.runtimes.generation import left_pad, load_decoder
 from edgesmith.runtimes.torch import eos_ids_of
@@ -128,8 +134,10 @@ def write_decoder(model: TorchModel, folder: Path, *, opset: int | None = None, 
 
 
 def write_decoder_companions(model: TorchModel, folder: Path) -> None:
-    """Config, tokenizer (with its chat template) and generation config beside the graph."""
+    """Config, tokenizer (with its chat template, its class named so that transformers 4 loads it
+    too) and generation config beside the graph."""
     write_companions(model, folder)
+    portable_tokenizer_class(folder)
     generation_config = getattr(model.module, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(str(folder))
@@ -249,6 +257,9 @@ def export_decoder_graph(module, path: Path, shape: dict[str, Any], *, opset: in
     except Exception as exc:  # the exporter raises many types; the user gets its reason in one line
         raise BadInput(f"decoder export of {label} to ONNX failed: {root_cause(exc)} "
                        "(--debug shows the exporter's trace)") from exc
+    graph = onnx.load(str(path), load_external_data=False)  # tensors in model.onnx.data stay where they are
+    keep_all_logits_by_default(graph.graph, LOGITS_TO_KEEP)
+    onnx.save(graph, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx raises several checker/inference error types
