@@ -617,13 +617,14 @@ def test_a_damaged_cached_tensorrt_engine_is_built_again(breakage, encoder_refer
 
     import edgesmith.tensorrt.build as trt_build
     from edgesmith.artifacts import load
+    from edgesmith.tensorrt import backends as trt_backends
     from edgesmith.tensorrt.build import TensorRTConfig, build_engine, engine_artifact
     from edgesmith.tensorrt.identity import DeviceIdentity
 
     version = "10.16.1.11"
     fake = FakeTensorRT(version, {"OnnxParser.parse_from_file": lambda parser, path: True,
                                   "IHostMemory.__bytes__": b"engine-bytes"})
-    monkeypatch.setattr(trt_build, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_backends, "import_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_build, "device_identity", lambda: DeviceIdentity(version, "NVIDIA H200", "9.0"))
     model = load(encoder_reference["cache"] / "steps" / encoder_reference["manifest"]["steps"][1]["cache_key"])
     cfg = TensorRTConfig(precision="fp16", shapes=["batch=1:2:4,seq=8:16:32"], backend="python")

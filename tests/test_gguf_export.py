@@ -181,7 +181,8 @@ def test_cli_export_to_gguf_and_its_bad_inputs(capsys, tmp_path, llama_dir, tiny
 
 
 def test_recipe_plans_gguf_steps_and_llamacpp_profiles(llama_dir):
-    from edgesmith.pipeline import _precision, plan
+    from edgesmith.pipeline import plan
+    from edgesmith.pipeline.profiles import precision_of
     from edgesmith.recipe import Recipe
 
     profile = {"artifacts": [{"artifact": "source", "runtime": "llamacpp"}, {"artifact": "gguf", "runtime": "llamacpp"}]}
@@ -192,8 +193,8 @@ def test_recipe_plans_gguf_steps_and_llamacpp_profiles(llama_dir):
     with pytest.raises(BadInput, match="quant"):
         plan(Recipe.from_dict({"model": "smollm2", "steps": [{"gguf": {"quant": "q3"}}], "profile": None}))
     source = TorchModel(task="text-generation", meta={"gguf": {"quant_summary": {"F32": 61, "Q4_1": 210, "Q8_0": 1}}})
-    assert _precision(source, "llamacpp") == "q4_1" and _precision(source, "torch") == "fp32"
-    assert _precision(GgufModel(meta={"gguf_export": {"quant": "q8_0"}})) == "q8_0"
+    assert precision_of(source, "llamacpp") == "q4_1" and precision_of(source, "torch") == "fp32"
+    assert precision_of(GgufModel(meta={"gguf_export": {"quant": "q8_0"}})) == "q8_0"
 
 
 def test_missing_llama_cpp_is_one_line_naming_the_extra(llama, monkeypatch, capsys, tmp_path):

@@ -24,7 +24,6 @@ from edgesmith.errors import BadInput
 from edgesmith.tensorrt.build import (
     TensorRTConfig,
     build_identity,
-    builder_flags,
     check_precision,
     derive_input_shapes,
     engine_key,
@@ -33,6 +32,7 @@ from edgesmith.tensorrt.build import (
 )
 from edgesmith.tensorrt.cache import ort_engine_cache_dir, timing_cache_key
 from edgesmith.tensorrt.identity import DeviceIdentity, decode_nvinfer_version
+from edgesmith.tensorrt.options import TOLERANCES, builder_flags
 from edgesmith.tensorrt.runtime import check_engine_compatible
 from edgesmith.tensorrt.shapes import DimRange, parse_shapes
 from edgesmith.tensorrt.trtexec import trtexec_build_argv
@@ -196,7 +196,7 @@ def test_int8_and_fp8_need_matching_qdq_graphs(tmp_path):
 
 
 def test_tolerances_default_per_precision_and_can_be_set():
-    assert trt_export.tolerances(TensorRTConfig(precision="fp32")) == trt_export.TOLERANCES["fp32"]
+    assert trt_export.tolerances(TensorRTConfig(precision="fp32")) == TOLERANCES["fp32"]
     assert trt_export.tolerances(TensorRTConfig(precision="bf16", min_cosine=0.99))[1] == 0.99
 
 

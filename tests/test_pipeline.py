@@ -132,16 +132,16 @@ def test_sigkill_mid_step_then_rerun_finishes_with_the_same_outputs(tiny_bert_di
 def test_compressed_but_not_faster_is_flagged(tiny_bert_dir):
     """An artifact slower than its nearest profiled ancestor gets a warning (synthetic latencies)."""
     import edgesmith as es
-    from edgesmith.pipeline import _slower_than_parent
+    from edgesmith.pipeline.profiles import slower_than_parent
 
     measured = es.profile(es.load(str(tiny_bert_dir)), runtime="torch", batch=1, seq=8, warmup=0, iterations=5)
     fast = measured.model_copy(update={"label": "export (ort fp32)", "latencies_ms": [10.0, 10.2, 9.9, 10.1, 10.0] * 4})
     slow = measured.model_copy(update={"label": "quantize (ort int8)", "latencies_ms": [15.0, 15.3, 14.8, 15.1, 15.2] * 4})
     recipe = Recipe.from_dict({"steps": ["export", "quantize"], "profile": {"artifacts": ["export", "quantize"]}})
-    warnings = _slower_than_parent(recipe, recipe.profile_targets(), [fast, slow])
+    warnings = slower_than_parent(recipe, recipe.profile_targets(), [fast, slow])
     assert len(warnings) == 1
     assert warnings[0].startswith("quantize (ort int8) is slower than its parent export (ort fp32): 0.6")
-    assert _slower_than_parent(recipe, recipe.profile_targets(), [slow, fast]) == []
+    assert slower_than_parent(recipe, recipe.profile_targets(), [slow, fast]) == []
 
 
 def test_a_data_file_edited_in_place_changes_the_step_key(tmp_path):

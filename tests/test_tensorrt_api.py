@@ -22,6 +22,7 @@ from fake_tensorrt import FakeTensorRT, load_surface, surface_versions
 import edgesmith.tensorrt.build as trt_export
 from edgesmith.artifacts import OnnxModel, load
 from edgesmith.errors import BadInput
+from edgesmith.tensorrt import backends as trt_backends
 from edgesmith.tensorrt import ep as trt_ep
 from edgesmith.tensorrt import precision as tensorrt_typing
 from edgesmith.tensorrt import runtime as trt_runtime
@@ -68,10 +69,10 @@ def test_typing_follows_the_release():
 
 #: per function: the local names (or self attributes) that hold TensorRT objects, and their class
 BINDINGS = {
-    (trt_export, "build_python"): {"builder": "Builder", "config": "IBuilderConfig", "network": "INetworkDefinition",
+    (trt_backends, "build_python"): {"builder": "Builder", "config": "IBuilderConfig", "network": "INetworkDefinition",
                                    "parser": "OnnxParser", "profile": "IOptimizationProfile", "cache": "ITimingCache",
                                    "logger": "Logger"},
-    (trt_export, "_set_flags"): {"config": "IBuilderConfig"},
+    (trt_backends, "_set_flags"): {"config": "IBuilderConfig"},
     (trt_runtime, "profile_ranges"): {"engine": "ICudaEngine"},
     (trt_runtime, "TensorRTSession"): {"engine": "ICudaEngine", "self.engine": "ICudaEngine",
                                        "self.context": "IExecutionContext", "self._runtime": "Runtime",
@@ -208,7 +209,7 @@ def _shapes(model: OnnxModel, spec: str = "batch=1:2:4,seq=8:16:32"):
 
 def test_weak_build_sets_precision_flags(tmp_path, bert_onnx, monkeypatch):
     fake = _fake(WEAK)
-    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_backends, "import_tensorrt", lambda: fake)
     timing = tmp_path / "timing.cache"
     cfg = TensorRTConfig(precision="fp16", shapes=["batch=1:2:4,seq=8:16:32"], workspace_mib=512)
     data = build_python(bert_onnx.path, _shapes(bert_onnx), cfg, timing)
@@ -227,7 +228,7 @@ def test_weak_build_sets_precision_flags(tmp_path, bert_onnx, monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "fp8"])
 def test_strong_build_sets_no_precision_flag(tmp_path, bert_onnx, monkeypatch, precision):
     fake = _fake(STRONG)
-    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_backends, "import_tensorrt", lambda: fake)
     cfg = TensorRTConfig(precision=precision, shapes=["batch=1:2:4,seq=8:16:32"])
     assert build_python(bert_onnx.path, _shapes(bert_onnx), cfg, None) == b"engine-bytes"
     assert fake.called("IBuilderConfig", "set_flag") == []
@@ -237,7 +238,7 @@ def test_strong_build_sets_no_precision_flag(tmp_path, bert_onnx, monkeypatch, p
 def _build_with(version: str, model: OnnxModel, cache: Path, monkeypatch, precision="fp16"):
     seen: list = []
     fake = _fake(version, seen)
-    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_backends, "import_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_export, "device_identity", lambda: DeviceIdentity(version, "NVIDIA H200", "9.0"))
     cfg = TensorRTConfig(precision=precision, shapes=["batch=1:2:4,seq=8:16:32"], backend="python")
     folder = build_engine(model, cfg, cache_root=cache)

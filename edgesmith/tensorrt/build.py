@@ -10,27 +10,28 @@
   through builder flags (weak typing); TensorRT 11, which removed those flags, through the graph
   itself, converted first where needed (strong typing, :mod:`edgesmith.tensorrt.precision`).
 - **Backends**: TensorRT's Python builder API (``python``), or ``trtexec`` where only the tool is
-  installed (Jetson), with the same options through :func:`edgesmith.tensorrt.trtexec.trtexec_build_argv`.
+  installed (Jetson), with the same options through :func:`edgesmith.tensorrt.trtexec.trtexec_build_argv`
+  (:mod:`edgesmith.tensorrt.backends`).
 - **Cache**: engines under ``<cache>/tensorrt/engines/<key>``, key = ONNX hash + build options +
   TensorRT version + GPU (name and compute capability); the timing cache under
   ``<cache>/tensorrt/timing/<key>.cache`` per TensorRT version and GPU, reused by every build.
   ONNX Runtime's TensorRT provider keeps its engines under ``<cache>/tensorrt/ort-ep/<key>``.
 - **Validation**: every engine runs beside its ONNX model on probe inputs inside its profiles
   (:func:`edgesmith.validation.validate`); a breach fails the step (exit 3).
+
+The options, precisions and tolerances are :mod:`edgesmith.tensorrt.options`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
-import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, field_validator
+from typing import Any
 
 from edgesmith.artifacts import (
     ENGINE_FILE,
@@ -41,21 +42,26 @@ from edgesmith.artifacts import (
     OnnxModel,
     TensorRTEngine,
 )
-from edgesmith.errors import BadInput, EdgesmithError
-from edgesmith.passes import Context, Pass, PassConfig, register
+from edgesmith.errors import BadInput
+from edgesmith.passes import Context, Pass, register
 from edgesmith.storage import atomic_dir, write_text_atomic
+from edgesmith.tensorrt.backends import (
+    build_python,
+    build_trtexec,
+    build_typing,
+    resolve_backend,
+    write_bytes_atomic,
+)
 from edgesmith.tensorrt.cache import engine_dir, engine_key, timing_cache_path
-from edgesmith.tensorrt.identity import DeviceIdentity, device_identity, import_tensorrt
+from edgesmith.tensorrt.identity import DeviceIdentity, device_identity
+from edgesmith.tensorrt.options import TensorRTConfig, check_precision, tolerances
 from edgesmith.tensorrt.precision import (
     GraphConversion,
     Typing,
     conversion_plan,
     convert_graph,
     needs_conversion,
-    typing_for_version,
-    typing_of_module,
 )
-from edgesmith.tensorrt.precision import builder_flags as typed_builder_flags
 from edgesmith.tensorrt.shapes import (
     ShapeTriple,
     check_profiles_fit,
@@ -64,107 +70,12 @@ from edgesmith.tensorrt.shapes import (
     max_positions,
     parse_profiles,
 )
-from edgesmith.tensorrt.trtexec import trtexec_build_argv
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
-#: FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
-FP8_MIN_CAPABILITY = (8, 9)
-#: default validation tolerances per precision (max abs diff on non-padded positions, min cosine)
-TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-3, 0.9999), "fp16": (0.05, 0.999),
-                                              "bf16": (0.5, 0.995), "int8": (2.0, 0.98), "fp8": (2.0, 0.98)}
-DEFAULT_SHAPES = "batch=1:1:32,seq=8:128:256"
 #: probes the engine is validated on: batch sizes and fixed lengths, kept inside its profiles
 PROBE_BATCHES = (1, 3)
 PROBE_SEQ = 48
-TRTEXEC_TIMEOUT_S = 3600
-
-
-# ---------------------------------------------------------------------------------------------
-# Options, precisions and graph checks
-# ---------------------------------------------------------------------------------------------
-
-
-class TensorRTConfig(PassConfig):
-    """How to build the engine and how close it must stay to its ONNX model.
-
-    ``shapes``: one spec per optimization profile (see :func:`parse_shapes`). ``atol`` and
-    ``min_cosine`` default per precision (:data:`TOLERANCES`).
-    """
-
-    precision: Precision = "fp16"
-    shapes: list[str] = Field(default_factory=lambda: [DEFAULT_SHAPES])
-    workspace_mib: int = Field(4096, gt=0)
-    optimization_level: int = Field(3, ge=0, le=5)
-    tf32: bool = False
-    timing_cache: bool = True
-    backend: Literal["auto", "python", "trtexec"] = "auto"
-    trtexec: str = "trtexec"
-    atol: float | None = Field(None, gt=0)
-    min_cosine: float | None = Field(None, gt=-1, le=1)
-
-    @field_validator("shapes")
-    @classmethod
-    def _shapes_parse(cls, value: list[str]) -> list[str]:
-        try:
-            profiles = parse_profiles(value)
-        except BadInput as exc:
-            raise ValueError(str(exc)) from exc
-        return [",".join(f"{d}={r}" for d, r in p.items()) for p in profiles]
-
-
-def builder_flags(precision: str, tf32: bool = False, typing: Typing = "weak") -> tuple[list[str], list[str]]:
-    """(BuilderFlag names to set, to clear) for a precision under ``typing`` (see
-    :func:`edgesmith.tensorrt.precision.builder_flags`)."""
-    return typed_builder_flags(precision, typing, tf32)
-
-
-def quantize_types(onnx_path: str | Path) -> set[str]:
-    """Element types the graph's QuantizeLinear nodes produce (from their zero points), e.g. {"INT8"}."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    inits = {i.name: i for i in graph.initializer}
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    found = set()
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        dtype = onnx.TensorProto.UINT8  # ONNX default without a zero point
-        if zero in inits:
-            dtype = inits[zero].data_type
-        elif zero in consts:
-            dtype = next((a.t.data_type for a in consts[zero].attribute if a.name == "value"), dtype)
-        output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype" and a.i), None)
-        found.add(onnx.TensorProto.DataType.Name(output_dtype or dtype))
-    return found
-
-
-def check_precision(precision: str, onnx_path: str | Path, capability: str | None) -> None:
-    """int8 needs an explicit Q/DQ graph, fp8 an FP8 Q/DQ graph and an FP8-capable GPU."""
-    if precision not in ("int8", "fp8"):
-        return
-    types = quantize_types(onnx_path)
-    if precision == "int8" and not types & {"INT8", "UINT8"}:
-        raise BadInput("precision int8 needs an explicitly quantized (Q/DQ) graph: run the quantize pass with "
-                       "static QDQ quantization first (TensorRT 10 builds INT8 only from Q/DQ nodes)")
-    if precision == "fp8":
-        if not any(t.startswith("FLOAT8") for t in types):
-            raise BadInput("precision fp8 needs an FP8 Q/DQ graph (NVIDIA Model Optimizer's ONNX output: "
-                           "pip install nvidia-modelopt); this graph has none")
-        if capability is not None:
-            major, _, minor = capability.partition(".")
-            if (int(major), int(minor or 0)) < FP8_MIN_CAPABILITY:
-                raise BadInput(f"precision fp8 needs compute capability 8.9 or newer (Ada, Hopper); this GPU is "
-                               f"{capability}; use fp16 or int8")
-
-
-def tolerances(cfg: TensorRTConfig) -> tuple[float, float]:
-    atol, cosine = TOLERANCES[cfg.precision]
-    return (cfg.atol if cfg.atol is not None else atol, cfg.min_cosine if cfg.min_cosine is not None else cosine)
 
 
 def build_identity(cfg: TensorRTConfig, backend: str, typing: Typing = "weak",
@@ -221,113 +132,6 @@ def profile_accepts(meta: dict[str, Any]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_backend(backend: str, trtexec: str) -> str:
-    """``auto``: the Python builder when the bindings import, else trtexec when the tool is on PATH."""
-    if backend in ("python", "trtexec"):
-        if backend == "python":
-            import_tensorrt()
-        elif shutil.which(trtexec) is None:
-            raise BadInput(f"trtexec not found at '{trtexec}'; install TensorRT or give --trtexec PATH")
-        return backend
-    try:
-        import_tensorrt()
-        return "python"
-    except BadInput as missing:
-        if shutil.which(trtexec) is not None:
-            return "trtexec"
-        raise BadInput(f"{missing}; nor is trtexec on PATH") from missing
-
-
-def _set_flags(trt, config, precision: str, tf32: bool, typing: Typing) -> None:
-    enable, disable = builder_flags(precision, tf32, typing)
-    for name in enable:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    for name in disable:
-        config.clear_flag(getattr(trt.BuilderFlag, name))
-
-
-def build_python(onnx_path: Path, shapes: list[dict[str, ShapeTriple]], cfg: TensorRTConfig,
-                 timing_cache: Path | None) -> bytes:
-    """Build with TensorRT's Python API: parse, one optimization profile per shape profile, flags,
-    workspace, optimization level, timing cache (read before, written back after)."""
-    trt = import_tensorrt()
-    typing = typing_of_module(trt)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10; 11 is always strongly typed
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BadInput(f"TensorRT cannot parse {onnx_path}: {errors[:500]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib * 2**20)
-    config.builder_optimization_level = cfg.optimization_level
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names and types for per-layer times
-    _set_flags(trt, config, cfg.precision, cfg.tf32, typing)
-    for profile_shapes in shapes:
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profile_shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    cache = None
-    if timing_cache is not None:
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EdgesmithError(f"TensorRT failed to build an engine from {onnx_path} (its log above says why)")
-    if cache is not None and timing_cache is not None:
-        write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
-
-
-def build_trtexec(onnx_path: Path, engine_path: Path, input_names: list[str],
-                  shapes: list[dict[str, ShapeTriple]], cfg: TensorRTConfig, timing_cache: Path | None,
-                  typing: Typing = "weak") -> None:
-    """Build with ``trtexec`` (same options, through :func:`trtexec_build_argv`)."""
-
-    if cfg.precision == "fp8":
-        raise BadInput("fp8 engines need TensorRT's Python builder (backend python); trtexec builds serve "
-                       "devices without FP8 (Jetson)")
-    argv = trtexec_build_argv(cfg.trtexec, str(onnx_path), str(engine_path), input_names=input_names,
-                              precision=cfg.precision, workspace_mib=cfg.workspace_mib,
-                              timing_cache=str(timing_cache) if timing_cache else None, profiles=shapes,
-                              optimization_level=cfg.optimization_level, typing=typing)
-    if not cfg.tf32:
-        argv.append("--noTF32")
-    log.info("building with trtexec: %s", " ".join(argv))
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=TRTEXEC_TIMEOUT_S, check=False)
-    except FileNotFoundError as exc:
-        raise BadInput(f"trtexec not found at '{cfg.trtexec}'; install TensorRT or give --trtexec PATH") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise EdgesmithError(f"trtexec took longer than {TRTEXEC_TIMEOUT_S} s to build {onnx_path}") from exc
-    if out.returncode != 0 or not engine_path.exists():
-        tail = [line for line in (out.stdout + out.stderr).splitlines() if "ERROR" in line or "Error" in line]
-        raise EdgesmithError(f"trtexec failed to build {onnx_path} (exit {out.returncode}): "
-                             f"{'; '.join(tail[-3:]) or 'see trtexec output with --debug'}")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
 # Building (cached) and the pass
 # ---------------------------------------------------------------------------------------------
 
@@ -335,8 +139,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def build_engine(model: OnnxModel, cfg: TensorRTConfig, *, cache_root: str | Path | None = None) -> Path:
     """The cached engine folder for ``model`` under ``cfg`` on this GPU: built (atomically) when
     missing, reused when present. Holds ``model.engine`` and ``engine.json`` (the metadata)."""
-    import json
-
     backend = resolve_backend(cfg.backend, cfg.trtexec)
     identity = device_identity()
     if identity.gpu_name is None:
@@ -380,8 +182,6 @@ def build_engine(model: OnnxModel, cfg: TensorRTConfig, *, cache_root: str | Pat
 def cached_engine_damage(folder: Path) -> str | None:
     """None when ``folder`` holds a whole cached engine (``model.engine`` and an ``engine.json`` record
     naming what it was built for), else what is wrong with it, in a few words."""
-    import json
-
     record = folder / "engine.json"
     if not (folder / ENGINE_FILE).is_file() or (folder / ENGINE_FILE).stat().st_size == 0:
         return f"{folder / ENGINE_FILE} is missing or empty"
@@ -397,18 +197,8 @@ def cached_engine_damage(folder: Path) -> str | None:
     return None
 
 
-def build_typing(backend: str, version: str | None) -> Typing:
-    """The typing of this build: from the bindings themselves (python backend), else from the
-    TensorRT version trtexec belongs to."""
-    if backend == "python":
-        return typing_of_module(import_tensorrt())
-    return typing_for_version(version)
-
-
 def engine_artifact(model: OnnxModel, cached: Path, folder: Path) -> TensorRTEngine:
     """A TensorRTEngine in ``folder``: the cached engine plus the ONNX folder's tokenizer and config."""
-    import json
-
     for f in model.folder.iterdir():
         if f.is_file() and f.name != META_FILE and f.name != ONNX_FILE and f.suffix not in (".onnx", ".data"):
             shutil.copy2(f, folder / f.name)

@@ -20,6 +20,7 @@ from edgesmith.faults import point
 from edgesmith.training.batches import TextBatches
 from edgesmith.training.checkpoints import Checkpoints, _gather_rng, _state_tensors, load_weights
 from edgesmith.training.ddp import default_device, resolve_precision, world
+from edgesmith.training.evaluations import Evaluations
 from edgesmith.training.settings import TrainResult, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -143,83 +144,44 @@ def train(objective: nn.Module, data: TextBatches, settings: TrainSettings, *,
 def _train(objective: nn.Module, data: TextBatches, settings: TrainSettings, *, evaluate, checkpoint_dir, key,
            progress, device, precision, on_step, rank, world_size, label) -> TrainResult:
     objective.to(device)
-    model: nn.Module = objective
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=True)
+    model = _distributed(objective, device, world_size)
     optimizer = make_optimizer(objective, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings))
     checkpoints = Checkpoints(checkpoint_dir, key) if checkpoint_dir is not None else None
-
-    losses: list[float] = []  # training losses since the last evaluation
-    start, history, best_step, best_metric, bad_evals, first_metric, resumed = 0, [], 0, -math.inf, 0, None, None
-    best_state: dict[str, torch.Tensor] | None = None
-    if checkpoints and rank == 0:
-        checkpoints.recover()
-    if checkpoints and world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    saved = checkpoints.last_state() if checkpoints else None
-    if saved is not None:
-        checkpoints.restore(objective, optimizer, scheduler, rank)
-        start, history = int(saved["step"]), list(saved["history"])
-        best_step, best_metric, bad_evals = int(saved["best_step"]), float(saved["best_metric"]), int(saved["bad_evals"])
-        first_metric, resumed = float(saved["first_metric"]), start
-        losses.extend(saved.get("pending_losses", []))
-        log.info("resuming from the checkpoint at step %d (%s)", start, checkpoint_dir)
-
-    # this process's wall seconds (training and evaluations) at each evaluation: the recovery curve,
-    # metric against time; kept apart from ``history``, which a resumed run reproduces exactly
-    clock_start, timeline = time.perf_counter(), []
+    evals = Evaluations(settings.min_delta)
+    resumed = _resume(checkpoints, evals, objective, optimizer, scheduler, rank, world_size)
+    start = 0 if resumed is None else resumed
 
     def run_eval(step: int) -> float:
-        nonlocal best_step, best_metric, bad_evals, best_state, first_metric
         objective.eval()
         with torch.no_grad(), _autocast(device, precision):
             metric = float(evaluate(objective))
         objective.train()
-        entry = {"step": step, "metric": metric}
-        timeline.append({"step": step, "metric": metric, "seconds": round(time.perf_counter() - clock_start, 2)})
-        if losses:
-            entry["loss"] = sum(losses) / len(losses)  # mean training loss since the last evaluation
-            losses.clear()
-        history.append(entry)
-        if first_metric is None:
-            first_metric = metric
-        # patience counts evaluations that improve on the best by less than min_delta
-        bad_evals = 0 if metric > best_metric + settings.min_delta else bad_evals + 1
-        if metric > best_metric:
-            best_step, best_metric = step, metric
-            best_state = _state_tensors(objective)
+        if evals.record(step, metric):
+            evals.best_state = _state_tensors(objective)
             if checkpoints and rank == 0:
                 checkpoints.write_best(objective, step, metric)
         return metric
 
     objective.train()
-    if saved is None:
+    if resumed is None:
         run_eval(0)
     bar = _Progress(progress, settings.steps, start, label)
-    started, samples, step, stopped_early, last_loss = time.perf_counter(), 0, start, False, float("nan")
+    started, samples, step, stopped_early = time.perf_counter(), 0, start, False
     try:
         for step in range(start + 1, settings.steps + 1):
             last_loss, n = _one_step(model, objective, optimizer, scheduler, data, settings, step - 1, device,
                                      precision, rank, world_size)
             samples += n * world_size
-            losses.append(last_loss)
+            evals.losses.append(last_loss)
             metric = None
             if step % settings.eval_every == 0 or step == settings.steps:
                 metric = run_eval(step)
-                if settings.patience is not None and bad_evals >= settings.patience:
-                    stopped_early = True
+                stopped_early = evals.out_of_patience(settings.patience)
             if checkpoints and settings.checkpoint_every and step % settings.checkpoint_every == 0:
                 rng = _gather_rng(world_size)
                 if rank == 0:
-                    checkpoints.write_last(objective, optimizer, scheduler, rng, {
-                        "step": step, "history": history, "best_step": best_step, "best_metric": best_metric,
-                        "bad_evals": bad_evals, "first_metric": first_metric, "pending_losses": losses})
+                    checkpoints.write_last(objective, optimizer, scheduler, rng, evals.state(step))
             bar.update(step, last_loss, samples / max(1e-9, time.perf_counter() - started), metric)
             point(f"train:step:{step}")
             if on_step is not None:
@@ -230,12 +192,44 @@ def _train(objective: nn.Module, data: TextBatches, settings: TrainSettings, *, 
     finally:
         bar.close()
     seconds = time.perf_counter() - started
-    _restore_best(objective, best_state, checkpoints)
-    return TrainResult(steps_run=step, best_step=best_step, best_metric=best_metric,
-                       first_metric=float(first_metric if first_metric is not None else best_metric),
-                       history=history, timeline=timeline, seconds=seconds, samples_per_second=samples / max(seconds, 1e-9),
-                       stopped_early=stopped_early, resumed_from=resumed, precision=precision,
-                       world_size=world_size)
+    _restore_best(objective, evals.best_state, checkpoints)
+    first = evals.first_metric
+    return TrainResult(steps_run=step, best_step=evals.best_step, best_metric=evals.best_metric,
+                       first_metric=float(first if first is not None else evals.best_metric),
+                       history=evals.history, timeline=evals.timeline, seconds=seconds,
+                       samples_per_second=samples / max(seconds, 1e-9), stopped_early=stopped_early,
+                       resumed_from=resumed, precision=precision, world_size=world_size)
+
+
+def _distributed(objective: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """The objective itself, or wrapped in DistributedDataParallel under torchrun."""
+    if world_size == 1:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _resume(checkpoints: Checkpoints | None, evals: Evaluations, objective: nn.Module, optimizer, scheduler,
+            rank: int, world_size: int) -> int | None:
+    """Restore the last checkpoint, if any (after rank 0 has recovered a half-written one); returns the
+    step it resumes from, or None for a fresh start."""
+    if checkpoints is None:
+        return None
+    if rank == 0:
+        checkpoints.recover()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    saved = checkpoints.last_state()
+    if saved is None:
+        return None
+    checkpoints.restore(objective, optimizer, scheduler, rank)
+    start = evals.resume(saved)
+    log.info("resuming from the checkpoint at step %d (%s)", start, checkpoints.folder)
+    return start
 
 
 def _restore_best(objective: nn.Module, best_state: dict[str, torch.Tensor] | None,

@@ -98,44 +98,23 @@ class DistillPass(Pass):
     def apply(self, artifact: TorchModel, ctx: Context) -> TorchModel:
         config = self.config
         teacher = resolve_teacher(config, artifact, ctx)
-        if not _same_vocabulary(teacher.tokenizer, artifact.tokenizer):
-            raise BadInput("distill: the teacher's and the student's tokenizers differ; "
-                           "distillation here needs one vocabulary")
-        tokenizer = artifact.tokenizer or teacher.tokenizer
-        if tokenizer is None:
-            raise BadInput(f"distill: model '{artifact.name}' has no tokenizer; save one beside the model")
-        teacher_layers = num_layers(teacher.module)
-        kept = chosen_layers(config, teacher_layers)
-        if kept is None and teacher.module is artifact.module:
-            raise BadInput("distill: the teacher is the student itself; give teacher=<model folder> (or run after "
-                           "prune in a recipe, whose source model is the teacher), or every_k / keep_layers")
-        student = depth_reduced(teacher, kept) if kept is not None else artifact.derive(
-            module=copy.deepcopy(artifact.module), structure=copy.deepcopy(artifact.structure))
-        student_layers = num_layers(student.module)
+        student, kept, tokenizer = _student(config, artifact, teacher)
+        teacher_layers, student_layers = num_layers(teacher.module), num_layers(student.module)
 
         texts, labels = training_texts(config, ctx)
         train_texts, train_labels, held = split_holdout(texts, labels, config.eval_texts)
         losses = resolve_losses(config, artifact.task, train_labels is not None)
-        if "task" in losses and artifact.task == "sequence-classification":
+        classify = "task" in losses and artifact.task == "sequence-classification"
+        if classify:
             from edgesmith.quality import label_ids
 
             train_labels = label_ids(student, train_labels, int(student.config.num_labels)).tolist()
         pairs = (layer_pairs(config, student_layers, teacher_layers, kept)
                  if {"hidden_mse", "attention"} & set(losses) else [])
 
-        settings = config.settings()
         device = _device()
-        teacher_module = teacher.module
         attention_impl = _attention_implementation(student.module)
-        if "attention" in losses and (_attention_implementation(teacher_module) not in (None, "eager")):
-            teacher_module = copy.deepcopy(teacher_module)  # the source model is left as it was
-        if teacher_module.training or device.type != "cpu":
-            teacher_module = copy.deepcopy(teacher_module).eval()
-        dropped: dict[str, float] = {}
-        if "attention" in losses:
-            for module in (student.module, teacher_module):
-                _set_attention(module, "eager")
-            dropped = _no_attention_dropout(student.module)
+        teacher_module, dropped = _attention_for_training(teacher.module, student.module, losses, device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the projections' initial weights
             objective = DistillObjective(student.module, teacher_module.to(device), task=artifact.task,
@@ -144,20 +123,20 @@ class DistillPass(Pass):
         objective.to(device)
         data = TextBatches(tokenizer, train_texts, batch_size=config.batch_size, max_length=config.max_length,
                            seed=config.seed, input_names=objective.input_names,
-                           labels=train_labels if "task" in losses and artifact.task == "sequence-classification" else None)
+                           labels=train_labels if classify else None)
         validation = Validation(objective, tokenizer, held, max_length=config.max_length, device=device)
         objective.eval()
         before = validation.fidelity()
 
-        checkpoint_dir = None
-        key = ""
+        checkpoint_dir, key = None, ""
         if config.checkpoint_every is not None:
             key = _fingerprint(config, artifact if kept is None else student, teacher, train_texts, train_labels, held)
             checkpoint_dir = _checkpoint_root(config, ctx) / f"distill-{key[:20]}"
         log.info("distilling %s (%d layers) from %s (%d layers): %s, %d training texts, %d held out",
                  artifact.name, student_layers, teacher.name, teacher_layers, losses, len(train_texts), len(held))
-        result = train(objective, data, settings, evaluate=validation, checkpoint_dir=checkpoint_dir, key=key,
-                       progress=ctx.progress, device=device, on_step=ctx.extras.get("on_step"), label="distill")
+        result = train(objective, data, config.settings(), evaluate=validation, checkpoint_dir=checkpoint_dir,
+                       key=key, progress=ctx.progress, device=device, on_step=ctx.extras.get("on_step"),
+                       label="distill")
         after = validation.fidelity()
         if checkpoint_dir is not None and not config.keep_checkpoints:
             rank_zero_remove(checkpoint_dir)
@@ -168,33 +147,62 @@ class DistillPass(Pass):
         for name, p in dropped.items():
             module.get_submodule(name).p = p
         ctx.report.update({
-            "teacher": teacher.name,
-            "student_layers": student_layers,
-            "teacher_layers": teacher_layers,
-            "kept_layers": kept,
-            "losses": losses,
-            "train_texts": len(train_texts),
-            "eval_texts": len(held),
-            "fidelity_before": before,
-            "fidelity_after": after,
-            **{f"{name}_before": value for name, value in before.items()},
-            **{f"{name}_after": value for name, value in after.items()},
-            "steps_run": result.steps_run,
-            "best_step": result.best_step,
-            "stopped_early": result.stopped_early,
-            "resumed_from_step": result.resumed_from,
-            "train_seconds": round(result.seconds, 2),
-            "samples_per_second": round(result.samples_per_second, 2),
-            "precision": result.precision,
-            "world_size": result.world_size,
-            "history": result.history,
-            "timeline": result.timeline,
+            "teacher": teacher.name, "student_layers": student_layers, "teacher_layers": teacher_layers,
+            "kept_layers": kept, "losses": losses, "train_texts": len(train_texts), "eval_texts": len(held),
+            **_fidelity_report(before, after), **_training_report(result),
             "params": sum(p.numel() for p in module.parameters()),
             "projections": sorted(objective.projections.keys()),
         })
         log.info("distilled: fidelity %.4f → %.4f (best step %d of %d, %.1f s)", before["cosine"], after["cosine"],
                  result.best_step, result.steps_run, result.seconds)
         return student.derive(module=module, structure=copy.deepcopy(student.structure))
+
+
+def _student(config: DistillConfig, artifact: TorchModel, teacher: TorchModel):
+    """(the student to train, the teacher layers it keeps or None, the tokenizer): the input itself, or a
+    shallower copy of the teacher with ``keep_layers`` / ``every_k``."""
+    if not _same_vocabulary(teacher.tokenizer, artifact.tokenizer):
+        raise BadInput("distill: the teacher's and the student's tokenizers differ; "
+                       "distillation here needs one vocabulary")
+    tokenizer = artifact.tokenizer or teacher.tokenizer
+    if tokenizer is None:
+        raise BadInput(f"distill: model '{artifact.name}' has no tokenizer; save one beside the model")
+    kept = chosen_layers(config, num_layers(teacher.module))
+    if kept is None and teacher.module is artifact.module:
+        raise BadInput("distill: the teacher is the student itself; give teacher=<model folder> (or run after "
+                       "prune in a recipe, whose source model is the teacher), or every_k / keep_layers")
+    student = depth_reduced(teacher, kept) if kept is not None else artifact.derive(
+        module=copy.deepcopy(artifact.module), structure=copy.deepcopy(artifact.structure))
+    return student, kept, tokenizer
+
+
+def _attention_for_training(teacher_module, student_module, losses: dict, device: torch.device):
+    """The teacher module to train against (a copy where it would otherwise change: eager attention,
+    eval mode, another device) and, for the attention loss, both switched to eager attention and the
+    student's attention dropout off; returns (teacher module, {dropout path: old p})."""
+    if "attention" in losses and (_attention_implementation(teacher_module) not in (None, "eager")):
+        teacher_module = copy.deepcopy(teacher_module)  # the source model is left as it was
+    if teacher_module.training or device.type != "cpu":
+        teacher_module = copy.deepcopy(teacher_module).eval()
+    dropped: dict[str, float] = {}
+    if "attention" in losses:
+        for module in (student_module, teacher_module):
+            _set_attention(module, "eager")
+        dropped = _no_attention_dropout(student_module)
+    return teacher_module, dropped
+
+
+def _fidelity_report(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    return {"fidelity_before": before, "fidelity_after": after,
+            **{f"{name}_before": value for name, value in before.items()},
+            **{f"{name}_after": value for name, value in after.items()}}
+
+
+def _training_report(result) -> dict[str, Any]:
+    return {"steps_run": result.steps_run, "best_step": result.best_step, "stopped_early": result.stopped_early,
+            "resumed_from_step": result.resumed_from, "train_seconds": round(result.seconds, 2),
+            "samples_per_second": round(result.samples_per_second, 2), "precision": result.precision,
+            "world_size": result.world_size, "history": result.history, "timeline": result.timeline}
 
 
 def _attention_implementation(module) -> str | None:
