@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 #: the other benchmarks' result files, in this order (matched on the file stem's prefix); the rest follow by name
-RESULT_ORDER = ("int8_graph", "recovery", "prune", "quantize", "distill", "sweep", "llm_goal", "llm_peers", "llm_backends", "llm_recovery", "llm_gguf", "llm_gguf_quant", "llm_speculative")
+RESULT_ORDER = ("softmax_floor", "int8_graph", "recovery", "prune", "quantize", "distill", "sweep", "llm_goal", "llm_peers", "llm_backends", "llm_recovery", "llm_gguf", "llm_gguf_quant", "llm_speculative")
 GOAL_SPEEDUP_TORCH = 12.0
 GOAL_SPEEDUP_OPTIMUM = 1.5
 GOAL_SPEEDUP_INTERMEDIATE = 1.25  # issue 19's intermediate mark (batch 1)
@@ -41,7 +41,8 @@ def qualifies(quality: dict[str, float]) -> bool:
 def machine_lines(summary: dict[str, Any]) -> list[str]:
     m = summary["machine"]
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v)
-    lines = [f"- CPU: {m['cpu_model']}, {m['cores']} logical cores; runtimes limited to {m['threads']} threads",
+    isa = m.get("isa") or "ISA not recorded in this run"
+    lines = [f"- CPU: {m['cpu_model']} ({isa}), {m['cores']} logical cores; runtimes limited to {m['threads']} threads",
              f"- OS: {m['os']} (kernel {m['kernel']}), Python {m['python']}",
              f"- edgesmith venv: {libs}"]
     opt = m.get("optimum_venv")
@@ -161,7 +162,7 @@ def section(summary: dict[str, Any]) -> str:
     for batch in s["batches"]:
         ran = (s.get("rounds_run") or {}).get(str(batch))
         rounds = f"{ran} rounds of {s['block']} runs per contender" if ran is not None else ""
-        out += [f"### Batch {batch} × {s['seq']} tokens", "", table(summary, str(batch)), ""]
+        out += [f"### Batch {batch} × {s['seq']} tokens", "", _machine_line(summary), "", table(summary, str(batch)), ""]
         if rounds:
             out += [f"_{rounds}._", ""]
     out += ["### Goal", ""] + goal_lines(summary) + [""]
@@ -175,6 +176,12 @@ def section(summary: dict[str, Any]) -> str:
         out += ["", "Optimum steps that failed (reported as they were raised):", ""]
         out += [f"- {k}: `{v}`" for k, v in summary["optimum_errors"].items()]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _machine_line(summary: dict[str, Any]) -> str:
+    m = summary["machine"]
+    isa = m.get("isa") or "ISA not recorded in this run"
+    return f"_{m['cpu_model']} ({isa}), {m['threads']} threads._"
 
 
 def _order_key(path: Path) -> tuple[int, str]:

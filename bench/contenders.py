@@ -99,6 +99,11 @@ def static_accuracy_aware_supported() -> bool:
     return "static" in typing.get_args(fields["mode"].annotation)
 
 
+#: the dynamic INT8 row's quantize options (the Softmax-floor comparison builds on the same):
+#: keep_node_metadata false: the exporter's per-node provenance (~0.3 MB of text) is not shipped
+DYNAMIC_INT8: dict[str, Any] = {"mode": "dynamic", "per_channel": True, "quantize_embeddings": True,
+                                "keep_node_metadata": False}
+
 #: the ORT fusions the fused INT8 row applies before quantizing (bench/results/int8_graph.md: kept only
 #: where they paid on this CPU)
 FUSED_INT8 = ["layer_norm", "gelu", "skip_layer_norm", "bias_gelu"]
@@ -114,9 +119,7 @@ def edgesmith_rows(*, quick: bool, prune_heads: float, prune_ffn: float, distill
     embeddings in static mode)."""
     names = pass_names()
     export = {"export": {}}
-    # keep_node_metadata false: the exporter's per-node provenance (~0.3 MB of text) is not shipped
-    dynamic = {"quantize": {"mode": "dynamic", "per_channel": True, "quantize_embeddings": True,
-                            "keep_node_metadata": False}}
+    dynamic = {"quantize": dict(DYNAMIC_INT8)}
     fused = {"quantize": {**dynamic["quantize"], "optimize": True, "fusions": list(FUSED_INT8)}}
     # padded attention keys out of ORT's slow exp path (bench/results/int8_graph.md)
     softmax = {"quantize": {**dynamic["quantize"], "softmax_floor": -80.0}}

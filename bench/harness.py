@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -34,12 +33,13 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports (after the venv and PYTHONPATH)
 
-import benchmarks_md
-import contenders as cs
-import optimum_env
-from rounds import Timed, paired_speedup, run_rounds
+from bench import benchmarks_md, optimum_env
+from bench import contenders as cs
+from bench.core import machine as machine_record
+from bench.core import results
+from bench.core.rounds import Timed, paired_speedup, run_rounds
 
 log = logging.getLogger("bench.harness")
 
@@ -89,8 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def command_line(argv: list[str] | None) -> str:
-    words = sys.argv[1:] if argv is None else argv
-    return " ".join([".venv/bin/python bench/harness.py", *map(shlex.quote, words)]).strip()
+    return results.command_line("harness.py", argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,29 +213,20 @@ def latency_entry(row: cs.Contender, timed: dict[str, Timed], batch: int, best: 
 
 
 def save_profile(row: cs.Contender, session, timed: Timed, *, batch: int, seq: int, args, folder: Path) -> Path:
-    from edgesmith.profiling import (
-        Profile,
-        RuntimeInfo,
-        Shapes,
-        Stats,
-        artifact_info,
-        peak_host_memory_mb,
-        summarize,
-    )
+    """The contender's latencies at this shape as an edgesmith Profile (``edgesmith compare`` reads it)."""
+    from edgesmith.profiling import RuntimeInfo, artifact_info, peak_host_memory_mb
     from edgesmith.profiling.environment import fingerprint
+    from edgesmith.profiling.measure import measured_profile
 
-    stats = Stats(**summarize(timed.all))
     info = artifact_info(row.artifact)
     info.size_bytes = row.size_bytes if row.size_bytes is not None else info.size_bytes
-    prof = Profile(
+    prof = measured_profile(
         label=row.label, artifact=info,
         runtime=RuntimeInfo(name=session.runtime, providers=list(session.providers),
                             options=dict(getattr(session, "options", {}) or {})),
-        environment=fingerprint(threads=args.threads), shapes=Shapes(batch=batch, seq=seq),
-        warmup=args.warmup, iterations=len(timed.all), latencies_ms=timed.all, stats=stats,
-        throughput=batch * 1000.0 / stats.p50, peak_host_memory_mb=peak_host_memory_mb(),
-        quality={k: v for k, v in row.quality.items()},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        target="cpu-local", environment=fingerprint(threads=args.threads), batch=batch, seq=seq, warmup=args.warmup,
+        iterations=len(timed.all), time_budget_s=None, latencies=timed.all, peak_host_memory_mb=peak_host_memory_mb())
+    prof.quality = dict(row.quality)
     return prof.save(folder / f"b{batch}s{seq}-{row.key}.json")
 
 
@@ -323,15 +313,6 @@ def interop_check(rows: list[cs.Contender], texts: list[str], args) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def machine(args, optimum_versions: dict | None) -> dict[str, Any]:
-    from edgesmith.profiling.environment import fingerprint
-
-    env = fingerprint(threads=args.threads).model_dump()
-    return {"cpu_model": env["cpu_model"], "cores": env["cores"], "threads": args.threads, "os": env["os"],
-            "kernel": env["kernel"], "python": env["python"], "libraries": env["libraries"],
-            "optimum_venv": optimum_versions or None}
-
-
 def render(args, summary: dict[str, Any] | None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(benchmarks_md.benchmarks_md(summary, args.results_dir, REPO), encoding="utf-8")
@@ -346,7 +327,7 @@ def run(args, argv: list[str] | None) -> dict[str, Any]:
     from edgesmith.quality import embed
 
     started = time.perf_counter()
-    load_start = list(os.getloadavg())
+    rec = machine_record.record(args.threads)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     args.profiles_dir.mkdir(parents=True, exist_ok=True)
@@ -389,7 +370,7 @@ def run(args, argv: list[str] | None) -> dict[str, Any]:
     summary = {
         "schema": 1, "command": command_line(argv), "quick": args.quick,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(args, optimum.get("versions")),
+        "machine": {**machine_record.finish(rec), "optimum_venv": optimum.get("versions") or None},
         "settings": {"model": args.model, "seq": args.seq, "batches": args.batch_sizes, "rounds": args.rounds,
                      "block": args.block, "warmup": args.warmup, "eval_texts": args.eval_texts,
                      "threads": args.threads, "max_drop": args.max_drop, "shape_budget_s": args.shape_budget,
@@ -398,7 +379,7 @@ def run(args, argv: list[str] | None) -> dict[str, Any]:
         "optimum_errors": (optimum.get("produce") or {}).get("errors", {}),
         "optimum_quantization": (optimum.get("produce") or {}).get("quantization_config"),
         "goal": goal(rows, latency, labels), "interop": interop,
-        "load_average": {"start": load_start, "end": list(os.getloadavg())},
+        "load_average": rec["load_average"],
         "wall_seconds": time.perf_counter() - started,
     }
     return summary

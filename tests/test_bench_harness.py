@@ -13,9 +13,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(REPO))
 
-from rounds import Timed, paired_speedup, rotation, run_rounds
+from bench.core import machine, results
+from bench.core.rounds import Timed, paired_speedup, rotation, run_rounds
+from edgesmith.errors import BadInput
 
 RESULT_FILES = {
     "zeta_extra.md": "# Something else\n\nCommand: `python bench/zeta.py`\n\n| a |\n|---|\n| 1 |\n",
@@ -143,5 +145,37 @@ def test_paired_speedup_is_round_by_round():
     cand = Timed("cand", [[5.0, 5.0], [20.0, 20.0], [5.0, 6.0]])
     speedup, low, high = paired_speedup(base, cand)
     assert speedup == pytest.approx(2.0) and low == pytest.approx(2.0) and high == pytest.approx(2.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(BadInput):
         paired_speedup(base, Timed("short", [[1.0]]))
+
+
+def test_machine_record_names_cpu_isa_and_load():
+    x86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_vnni amx_tile\n"
+    flags = machine.isa_flags(x86)
+    assert flags == ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"]
+    assert machine.isa_summary(flags) == "AVX-512 (VNNI) + AMX"
+    assert machine.isa_summary(machine.isa_flags("Features\t: fp asimd asimddp\n")) == "NEON (dot)"
+    assert machine.isa_summary(["sse4_2", "avx", "avx2"]) == "AVX2"
+    rec = machine.record(threads=2)
+    assert rec["cpu_model"] and rec["threads"] == 2 and rec["load_average"]["end"] is None
+    machine.finish(rec)
+    text = machine.line(rec)
+    assert rec["cpu_model"] in text and rec["isa"] in text and "threads 2" in text and "at the end" in text
+    assert "ISA not recorded" in machine.line({"cpu_model": "Old CPU", "cores": 2})
+
+
+def test_results_writer_is_atomic_and_renders_again(tmp_path):
+    doc = {"command": "x", "rows": [1, 2]}
+    json_path, md_path = results.write("demo", doc, lambda d: f"# Demo\n\n{len(d['rows'])} rows", results_dir=tmp_path)
+    assert json_path == tmp_path / "demo.json" and md_path.read_text() == "# Demo\n\n2 rows\n"
+    assert results.read("demo", tmp_path) == doc
+    md_path.unlink()
+    results.render_only(tmp_path / "demo.md", lambda d: f"{d['command']} again")
+    assert md_path.read_text() == "x again\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+    # a render that fails leaves the earlier file whole
+    with pytest.raises(ZeroDivisionError):
+        results.write("demo", doc, lambda d: str(1 / 0), results_dir=tmp_path)
+    assert md_path.read_text() == "x again\n" and not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(SystemExit, match="run the benchmark first"):
+        results.read("missing", tmp_path)
