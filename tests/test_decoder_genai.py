@@ -1,11 +1,13 @@
-"""The genai export backend (edgesmith.export.decoder_genai): ORT GenAI's model builder on a tiny
-Llama with GQA and a tied embedding, validated token for token on unpadded prompts; the
-unpadded-only rules of OrtDecoderSession; the builder's failures as one line; and the exact GGUF
-repack (weight-only quantize, method gguf) on the builder's graph."""
+"""The genai export (edgesmith.export.decoder_genai): ORT GenAI's model builder on a tiny Llama
+with GQA and a tied embedding, an ORT GenAI folder validated token for token on a batch of prompts
+of different lengths in edgesmith's loop and in ORT GenAI; the right-padding rules of
+OrtDecoderSession; the builder's failures as one line; and the exact GGUF repack (weight-only
+quantize, method gguf) on the builder's graph."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from types import SimpleNamespace
 
@@ -53,12 +55,16 @@ def _rows(tokenizer) -> list[np.ndarray]:
 
 def test_genai_export_validates_and_records_its_layout(genai):
     decoder = genai.meta["decoder"]
-    assert decoder["layout"] == "genai" and decoder["padding"] == "unpadded-only"
+    assert decoder["layout"] == "genai" and decoder["padding"] == "right"
     assert decoder["logits"] == "selectable" and decoder["logits_input"] == "logits_to_keep"
     assert (decoder["num_layers"], decoder["num_kv_heads"], decoder["head_dim"]) == (2, KV_HEADS, 64 // HEADS)
     validation = genai.meta["validation"]
-    assert validation["batch"] == 1 and validation["tokens_equal"] == [32] * len(validation["prompt_tokens"])
-    assert len(set(validation["prompt_tokens"])) == 3 and validation["prefill_max_abs"] < 1e-4
+    # one batch of three prompts of different lengths, in edgesmith's loop and in ORT GenAI
+    assert validation["batch"] == 3 and len(set(validation["prompt_tokens"])) == 3
+    for result in (validation, validation["ortgenai"]):
+        tied = {t["row"] for t in result["ties"]}
+        assert result["prefill_max_abs"] < 1e-4 and len(tied) < 3
+        assert [n for i, n in enumerate(result["tokens_equal"]) if i not in tied] == [32] * (3 - len(tied))
     assert "onnxruntime-genai" in genai.meta["exporter"]
     graph = onnx.load(str(genai.path), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
@@ -68,7 +74,9 @@ def test_genai_export_validates_and_records_its_layout(genai):
     # the tied embedding is stored once, as the [vocab, hidden] table the Gather reads
     shapes = {i.name: list(i.dims) for i in graph.initializer}
     assert [n for n, s in shapes.items() if s in ([400, 64], [64, 400])] == ["model.embed_tokens.weight"]
-    assert not (genai.folder / "genai_config.json").exists() and (genai.folder / "model.onnx.data").exists()
+    config = json.loads((genai.folder / "genai_config.json").read_text())  # an ORT GenAI folder
+    assert config["model"]["decoder"]["filename"] == "model.onnx" and (genai.folder / "model.onnx.data").exists()
+    assert config["search"]["past_present_share_buffer"] is True
 
 
 def test_pass_config_backend():
@@ -100,21 +108,26 @@ def test_shared_kv_buffer_grows_in_place(genai, tiny):
     assert session._capacity == 64 and row.shape[1] + 39 > 32
 
 
-def test_padded_prefill_is_refused_and_padded_logits_are_realigned(genai, tiny):
-    session = OrtDecoderSession(genai)
+def test_left_padded_batches_are_right_aligned_and_equal_each_prompt_alone(genai, tiny):
+    """GroupQueryAttention reads slots and positions from the mask's row sums: the session moves a
+    left-padded row's tokens to the front at prefill, and every row's greedy tokens equal the same
+    prompt alone, in edgesmith's loop and through generate_batch (PyTorch's too)."""
+    session, reference = OrtDecoderSession(genai), TorchDecoderSession(tiny.torch)
     rows = _rows(tiny.tokenizer)
     ids, mask = left_pad([r[0].tolist() for r in rows], 0)
-    with pytest.raises(BadInput, match="padded batch") as info:
-        session.prefill(ids, mask)
-    assert "\n" not in str(info.value) and info.value.exit_code == 2
-    with pytest.raises(BadInput, match="padded batch"):
-        generate_batch(session, tiny.tokenizer, PROMPTS, GenerationConfig(max_new_tokens=2, chat=False))
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True, chat=False)
+    batched = decode_loop(session, ids, mask, cfg).tokens
+    for i, row in enumerate(rows):
+        assert np.array_equal(batched[i], decode_loop(session, row, None, cfg).tokens[0])
+        assert np.array_equal(batched[i], decode_loop(reference, row, None, cfg).tokens[0])
+    texts = [r.text for r in generate_batch(session, tiny.tokenizer, PROMPTS, GenerationConfig(max_new_tokens=6,
+                                                                                                chat=False))]
+    assert texts == [r.text for r in generate_batch(reference, tiny.tokenizer, PROMPTS,
+                                                    GenerationConfig(max_new_tokens=6, chat=False))]
     batch = session.logits(ids, mask)  # left padding: rows moved to the front inside, logits moved back
     for i, row in enumerate(rows):
         real = mask[i].astype(bool)
         assert np.allclose(batch[i][real], session.logits(row)[0], atol=1e-5)
-    session.prefill(rows[0])  # an unpadded batch of one is fine, and so are equal lengths
-    session.prefill(np.concatenate([rows[0], rows[0]]))
 
 
 def test_broken_builder_graph_fails_validation_and_writes_nothing(tiny, tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ from edgesmith.export.graph import quiet_exporter, root_cause, write_companions
 from edgesmith.export.tokenizer_class import portable_tokenizer_class
 from edgesmith.onnx_graph.lm_head import keep_all_logits_by_default
 from edgesmith.runtimes.decoder import LOGITS_TO_KEEP
-from edgesmith.runtimes.generation import left_pad, load_decoder
+from edgesmith.runtimes.generation import left_pad, load_decoder, open_decoder
 from edgesmith.runtimes.torch import eos_ids_of
 from edgesmith.storage import atomic_dir, write_json_atomic
 
@@ -350,13 +350,14 @@ def distinct_lengths(rows: list[list[int]], longest: int) -> list[list[int]]:
 
 
 def validate_decoder(torch_model: TorchModel, onnx_model: OnnxModel | str | Path, probe: Any = None, *,
-                     steps: int = DEFAULT_STEPS, atol: float = DEFAULT_ATOL, threads: int | None = None) -> dict:
+                     steps: int = DEFAULT_STEPS, atol: float = DEFAULT_ATOL, threads: int | None = None,
+                     runtime: str | None = None) -> dict:
     """PyTorch against ONNX Runtime on a left-padded batch: prefill logits on every real position,
     then ``steps`` greedy tokens through each runtime's own KV-cache loop. Tokens must agree step
     for step and logits stay within ``atol``; a flip between two tokens whose reference logits are
     closer than the logits' measured difference (a tie within rounding) ends that row's comparison
     instead of failing. Raises :class:`ValidationFailed` with the numbers and the first diverging
-    step; returns the measurements."""
+    step; returns the measurements. ``runtime`` runs the candidate (default: ONNX Runtime)."""
     if not isinstance(onnx_model, OnnxModel):
         folder = Path(onnx_model)
         meta = json.loads((folder / META_FILE).read_text()).get("meta", {}) if (folder / META_FILE).exists() else {}
@@ -364,7 +365,7 @@ def validate_decoder(torch_model: TorchModel, onnx_model: OnnxModel | str | Path
     ids, mask, source = probe_batch(torch_model, probe, steps=steps)
     label = f"decoder export of {torch_model.name}"
     reference = load_decoder(torch_model, threads=threads)
-    candidate = load_decoder(onnx_model, threads=threads)
+    candidate = open_decoder(onnx_model, runtime, threads=threads)[1]
     try:
         ref_all = reference.logits(ids, mask)
         cand_all = _run_candidate(candidate.logits, label, ids, mask)

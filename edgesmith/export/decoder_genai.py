@@ -1,25 +1,27 @@
-"""Export a causal LM with ORT GenAI's model builder (the "genai" layout), checked on unpadded prompts.
+"""Export a causal LM as an ORT GenAI folder, built by ORT GenAI's own model builder and checked
+on a batch of prompts of different lengths, in ONNX Runtime GenAI and in edgesmith's loop.
 
-The builder's graph is validated token for token against PyTorch on each probe prompt alone.
+``edgesmith export MODEL --to genai -o folder/`` (recipe ``export: {backend: genai}``, Python
+``es.export.to_genai(model)``) writes what ``onnxruntime_genai.Model(folder)`` loads and generates
+with: the graph and its external data, ``genai_config.json``, the tokenizer files and edgesmith's
+record. ``edgesmith quantize folder/ --mode int4`` keeps it one (:mod:`edgesmith.compress.quantization.weight_only`).
 
-ORT GenAI's builder (``python -m onnxruntime_genai.models.builder``) writes the graph itself,
-op by op, from the checkpoint's weights: fused ``GroupQueryAttention`` (rotary embedding and the
-KV-cache concatenation inside one kernel), ``SkipSimplifiedLayerNormalization`` for the residual
-adds and norms, SiLU as one op. SmolLM2-135M: 412 nodes against 1,928 in the dynamo graph's eager
-attention (:mod:`edgesmith.export.decoder`); after the exact GGUF repack 914 against 2,317 run per
-token. On a CPU the per-node cost of ONNX Runtime is a large part of a 10-20 ms token: the repacked
-genai graph decodes 27 % faster than the repacked dynamo graph in the same rounds (37.1 against 29.1
-tokens/s on the loaded 2-core machine, ``bench/results/llm_backends.md``). The runtime keeps its
-cache in place (:class:`~edgesmith.runtimes.onnxruntime.OrtDecoderSession`'s shared buffer: +9-13 %).
-It also survives transformers upgrades, since it does not trace the Python model.
+ORT GenAI's builder (``python -m onnxruntime_genai.models.builder``) writes the graph itself, op
+by op, from the checkpoint's weights: ``GroupQueryAttention`` (rotary embedding and the KV cache
+inside one kernel, past and present sharing one buffer), ``SkipSimplifiedLayerNormalization`` for
+the residual adds and norms, SiLU as one op. SmolLM2-135M: 412 nodes against 1,928 in the dynamo
+graph's eager attention (:mod:`edgesmith.export.decoder`). On a CPU the per-node cost of ONNX
+Runtime is a large part of a 10-20 ms token. It also survives transformers upgrades, since it does
+not trace the Python model.
 
-What it does not do: it has no ``position_ids`` input — GroupQueryAttention derives each row's
-positions from the attention mask's row sums, as if every row's real tokens came first — so a
-left-padded batch is wrong on its padded rows (SmolLM2: logits off by 29-32; unpadded rows match
-PyTorch to 1.5e-4). Its graphs are therefore recorded as ``meta["decoder"]["padding"] =
-"unpadded-only"``: :class:`~edgesmith.runtimes.onnxruntime.OrtDecoderSession` refuses a padded prefill
-for them (one line, exit 2) and realigns left-padded rows to the right for full-sequence logits
-(scoring, KL divergence), which is exact for every real position.
+**Padding.** GroupQueryAttention has no key-padding mask: it takes each row's cache slots and
+rotary positions from the mask's row sums, as if every row's real tokens came first. That is ORT
+GenAI's own batch contract (it right-pads), so these folders are recorded ``meta["decoder"]
+["padding"] = "right"``: edgesmith's ONNX Runtime session moves a left-padded row's tokens to the
+front at prefill and reads each row's logits at its last real token
+(:class:`~edgesmith.runtimes.onnxruntime.OrtDecoderSession`), and the ``ortgenai`` runtime hands ORT
+GenAI right-padded rows (:mod:`edgesmith.runtimes.ortgenai`). Never fuse such a graph with
+``onnxscript``'s GQA rule, which drops the attention mask.
 
 The export, in a temporary folder:
 
@@ -31,17 +33,17 @@ The export, in a temporary folder:
    every projection; a failure is one line with the builder's last stderr line (BadInput, exit 2);
 3. the graph is edited (:func:`adapt_graph`): the tied embedding, which the builder stores as the
    LM head's [hidden, vocab] matrix read through a Transpose by the embedding Gather, is stored
-   once as the [vocab, hidden] table (the Gather reads it directly, the LM head through the
-   Transpose, as in the dynamo export), so that the weight-only quantizers see the embedding and
-   the LM head as the usual pair; and a ``logits_to_keep`` input (Hugging Face's meaning: 0 keeps
-   every position, N the last N) slices the hidden states before the LM head, so a prefill does not
-   run the 49,152-wide head over the whole prompt. The folder then has the edgesmith input names
-   plus ``logits_to_keep`` (no ``position_ids``) and is no longer an ORT GenAI runtime folder (its
-   ``genai_config.json`` is not kept: that runtime does not feed ``logits_to_keep``);
-4. validation (:func:`validate_unpadded`): the probe prompts of the dynamo export, each alone
-   (batch 1, no padding): every position's prefill logits within ``atol`` of PyTorch, then
-   ``steps`` greedy tokens through each runtime's own KV-cache loop, token for token. A breach is
-   :class:`~edgesmith.errors.ValidationFailed` (exit 3) and nothing is written.
+   once as the [vocab, hidden] table, so that the weight-only quantizers see the embedding and the
+   LM head as the usual pair; a ``logits_to_keep`` input (Hugging Face's meaning: 0 keeps every
+   position, N the last N; optional, default 0, which is what ORT GenAI gets since it does not feed
+   it) slices the hidden states before the LM head, so edgesmith's prefill does not run the
+   49,152-wide head over the whole prompt; ``genai_config.json`` is kept, checked for the keys ORT
+   GenAI requires (:func:`~edgesmith.runtimes.ortgenai.read_genai_config`);
+4. validation (:func:`validate_genai`): the dynamo export's probe batch (prompts of different
+   lengths), through edgesmith's loop and through ORT GenAI: every real position's prefill logits
+   within ``atol`` of PyTorch, then ``steps`` greedy tokens per row, token for token, against
+   PyTorch's own KV-cache loop. A breach is :class:`~edgesmith.errors.ValidationFailed` (exit 3) and
+   nothing is written.
 
 Layer L4 (an exporter): imports artifacts, errors, storage, runtimes and the dynamo exporter's
 validation helpers.
@@ -51,7 +53,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -69,21 +70,19 @@ from edgesmith.errors import BadInput, EdgesmithError, ValidationFailed, first_l
 from edgesmith.export.decoder import (
     DEFAULT_ATOL,
     DEFAULT_STEPS,
-    _run_candidate,
-    compare_greedy,
     decoder_record,
-    probe_batch,
+    validate_decoder,
     write_decoder_companions,
 )
 from edgesmith.onnx_graph.lm_head import lm_head_node, untie_embedding_transpose
 from edgesmith.runtimes.decoder import LOGITS_TO_KEEP
-from edgesmith.runtimes.generation import load_decoder
+from edgesmith.runtimes.ortgenai import OrtGenAIRuntime, read_genai_config
 from edgesmith.storage import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 LAYOUT = "genai"
-PADDING = "unpadded-only"
+PADDING = "right"
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
 #: the builder's --extra_options: q/k/v as separate MatMuls, so a GGUF repack matches each one
 #: (a fused qkv weight is three GGUF tensors side by side, which the repack's matcher does not take)
@@ -91,8 +90,6 @@ BUILDER_OPTIONS = {"fuse_qkv": "false"}
 #: seconds the builder may take (SmolLM2-135M: 14-18 s on 2 shared cores)
 BUILDER_TIMEOUT_S = 1800
 DATA_FILE = ONNX_FILE + ".data"
-#: files of the builder's output folder that are not kept (see the module docstring, step 3)
-DROPPED_FILES = ("genai_config.json",)
 
 
 def builder_available() -> bool:
@@ -141,19 +138,20 @@ def write_genai_decoder(model: TorchModel, folder: Path, *, atol: float = DEFAUL
         run_builder(source, built, Path(tmp) / "cache", label=model.name)
         adapted = adapt_graph(built / ONNX_FILE, folder, label=model.name)
         for item in built.iterdir():
-            if item.is_file() and not item.name.startswith(ONNX_FILE) and item.name not in DROPPED_FILES:
+            if item.is_file() and not item.name.startswith(ONNX_FILE):
                 shutil.copy2(item, folder / item.name)
     export_s = time.perf_counter() - t0
     write_decoder_companions(model, folder)
+    read_genai_config(folder)  # the keys ORT GenAI requires, one line when the builder left one out
     meta = {**copy.deepcopy(model.meta), **graph_meta(model, folder / ONNX_FILE),
             "decoder": genai_record(model, adapted), "export_seconds": round(export_s, 2)}
     candidate = OnnxModel(task="text-generation", name=model.name, lineage=copy.deepcopy(model.lineage), meta=meta,
                           folder=folder)
-    result = validate_unpadded(model, candidate, probe, steps=steps, atol=atol, threads=threads)
+    result = validate_genai(model, candidate, probe, steps=steps, atol=atol, threads=threads)
     candidate.meta["validation"] = result
-    log.info("built %s with ORT GenAI's builder in %.1f s: prefill max abs diff %.2e, %d greedy steps equal on %d "
-             "unpadded prompts (decode max abs diff %.2e)", model.name, export_s, result["prefill_max_abs"],
-             result["steps"], len(result["prompt_tokens"]), result["decode_max_abs"])
+    log.info("built %s with ORT GenAI's builder in %.1f s: prefill max abs diff %.2e (ORT GenAI %.2e), %d greedy "
+             "steps on %d prompts of different lengths in one batch", model.name, export_s, result["prefill_max_abs"],
+             result["ortgenai"]["prefill_max_abs"], result["steps"], len(result["prompt_tokens"]))
     return candidate
 
 
@@ -351,46 +349,18 @@ def genai_record(model: TorchModel, adapted: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def unpadded_rows(model: TorchModel, probe: Any = None, *, steps: int = DEFAULT_STEPS) -> tuple[list[np.ndarray], str]:
-    """The dynamo export's probe prompts (:func:`~edgesmith.export.decoder.probe_batch`), each
-    without its padding: a list of [1, n] id arrays of different lengths."""
-    ids, mask, source = probe_batch(model, probe, steps=steps)
-    return [ids[i][mask[i].astype(bool)][None, :] for i in range(ids.shape[0])], source
-
-
-def validate_unpadded(torch_model: TorchModel, onnx_model: OnnxModel | str | Path, probe: Any = None, *,
-                      steps: int = DEFAULT_STEPS, atol: float = DEFAULT_ATOL, threads: int | None = None) -> dict:
-    """PyTorch against ONNX Runtime on each probe prompt alone (batch 1, no padding): every
-    position's prefill logits within ``atol``, then ``steps`` greedy tokens token for token
-    (:func:`~edgesmith.export.decoder.compare_greedy`). Raises :class:`ValidationFailed`."""
-    if not isinstance(onnx_model, OnnxModel):
-        folder = Path(onnx_model)
-        meta = json.loads((folder / META_FILE).read_text()).get("meta", {}) if (folder / META_FILE).exists() else {}
-        onnx_model = OnnxModel(task="text-generation", name=folder.name, folder=folder, meta=meta)
-    rows, source = unpadded_rows(torch_model, probe, steps=steps)
-    label = f"genai export of {torch_model.name}"
-    reference = load_decoder(torch_model, threads=threads)
-    candidate = load_decoder(onnx_model, threads=threads)
-    prefill, worst, equal, ties = 0.0, 0.0, [], []
+def validate_genai(torch_model: TorchModel, onnx_model: OnnxModel | str | Path, probe: Any = None, *,
+                   steps: int = DEFAULT_STEPS, atol: float = DEFAULT_ATOL, threads: int | None = None) -> dict:
+    """PyTorch against the folder on the probe batch (prompts of different lengths, one batch):
+    through edgesmith's ONNX Runtime loop (left padding moved to the right by the session) and
+    through ORT GenAI's generator (right padding, its own KV cache), each with
+    :func:`~edgesmith.export.decoder.validate_decoder`. Raises :class:`ValidationFailed` naming the
+    runtime; returns edgesmith's loop's measurements with ORT GenAI's under ``"ortgenai"``."""
+    result = validate_decoder(torch_model, onnx_model, probe, steps=steps, atol=atol, threads=threads)
     try:
-        for index, row in enumerate(rows):
-            ref_all = reference.logits(row)
-            cand_all = _run_candidate(candidate.logits, label, row)
-            if ref_all.shape != cand_all.shape:
-                raise ValidationFailed(f"{label}: ONNX logits have shape {cand_all.shape}, PyTorch {ref_all.shape}")
-            diff = np.nan_to_num(np.abs(ref_all - cand_all), nan=np.inf).max(axis=-1)[0]
-            if not diff.max() <= atol:
-                raise ValidationFailed(f"{label} fails validation: prefill logits max abs diff {diff.max():.3g} > atol "
-                                       f"{atol:g} (prompt {index} of {row.shape[1]} tokens, position {int(diff.argmax())})")
-            prefill = max(prefill, float(diff.max()))
-            decode = compare_greedy(reference, candidate, row, np.ones_like(row), steps=steps, atol=atol,
-                                    label=f"{label} (prompt {index} of {row.shape[1]} tokens)")
-            worst = max(worst, decode["decode_max_abs"])
-            equal += decode["tokens_equal"]
-            ties += [{**t, "row": index} for t in decode["ties"]]
-    finally:
-        reference.close()
-        candidate.close()
-    return {"probe": source, "batch": 1, "padding": "none (each prompt alone)",
-            "prompt_tokens": [int(r.shape[1]) for r in rows], "prefill_max_abs": prefill, "atol": atol, "steps": steps,
-            "tokens_equal": equal, "decode_max_abs": worst, "ties": ties, "providers": candidate.providers}
+        genai = validate_decoder(torch_model, onnx_model, probe, steps=steps, atol=atol, threads=threads,
+                                 runtime=OrtGenAIRuntime.name)
+    except ValidationFailed as exc:
+        raise ValidationFailed(f"in ORT GenAI: {exc}") from exc
+    keys = ("prefill_max_abs", "min_cosine", "tokens_equal", "decode_max_abs", "ties", "providers")
+    return {**result, "padding": PADDING, "ortgenai": {k: genai[k] for k in keys if k in genai}}
