@@ -19,15 +19,17 @@ loop, so the graphs differ and the loop does not):
   reference of every KL / top-1 / greedy-agreement number) — the peers' workers of
   ``bench/llm_peers.py``, unchanged.
 
-Each contender is a worker process (``llm_worker`` protocol; edgesmith's graphs are served by this
-file's ``serve`` command), all loaded at once; ``llm_peers.measure`` runs the rounds in a rotating
-order. KL / top-1 / perplexity: teacher-forced logits of the held-out passage in ``prompts.json``
+Each contender is a worker process (``llm_worker`` protocol; edgesmith's graphs are served by
+``llm_peer_edgesmith.py``, the one edgesmith decoder worker), all loaded at once; the contenders are
+entries of ``llm_contenders.TABLE`` and ``llm_peers.measure`` runs the rounds in a rotating order.
+Generation Profiles of every contender land in ``profiles/bench-llm/llm_backends/``. KL / top-1 / perplexity: teacher-forced logits of the held-out passage in ``prompts.json``
 (batch 1, unpadded: valid for the builder's graphs) against the FP32 source's, the same numbers
 ``llm_peers.md`` gives for llama.cpp.
 
     .venv/bin/python bench/llm_backends.py                          # bench/results/llm_backends.{json,md}
     .venv/bin/python bench/llm_backends.py --fused --rounds 3
     .venv/bin/python bench/llm_backends.py --dynamo-fp32 /path/to/an/edgesmith/export   # skip the slow export
+    .venv/bin/python bench/llm_backends.py --folder mine=ortgenai:/path/to/folder   # any prebuilt folder
     .venv/bin/python bench/llm_backends.py --render-only
 
 Artifacts are built once under ``bench/.cache/llm/backends/`` (the dynamo export takes 100-250 s
@@ -39,102 +41,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))  # edgesmith itself comes from the venv (or PYTHONPATH, to bench a patched copy)
+# as a script: the repo root, so `bench` imports; appended, so edgesmith still comes from the venv (or
+# PYTHONPATH, to bench a patched copy)
+sys.path.append(str(REPO))
+
+from bench import llm_contenders, llm_peers, llm_profiles, llm_sources
+from bench.core import machine as machine_record
+from bench.core import results as results_io
+from bench.core.rounds import Timed, paired_speedup
 
 log = logging.getLogger("bench.llm_backends")
 
 EDGESMITH = ("dynamo-gguf", "genai-gguf", "builder-int4")
 PEERS = ("torch-fp32", "llamacpp-q4_1", "ortgenai-int4")
 BASELINE = "llamacpp-q4_1"
-LABELS = {
-    "dynamo-gguf": "edgesmith dynamo export + exact GGUF repack (Q4_1 blocks, Q8_0 head)",
-    "genai-gguf": "edgesmith genai backend + exact GGUF repack (q/k/v unfused)",
-    "genai-gguf-fused": "genai backend, q/k/v + gate/up fused, exact repack (prototype matcher)",
-    "builder-int4": "ORT GenAI builder INT4 RTN (not exact), edgesmith loop",
-    "dynamo-fp32": "edgesmith dynamo export FP32",
-    "genai-fp32": "edgesmith genai backend FP32",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker: one edgesmith ONNX decoder folder behind llm_worker's protocol
-# ---------------------------------------------------------------------------------------------
-
-
-class OrtBackend:
-    """An ONNX decoder folder in edgesmith's OrtDecoderSession (spinning off, ``threads``)."""
-
-    def __init__(self, folder: str, threads: int) -> None:
-        from edgesmith.runtimes.onnxruntime import OrtDecoderSession
-
-        self.folder = Path(folder)
-        self.session = OrtDecoderSession(artifact_of(self.folder), threads=threads)
-        self.threads = threads
-
-    def info(self) -> dict[str, Any]:
-        import onnxruntime
-
-        return {"runtime": f"onnxruntime {onnxruntime.__version__}", "providers": self.session.providers,
-                "options": self.session.options, "folder": str(self.folder)}
-
-    def generate(self, ids: list[int], new_tokens: int, mode: str | None):
-        import numpy as np
-
-        s = self.session
-        stamps = [time.perf_counter()]
-        token = s.prefill(np.asarray([ids], dtype=np.int64)).argmax(-1)
-        stamps.append(time.perf_counter())
-        tokens = [int(token[0])]
-        for _ in range(new_tokens - 1):
-            token = s.step(token).argmax(-1)
-            stamps.append(time.perf_counter())
-            tokens.append(int(token[0]))
-        return tokens, stamps
-
-    def logits(self, ids: list[int]):
-        import numpy as np
-
-        return self.session.logits(np.asarray([ids], dtype=np.int64))[0]
-
-
-def artifact_of(folder: Path):
-    """An edgesmith artifact folder, or a builder folder (no edgesmith.json) with its decoder record."""
-    from edgesmith.artifacts import META_FILE, OnnxModel, load
-
-    if (folder / META_FILE).exists():
-        return load(folder)
-    config = json.loads((folder / "genai_config.json").read_text())["model"]
-    dec = config["decoder"]
-    meta = {"decoder": {"layout": "genai", "padding": "unpadded-only", "num_layers": dec["num_hidden_layers"],
-                        "num_kv_heads": dec["num_key_value_heads"], "head_dim": dec["head_size"],
-                        "vocab_size": config["vocab_size"], "max_positions": config.get("context_length"),
-                        "eos_token_ids": [config["eos_token_id"]] if isinstance(config["eos_token_id"], int)
-                        else config["eos_token_id"], "logits": "all"}}
-    return OnnxModel(task="text-generation", name=folder.name, folder=folder, meta=meta)
-
-
-def serve(argv: list[str]) -> int:
-    import llm_worker
-
-    t0 = time.perf_counter()
-    import onnxruntime  # noqa: F401
-
-    import edgesmith.runtimes.decoder  # noqa: F401
-
-    def add_args(p):
-        p.add_argument("--model", required=True)
-
-    return llm_worker.main(lambda a: OrtBackend(a.model, a.threads), argv, time.perf_counter() - t0, add_args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,9 +171,7 @@ def build(keys: list[str], cache: Path, *, dynamo_fp32: Path | None, fp32_folder
             repacked("genai-gguf-fused", parent)
         out["genai-gguf-fused"] = str(cache / "genai-gguf-fused")
     if "builder-int4" in keys:
-        import llm_peer_ortgenai
-
-        out["builder-int4"] = llm_peer_ortgenai.build(fp32_folder, cache.parent / "ortgenai-int4")["folder"]
+        out["builder-int4"] = llm_contenders.genai_builder(fp32_folder, cache.parent / "ortgenai-int4")["folder"]
     return out
 
 
@@ -255,18 +180,7 @@ def build(keys: list[str], cache: Path, *, dynamo_fp32: Path | None, fp32_folder
 # ---------------------------------------------------------------------------------------------
 
 
-def edgesmith_specs(keys: list[str], folders: dict[str, str], threads: int) -> list:
-    import llm_peers
-
-    return [llm_peers.Spec(k, LABELS[k], "edgesmith", Path(sys.executable), "llm_backends.py",
-                           ["--model", folders[k], "--threads", str(threads)], worker=k,
-                           size_bytes=llm_peers._size(Path(folders[k]))) for k in keys]
-
-
 def markdown(doc: dict[str, Any]) -> str:
-    import llm_peers
-    from rounds import Timed, paired_speedup
-
     s, m, la = doc["settings"], doc["machine"], doc["load_average"]
     lengths = [str(n) for n in s["lengths"]]
     first = lengths[0]
@@ -304,7 +218,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Command: `{doc['command']}` ({doc['created']})",
         "",
-        f"Machine: {m['cpu_model']}, {m['cores']} logical cores; threads = {s['threads']} for every contender, "
+        f"Machine: {m['cpu_model']} ({machine_record.isa_of(m)}), {m['cores']} logical cores; threads = {s['threads']} for every contender, "
         f"ONNX Runtime spinning off; load average (1 min) at start {la['start'][0]:.2f}, end {la['end'][0]:.2f}, "
         f"during the rounds {min(la['rounds']):.2f}–{max(la['rounds']):.2f}.",
         f"{s['rounds']} rounds in a rotating order; per round and contender a warm-up of {s['warmup_tokens']} "
@@ -320,14 +234,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("serve", "measure"):
-        return serve(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import llm_peers
-    import llm_sources
-
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help=f"comma-separated contenders (default: {','.join(EDGESMITH + PEERS)})")
     p.add_argument("--fused", action="store_true", help="add genai-gguf-fused (prototype concatenated-weight matcher)")
@@ -335,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dynamo-fp32", type=Path, help="an existing edgesmith dynamo export of smollm2 to reuse")
     p.add_argument("--backends-dir", type=Path, help="where the edgesmith artifacts are built (default: CACHE/backends)")
     p.add_argument("--extra", action="append", default=[], metavar="KEY=FOLDER[=LABEL]",
-                   help="also measure a prebuilt ONNX decoder folder (e.g. one made by a patched edgesmith)")
+                   help="also measure a prebuilt edgesmith ONNX decoder folder (e.g. one made by a patched edgesmith)")
+    p.add_argument("--folder", action="append", default=[], metavar="KEY=RUNTIME:PATH[=LABEL]",
+                   help="also measure a prebuilt folder in a runtime's worker (edgesmith, ortgenai, llamacpp, torch)")
     p.add_argument("--build-only", action="store_true", help="build the edgesmith artifacts and stop")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
@@ -345,56 +254,67 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=llm_sources.CACHE)
     p.add_argument("--json-out", type=Path, default=BENCH / "results" / "llm_backends.json")
     p.add_argument("--md-out", type=Path, default=BENCH / "results" / "llm_backends.md")
+    p.add_argument("--profiles-dir", type=Path, default=llm_profiles.PROFILES,
+                   help="generation Profiles go to PROFILES_DIR/llm_backends/KEY.json")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
-    if args.render_only:
-        doc = json.loads(args.json_out.read_text())
-        args.md_out.write_text(markdown(doc) + "\n")
-        print(markdown(doc))
-        return 0
+    if args.threads < 1 or args.rounds < 1 or args.new_tokens < 2:
+        p.error("--threads and --rounds must be at least 1, --new-tokens at least 2")
+    return args
+
+
+def contender_keys(args: argparse.Namespace) -> tuple[list[str], dict[str, llm_contenders.Contender]]:
+    """The keys in table order, and the prebuilt folders of --extra / --folder as contenders."""
     keys = args.only.split(",") if args.only else list(EDGESMITH + PEERS)
     if args.fused and "genai-gguf-fused" not in keys:
         keys.insert(2, "genai-gguf-fused")
     if args.fp32:
         keys += [k for k in ("dynamo-fp32", "genai-fp32") if k not in keys]
-    mine = [k for k in keys if k in LABELS]
-    peers = [k for k in keys if k not in LABELS]
-    load_start = list(os.getloadavg())
-    src = llm_peers.prepare(peers if not args.build_only else [], cache=args.cache, threads=args.threads)
-    folders = build(mine, args.backends_dir or args.cache / "backends", dynamo_fp32=args.dynamo_fp32,
-                    fp32_folder=Path(src["fp32_folder"]))
-    if args.build_only:
-        print(json.dumps(folders, indent=1))
+    extra = {c.key: c for c in map(llm_contenders.folder_contender, [*args.extra, *args.folder])}
+    llm_contenders.check_keys(keys, extra)
+    return keys + list(extra), extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    if args.render_only:
+        doc = results_io.read(args.json_out)
+        results_io.write_text(args.md_out, markdown(doc) + "\n")
+        print(markdown(doc))
         return 0
-    for item in args.extra:
-        key, folder, *label = item.split("=", 2)
-        LABELS[key] = label[0] if label else key
-        folders[key] = str(Path(folder).resolve())
-        mine.append(key)
-        keys.append(key)
+    keys, extra = contender_keys(args)
+    sources = llm_contenders.Sources(args.cache, args.threads, backends_dir=args.backends_dir,
+                                     dynamo_fp32=args.dynamo_fp32)
+    if args.build_only:
+        mine = [k for k in keys if llm_contenders.TABLE.get(k) and llm_contenders.TABLE[k].family == "edgesmith"]
+        print(json.dumps(build(mine, args.backends_dir or args.cache / "backends", dynamo_fp32=args.dynamo_fp32,
+                               fp32_folder=sources.fp32_folder()), indent=1))
+        return 0
+    rec = machine_record.record(args.threads)
     lengths = tuple(x.strip() for x in args.lengths.split(","))
-    contenders = llm_peers.specs(peers, src, threads=args.threads) + edgesmith_specs(mine, folders, args.threads)
-    order = {k: i for i, k in enumerate(keys)}
-    contenders.sort(key=lambda c: order[c.key])
-    results = llm_peers.measure(contenders, src["prompts"], rounds=args.rounds, new_tokens=args.new_tokens,
+    contenders, models = llm_peers.specs(keys, sources, threads=args.threads, extra=extra)
+    prompts = str(llm_sources.prompts(sources.fp32_folder(), lengths=tuple(int(n) for n in lengths), cache=args.cache))
+    results = llm_peers.measure(contenders, prompts, rounds=args.rounds, new_tokens=args.new_tokens,
                                 lengths=lengths, warmup_tokens=args.warmup_tokens, quality=True,
                                 work=args.cache / "run-backends")
-    llm_peers.summarize(results, src["prompts"])
-    prompts = json.loads(Path(src["prompts"]).read_text())
+    llm_peers.summarize(results, prompts, args.threads)
+    machine_record.finish(rec)
     doc = {
-        "schema": 1, "command": " ".join([".venv/bin/python bench/llm_backends.py", *map(shlex.quote, argv)]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": llm_peers.machine(),
+        "schema": 2, "command": results_io.command_line("llm_backends.py", argv), "created": results_io.now(),
+        "machine": rec,
         "settings": {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
                      "lengths": [int(n) for n in lengths], "warmup_tokens": args.warmup_tokens},
-        "heldout_tokens": len(prompts["prompts"]["heldout"]), "folders": folders,
-        "load_average": {"start": load_start, "end": list(os.getloadavg()),
-                         "rounds": [x["load1"] for r in results.values() for rs in r.get("runs", {}).values()
-                                    for x in rs]},
+        "heldout_tokens": len(json.loads(Path(prompts).read_text())["prompts"]["heldout"]), "folders": models,
+        "models": models,
+        "load_average": {**rec["load_average"], "rounds": [x["load1"] for r in results.values()
+                                                           for rs in r.get("runs", {}).values() for x in rs]},
         "contenders": results,
     }
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(doc, indent=1) + "\n")
-    args.md_out.write_text(markdown(doc) + "\n")
+    results_io.write_text(args.json_out, json.dumps(doc, indent=1) + "\n")
+    results_io.write_text(args.md_out, markdown(doc) + "\n")
+    llm_profiles.write_profiles(doc, "llm_backends", args.profiles_dir)
     print(markdown(doc))
     return 0
 

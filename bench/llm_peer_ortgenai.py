@@ -1,23 +1,23 @@
-"""ONNX Runtime GenAI, the model builder's INT4 with its defaults (edgesmith's ``.venv``; no edgesmith).
+"""ONNX Runtime GenAI's own loop on any folder with a ``genai_config.json`` (edgesmith's ``.venv``; no edgesmith).
 
-``build(fp32_folder, out)`` runs what a GenAI user runs, ``python -m onnxruntime_genai.models.builder
--i <fp32 folder> -o <out> -p int4 -e cpu`` (GroupQueryAttention, MatMulNBits INT4 block 32 RTN,
-LM head INT4; under a minute). The worker then drives it with GenAI's own runtime
-(``og.Model`` / ``og.Generator``) with ``intra_op_num_threads`` set through a config overlay:
+The worker of every ORT GenAI contender: the builder's INT4 with its defaults (``ortgenai-int4``,
+made by ``llm_contenders.genai_builder``: ``python -m onnxruntime_genai.models.builder -i <fp32 folder>
+-o <out> -p int4 -e cpu``), or any other folder given as ``--model`` (a second contender is one
+``llm_contenders`` entry, or ``--folder KEY=ortgenai:PATH`` on ``llm_peers.py`` / ``llm_backends.py``).
+It drives the folder with GenAI's own runtime (``og.Model`` / ``og.Generator``) with
+``intra_op_num_threads`` set through a config overlay:
 
 - greedy; ``min_length = max_length`` forces the length (GenAI has no "ignore EOS": its search stops
   at EOS, so EOS is forbidden instead — on this prose the FP32 source never picks EOS in 64 tokens);
 - TTFT = ``append_tokens(prompt)`` + the first ``generate_next_token`` / ``get_next_tokens``;
 - held-out logits by teacher forcing one token at a time (``get_logits`` is the last position only).
 
-    .venv/bin/python bench/llm_peer_ortgenai.py build FP32_FOLDER OUT
-    .venv/bin/python bench/llm_peer_ortgenai.py measure PROMPTS --model OUT --threads 2
+    .venv/bin/python bench/llm_peer_ortgenai.py measure PROMPTS --model FOLDER --threads 2
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,23 +28,6 @@ import numpy as np
 import onnxruntime_genai as og
 
 IMPORT_S = time.perf_counter() - _t0
-
-
-def build(fp32_folder: str | Path, out: str | Path, *, precision: str = "int4", timeout: int = 1800) -> dict:
-    """Run the builder with its defaults into ``out`` (skipped when ``out/genai_config.json`` exists)."""
-    out = Path(out)
-    if (out / "genai_config.json").exists():
-        return {"folder": str(out), "seconds": None, "cached": True}
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(fp32_folder), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(out.with_name(out.name + ".build-cache"))]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    seconds = time.perf_counter() - t0
-    (out.parent / f"{out.name}.build.log").write_text(done.stdout + "\n" + done.stderr)
-    if done.returncode != 0 or not (out / "genai_config.json").exists():
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"ORT GenAI builder failed (exit {done.returncode}): {tail[:300]}")
-    return {"folder": str(out), "seconds": seconds, "cached": False, "command": " ".join(cmd[1:])}
 
 
 class GenAIBackend:
@@ -62,8 +45,7 @@ class GenAIBackend:
         cfg = json.loads((Path(self.folder) / "genai_config.json").read_text())
         return {"runtime": "onnxruntime-genai", "provider": self.model.device_type,
                 "onnxruntime_genai": og.__version__, "onnxruntime": metadata.version("onnxruntime"),
-                "threads": self.threads, "model": self.folder,
-                "builder_precision": "int4", "context_length": cfg["model"].get("context_length")}
+                "threads": self.threads, "model": self.folder, "context_length": cfg["model"].get("context_length")}
 
     def _generator(self, length: int, forced: bool) -> og.Generator:
         params = og.GeneratorParams(self.model)
@@ -94,11 +76,8 @@ class GenAIBackend:
 
 
 def _args(p) -> None:
-    p.add_argument("--model", required=True, help="a folder the ORT GenAI builder wrote")
+    p.add_argument("--model", required=True, help="a folder with a genai_config.json (the builder's, or edgesmith's)")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "build":
-        print(json.dumps(build(sys.argv[2], sys.argv[3])))
-        sys.exit(0)
     sys.exit(llm_worker.main(lambda a: GenAIBackend(a.model, a.threads), sys.argv[1:], IMPORT_S, _args))

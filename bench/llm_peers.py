@@ -27,9 +27,11 @@ with ``--quality`` the KL divergence, top-1 agreement and perplexity on a held-o
     .venv/bin/python bench/llm_peers.py --only torch-fp32,llamacpp-q4_1 --rounds 2 --json-out /tmp/x.json
     .venv/bin/python bench/llm_peers.py --render-only         # the table again from the raw JSON
 
-For the harness: ``prepare()`` makes the inputs once, ``specs()`` lists the contenders,
-``measure(specs, ...)`` returns raw samples per contender (a dict each), ``summarize`` and
-``markdown`` turn them into the table.
+The contenders are ``llm_contenders.TABLE`` (one entry each); ``specs()`` makes their artifacts once and
+turns them into workers, ``measure(specs, ...)`` returns raw samples per contender (a dict each),
+``summarize`` and ``markdown`` turn them into the table, ``llm_profiles`` into generation Profiles
+(``profiles/bench-llm/llm_peers/KEY.json``, read by ``edgesmith compare``). ``--folder
+KEY=RUNTIME:PATH[=LABEL]`` adds a prebuilt folder (RUNTIME: edgesmith, ortgenai, llamacpp, torch).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,13 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports (after the venv and PYTHONPATH)
 
-import llamacpp_env
-import llm_sources
-import optimum_env
-from rounds import Timed, paired_speedup, rotation
+from bench import llm_profiles, llm_sources
+from bench.core import machine as machine_record
+from bench.core import results as results_io
+from bench.core.rounds import Timed, median_ci, paired_speedup, rotation
+from bench.llm_contenders import TABLE, VENVS, Contender, Sources, check_keys, folder_contender
 
 log = logging.getLogger("bench.llm_peers")
 
@@ -100,93 +102,29 @@ def _size(*paths: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare(keys: list[str], *, cache: Path = llm_sources.CACHE, threads: int = 2) -> dict[str, Any]:
-    """Everything the contenders need, made once under ``cache``; returns paths and what was made."""
-    src: dict[str, Any] = {"gguf_q4_1": str(llm_sources.smollm2_gguf())}
-    folder = llm_sources.fp32_folder(cache=cache)
-    src["fp32_folder"] = str(folder)
-    src["prompts"] = str(llm_sources.prompts(folder, cache=cache))
-    src["made"] = {}
-    llama_keys = [k for k in keys if k.startswith("llamacpp-")]
-    if llama_keys:
-        src["llamacpp_venv"] = llamacpp_env.ensure()
-        for key in llama_keys:
-            qtype = key.removeprefix("llamacpp-")
-            if qtype == "q4_1":
-                continue
-            f32 = llm_sources.f32_gguf(cache=cache)
-            src["gguf_f32"] = str(f32)
-            dst = cache / f"smollm2-{qtype}.gguf"
-            if not dst.exists():
-                done = subprocess.run([str(llamacpp_env.python()), str(BENCH / "llm_peer_llamacpp.py"), "quantize",
-                                       str(f32), str(dst), "--type", qtype, "--threads", str(threads)],
-                                      capture_output=True, text=True, check=False, cwd=BENCH)
-                if done.returncode != 0:
-                    raise RuntimeError(f"llama.cpp quantize {qtype}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-                src["made"][key] = json.loads(done.stdout.strip().splitlines()[-1])
-            src[f"gguf_{qtype}"] = str(dst)
-    if "ortgenai-int4" in keys:
-        import llm_peer_ortgenai
-
-        src["ortgenai_int4"] = llm_peer_ortgenai.build(folder, cache / "ortgenai-int4")["folder"]
-    if "optimum-fp32" in keys:
-        src["optimum_venv"] = optimum_env.ensure()
-        out = cache / "optimum-fp32"
-        done = subprocess.run([str(optimum_env.python()), str(BENCH / "llm_peer_optimum.py"), "export", str(folder),
-                               str(out)], capture_output=True, text=True, check=False, cwd=BENCH, timeout=3600)
-        last = (done.stdout.strip().splitlines() or ["{}"])[-1]
-        try:
-            src["optimum_export"] = json.loads(last)
-        except json.JSONDecodeError:
-            src["optimum_export"] = {"ok": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-        if done.returncode != 0 and src["optimum_export"].get("ok", True):
-            src["optimum_export"] = {"ok": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-        src["optimum_fp32"] = str(out)
-    return src
-
-
-def specs(keys: list[str], src: dict[str, Any], *, threads: int = 2) -> list[Spec]:
-    main_py = Path(sys.executable)
-    t = ["--threads", str(threads)]
-    out = []
+def specs(keys: list[str], sources: Sources, *, threads: int = 2,
+          extra: dict[str, Contender] | None = None) -> tuple[list[Spec], dict[str, str]]:
+    """The contenders' workers, their artifacts made once (``llm_contenders``); a contender whose
+    artifact cannot be made is a failed row with the reason. Also returns key → the path its worker loads."""
+    table = {**TABLE, **(extra or {})}
+    check_keys(keys, extra)
+    out, models = [], {}
     for key in keys:
-        if key in ("torch-fp32", "torch-fp32-generate"):
-            mode = "generate" if key.endswith("generate") else "loop"
-            label = "PyTorch FP32 eager (" + ("HF generate" if mode == "generate" else "KV-cache greedy loop") + ")"
-            folder = Path(src["fp32_folder"])
-            out.append(Spec(key, label, "pytorch", main_py, "llm_peer_torch.py", ["--model", str(folder), *t],
-                            worker="torch", mode=mode, size_bytes=_size(folder)))
-        elif key.startswith("llamacpp-"):
-            qtype = key.removeprefix("llamacpp-")
-            path = Path(src[f"gguf_{qtype}"])
-            how = "the shipped file" if qtype == "q4_1" else "llama.cpp's quantizer, from F32"
-            out.append(Spec(key, f"llama.cpp {qtype.upper()} ({how})", "llama.cpp", llamacpp_env.python(),
-                            "llm_peer_llamacpp.py", ["--model", str(path), *t], worker=key, size_bytes=_size(path)))
-        elif key == "ortgenai-int4":
-            folder = Path(src["ortgenai_int4"])
-            out.append(Spec(key, "ORT GenAI builder INT4 (defaults)", "onnxruntime-genai", main_py,
-                            "llm_peer_ortgenai.py", ["--model", str(folder), *t], worker=key, size_bytes=_size(folder)))
-        elif key == "optimum-fp32":
-            folder = Path(src["optimum_fp32"])
-            spec = Spec(key, "Optimum ORTModelForCausalLM FP32", "optimum", optimum_env.python(),
-                        "llm_peer_optimum.py", ["--model", str(folder), *t], worker=key,
-                        size_bytes=_size(folder) if folder.exists() else None)
-            export = src.get("optimum_export") or {}
-            if not export.get("ok"):
-                spec.error = "export failed: " + str(export.get("error"))
-            for change in export.get("config_changes") or []:
-                spec.notes.append(f"exported from a copy of the FP32 config with {change}: transformers 4.57 "
-                                  "(optimum-onnx's pin) does not read transformers 5's `rope_parameters` and would "
-                                  "silently export rope_theta 10000")
-            if export.get("ok"):
-                spec.notes.append(f"export {export.get('export_s', 0):.0f} s; logits max |diff| "
-                                  f"{export.get('max_abs_logit_diff', float('nan')):.1e} vs transformers 4.57, greedy "
-                                  f"{'equal' if export.get('greedy_equal') else 'different'}; one model.onnx with the "
-                                  "tied embedding stored twice (Optimum's weight deduplication needs accelerate)")
-            out.append(spec)
-        else:
-            raise SystemExit(f"unknown contender {key!r}; known: {', '.join(DEFAULT + ('optimum-fp32',))}")
-    return out
+        c = table[key]
+        spec = Spec(key, c.label, c.family, Path(sys.executable), c.script, [], worker=c.worker or key, mode=c.mode)
+        try:
+            path = c.make(sources)
+            spec.python = VENVS[c.venv]()
+            spec.args = ["--model", str(path), "--threads", str(threads)]
+            spec.size_bytes = _size(path) if path.exists() else None
+            models[key] = str(path)
+        except Exception as exc:
+            log.exception("%s: its artifact could not be made", key)
+            spec.error = f"not made: {_first_line(exc)}"
+        spec.notes += sources.notes.get(key, [])
+        spec.error = sources.errors.get(key) or spec.error
+        out.append(spec)
+    return out, models
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,17 +260,6 @@ def measure(contenders: list[Spec], prompts: str, *, rounds: int = 3, new_tokens
 # ---------------------------------------------------------------------------------------------
 
 
-def median_ci(values: list[float], *, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
-    """[median, low, high]: the 95 % percentile bootstrap of the median over rounds."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    if v.size == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    boot = np.median(v[rng.integers(0, v.size, size=(n_boot, v.size))], axis=1)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return [float(np.median(v)), float(low), float(high)]
-
-
 def agreement(tokens: list[int], reference: list[int]) -> dict[str, int]:
     n = min(len(tokens), len(reference))
     prefix = next((i for i in range(n) if tokens[i] != reference[i]), n)
@@ -370,8 +297,9 @@ def summarize(results: dict[str, dict[str, Any]], prompts_path: str, threads: in
     """Adds ``summary`` (medians + intervals), ``agreement`` and ``quality`` to each measured contender."""
     ref = results.get(REFERENCE)
     ref_tokens = {n: runs[0]["tokens"] for n, runs in (ref or {}).get("runs", {}).items() if runs}
-    ref_logits = np.load(ref["logits"]) if ref and ref.get("logits") else None
-    ids = json.loads(Path(prompts_path).read_text())["prompts"]["heldout"]
+    # logits live in the run's cache: a re-render without them keeps the quality already summarized
+    ref_logits = np.load(ref["logits"]) if ref and ref.get("logits") and Path(ref["logits"]).exists() else None
+    ids = json.loads(Path(prompts_path).read_text())["prompts"]["heldout"] if ref_logits is not None else []
     ref_timed = {n: Timed(REFERENCE, [r["token_ms"] for r in runs]) for n, runs in (ref or {}).get("runs", {}).items()}
     for key, res in results.items():
         runs = res.get("runs", {})
@@ -402,7 +330,7 @@ def summarize(results: dict[str, dict[str, Any]], prompts_path: str, threads: in
         res["summary"] = summary
         res["agreement"] = {n: agreement(rs[0]["tokens"], ref_tokens[n]) for n, rs in runs.items()
                             if rs and n in ref_tokens}
-        if ref_logits is not None and res.get("logits"):
+        if ref_logits is not None and res.get("logits") and Path(res["logits"]).exists():
             res["quality"] = logit_quality(ref_logits, np.load(res["logits"]), ids)
 
 
@@ -475,7 +403,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Command: `{doc['command']}`",
         "",
-        f"Machine: {m['cpu_model']}, {m['cores']} logical cores, threads = {s['threads']} for every contender; "
+        f"Machine: {m['cpu_model']} ({machine_record.isa_of(m)}), {m['cores']} logical cores, threads = {s['threads']} for every contender; "
         f"load average (1 min) at start {la['start'][0]:.2f}, end {la['end'][0]:.2f}, "
         f"during the rounds {min(la['rounds']):.2f}–{max(la['rounds']):.2f} (this benchmark's own 2 threads "
         "count ~2)" + _contention_line(doc) + ".",
@@ -505,16 +433,12 @@ def _contention_line(doc: dict[str, Any]) -> str:
     return text + (" — **mostly contended: absolute numbers are low and noisy**" if low > len(shares) / 2 else "")
 
 
-def machine() -> dict[str, Any]:
-    name, _ = llamacpp_env.cpu()
-    return {"cpu_model": name, "cores": os.cpu_count(), "python": sys.version.split()[0]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help=f"comma-separated contenders (default: {','.join(DEFAULT)})")
+    p.add_argument("--only", help=f"comma-separated contenders (default: {','.join(DEFAULT)}; known: {','.join(TABLE)})")
     p.add_argument("--optimum", action="store_true", help="add optimum-fp32 (builds bench/.venv-optimum once)")
+    p.add_argument("--folder", action="append", default=[], metavar="KEY=RUNTIME:PATH[=LABEL]",
+                   help="also measure a prebuilt folder or GGUF (RUNTIME: edgesmith, ortgenai, llamacpp, torch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -524,52 +448,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=llm_sources.CACHE)
     p.add_argument("--json-out", type=Path, default=BENCH / "results" / "llm_peers.json")
     p.add_argument("--md-out", type=Path, default=BENCH / "results" / "llm_peers.md")
+    p.add_argument("--profiles-dir", type=Path, default=llm_profiles.PROFILES,
+                   help="generation Profiles go to PROFILES_DIR/llm_peers/KEY.json")
     p.add_argument("--render-only", action="store_true", help="re-summarize --json-out's raw runs into --md-out")
     args = p.parse_args(argv)
+    if args.threads < 1 or args.rounds < 1 or args.new_tokens < 2:
+        p.error("--threads and --rounds must be at least 1, --new-tokens at least 2")
+    return args
+
+
+def render_only(args: argparse.Namespace) -> int:
+    doc = results_io.read(args.json_out)
+    summarize(doc["contenders"], doc["sources"]["prompts"], doc["settings"]["threads"])
+    results_io.write_text(args.json_out, json.dumps(doc, indent=1) + "\n")
+    results_io.write_text(args.md_out, markdown(doc) + "\n")
+    print(markdown(doc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
     if args.render_only:
-        doc = json.loads(args.json_out.read_text())
-        summarize(doc["contenders"], doc["sources"]["prompts"], doc["settings"]["threads"])
-        args.json_out.write_text(json.dumps(doc, indent=1) + "\n")
-        args.md_out.write_text(markdown(doc) + "\n")
-        print(markdown(doc))
-        return 0
-    keys = args.only.split(",") if args.only else list(DEFAULT)
+        return render_only(args)
+    extra = {c.key: c for c in map(folder_contender, args.folder)}
+    keys = (args.only.split(",") if args.only else list(DEFAULT)) + list(extra)
     if args.optimum and "optimum-fp32" not in keys:
         keys.append("optimum-fp32")
+    check_keys(keys, extra)
     if REFERENCE not in keys:
         log.warning("%s is not in the run: no agreement, KL or × PyTorch columns", REFERENCE)
     lengths = tuple(x.strip() for x in args.lengths.split(","))
-    load_start = list(os.getloadavg())
-    src = prepare(keys, cache=args.cache, threads=args.threads)
-    prompts = json.loads(Path(src["prompts"]).read_text())
-    missing = [n for n in lengths if n not in prompts["prompts"]]
-    if missing:
-        src["prompts"] = str(llm_sources.prompts(Path(src["fp32_folder"]), lengths=tuple(int(n) for n in lengths),
-                                                 cache=args.cache))
-    contenders = specs(keys, src, threads=args.threads)
+    rec = machine_record.record(args.threads)
+    sources = Sources(args.cache, args.threads)
+    contenders, models = specs(keys, sources, threads=args.threads, extra=extra)
+    prompts = str(llm_sources.prompts(sources.fp32_folder(), lengths=tuple(int(n) for n in lengths), cache=args.cache))
     started = time.perf_counter()
-    results = measure(contenders, src["prompts"], rounds=args.rounds, new_tokens=args.new_tokens, lengths=lengths,
+    results = measure(contenders, prompts, rounds=args.rounds, new_tokens=args.new_tokens, lengths=lengths,
                       warmup_tokens=args.warmup_tokens, quality=not args.no_quality, work=args.cache / "run")
-    summarize(results, src["prompts"], args.threads)
-    words = sys.argv[1:] if argv is None else argv
+    summarize(results, prompts, args.threads)
+    machine_record.finish(rec)
+    rounds_load = [run["load1"] for r in results.values() for rs in r.get("runs", {}).values() for run in rs]
     doc = {
-        "schema": 1, "command": " ".join([".venv/bin/python bench/llm_peers.py", *map(shlex.quote, words)]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "schema": 2, "command": results_io.command_line("llm_peers.py", argv), "created": results_io.now(),
+        "machine": rec,
         "settings": {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
                      "lengths": [int(n) for n in lengths], "warmup_tokens": args.warmup_tokens,
                      "reference": REFERENCE},
-        "versions": {**(src.get("llamacpp_venv") or {}), "optimum_venv": src.get("optimum_venv")},
-        "sources": {k: v for k, v in src.items() if k not in ("llamacpp_venv", "optimum_venv")},
-        "load_average": {"start": load_start, "end": list(os.getloadavg()),
-                         "rounds": [x for r in results.values() for rs in r.get("runs", {}).values()
-                                    for x in (run["load1"] for run in rs)] or [load_start[0]]},
+        "versions": {**(sources.versions.get("llamacpp") or {}), "optimum_venv": sources.versions.get("optimum")},
+        "sources": {**sources.record(), "prompts": prompts}, "models": models,
+        "load_average": {**rec["load_average"], "rounds": rounds_load or rec["load_average"]["start"][:1]},
         "wall_seconds": time.perf_counter() - started,
         "contenders": results,
     }
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(doc, indent=1) + "\n")
+    results_io.write_text(args.json_out, json.dumps(doc, indent=1) + "\n")
     text = markdown(doc)
-    args.md_out.write_text(text + "\n")
+    results_io.write_text(args.md_out, text + "\n")
+    llm_profiles.write_profiles(doc, "llm_peers", args.profiles_dir)
     print(text)
     return 0
 

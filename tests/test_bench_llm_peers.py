@@ -14,11 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(REPO))
 
-import llamacpp_env
-import llm_peers
-import llm_worker
+from bench import llamacpp_env, llm_contenders, llm_peers, llm_profiles, llm_worker
 
 VOCAB = 50
 
@@ -113,6 +111,23 @@ def test_measure_rotates_records_raw_samples_and_compares(setup, tmp_path):
            "load_average": {"start": [0.1], "end": [0.2], "rounds": [0.1, 0.3]}, "contenders": res}
     md = llm_peers.markdown(doc)
     assert "| good |" in md and "6/6 identical prefix" in md and "failed" in md and "kernel exploded" in md
+    assert "cpu (ISA not recorded)" in md
+
+    # every measured contender becomes a generation Profile that edgesmith's compare reads
+    from edgesmith.profiling import Profile, compare
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"weights")
+    doc["models"] = {"good": str(model)}
+    paths = llm_profiles.write_profiles(doc, "fake", tmp_path / "profiles")
+    assert sorted(p.stem for p in paths) == ["good", "off", "same-worker", "torch-fp32"]
+    good = Profile.load(tmp_path / "profiles" / "fake" / "good.json")
+    assert good.kind == "generation" and good.generation.rounds == 3 and good.generation.new_tokens == 6
+    assert good.generation.ttft_ms["128"] == [r["ttft_ms"] for r in res["good"]["runs"]["128"]]
+    assert good.artifact.hash != "unknown" and good.environment.threads == 2
+    assert Profile.load(tmp_path / "profiles" / "fake" / "off.json").artifact.hash == "unknown"  # no model path
+    table = compare([Profile.load(p) for p in sorted(paths)])
+    assert len(table.rows) == 4
 
 
 def test_a_worker_that_cannot_load_is_a_failed_row(setup, tmp_path):
@@ -129,6 +144,43 @@ def test_timing_and_agreement_helpers():
     assert llm_peers.agreement([1, 2, 9, 4], [1, 2, 3, 4]) == {"identical_prefix": 2, "matches": 3, "of": 4}
     m, lo, hi = llm_peers.median_ci([3.0, 1.0, 2.0])
     assert m == 2.0 and lo <= m <= hi
+    assert llm_peers.median_ci([None, None]) is None
+
+
+def test_contender_table_names_real_workers_and_venvs():
+    for key, c in llm_contenders.TABLE.items():
+        assert c.key == key and (BENCH / c.script).is_file(), key
+        assert c.venv in llm_contenders.VENVS, key
+    assert set(llm_peers.DEFAULT) <= set(llm_contenders.TABLE)
+    # the one edgesmith decoder worker serves llm_backends' contenders too
+    assert {c.script for c in llm_contenders.TABLE.values() if c.family == "edgesmith"} == {"llm_peer_edgesmith.py"}
+    assert not (BENCH / "llm_backends.py").read_text().count("class OrtBackend")
+
+
+def test_a_prebuilt_folder_is_a_contender_without_code(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    c = llm_contenders.folder_contender(f"mine=ortgenai:{folder}=edgesmith folder in ORT GenAI's loop")
+    assert (c.key, c.script, c.family, c.label) == ("mine", "llm_peer_ortgenai.py", "onnxruntime-genai",
+                                                    "edgesmith folder in ORT GenAI's loop")
+    assert c.make(llm_contenders.Sources(tmp_path)) == folder.resolve()
+    assert llm_contenders.folder_contender(f"plain={folder}").script == "llm_peer_edgesmith.py"
+    for bad in ("nokey", f"torch-fp32={folder}", f"x=ortgenai:{tmp_path / 'absent'}"):
+        with pytest.raises(SystemExit):
+            llm_contenders.folder_contender(bad)
+    with pytest.raises(SystemExit, match="unknown contender"):
+        llm_contenders.check_keys(["torch-fp32", "nope"])
+
+
+def test_a_contender_whose_artifact_cannot_be_made_is_a_failed_row(tmp_path):
+    def fail(src):
+        raise RuntimeError("builder exploded")
+
+    extra = {"x": llm_contenders.Contender("x", "X", "fake", "llm_peer_torch.py", "edgesmith", fail),
+             "y": llm_contenders.Contender("y", "Y", "fake", "llm_peer_torch.py", "edgesmith", lambda src: tmp_path)}
+    specs, models = llm_peers.specs(["x", "y"], llm_contenders.Sources(tmp_path), threads=3, extra=extra)
+    assert specs[0].error and "builder exploded" in specs[0].error and "x" not in models
+    assert specs[1].error is None and specs[1].args == ["--model", str(tmp_path), "--threads", "3"]
 
 
 def test_logit_quality_matches_a_direct_computation():
