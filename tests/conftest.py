@@ -79,6 +79,17 @@ def _llamacpp_importable() -> bool:
     return True
 
 
+def _optimum_venv_ready() -> bool:
+    """bench/.venv-optimum built (bench/optimum_env.py writes its stamp last), where the bench finds it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("optimum_env", Path(__file__).resolve().parents[1] / "bench"
+                                                  / "optimum_env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.STAMP.exists() and module.python().exists()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu`-marked tests where no CUDA device is present, and tests marked `tensorrt` where
     TensorRT's Python package is missing, each with the reason."""
@@ -86,6 +97,7 @@ def pytest_collection_modifyitems(config, items):
     tensorrt = _tensorrt_importable()
     autocast = any("modelopt" in item.keywords for item in items) and _autocast_importable()
     llamacpp = not any("llamacpp" in item.keywords for item in items) or _llamacpp_importable()
+    optimum = not any(item.get_closest_marker("optimum") for item in items) or _optimum_venv_ready()
     for item in items:
         if "gpu" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
@@ -97,3 +109,6 @@ def pytest_collection_modifyitems(config, items):
         elif "llamacpp" in item.keywords and not llamacpp:
             item.add_marker(pytest.mark.skip(reason="llama-cpp-python is not importable (pip install "
                                                     "'edgesmith[llamacpp]')"))
+        elif item.get_closest_marker("optimum") and not optimum:
+            item.add_marker(pytest.mark.skip(reason="bench/.venv-optimum is not built (python bench/optimum_env.py, "
+                                                    "~15 min, or make bench)"))
