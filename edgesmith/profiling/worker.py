@@ -171,15 +171,16 @@ def _prompts(spec: dict[str, Any], vocab_size: int) -> dict[int, np.ndarray]:
 
 def _round(session, prompts: dict[int, np.ndarray], decode_at: int, new_tokens: int
            ) -> tuple[dict[int, float], list[float]]:
-    """One round: the TTFT of every prompt length, and the decode latencies after ``decode_at``."""
-    from edgesmith.runtimes.generation import GenerationConfig, decode_loop
+    """One round: the TTFT of every prompt length, and the decode latencies after ``decode_at``, in
+    the runtime's own loop where it has one (ORT GenAI's generator), else edgesmith's."""
+    from edgesmith.runtimes.generation import decode_static_batch, pad_id_of
 
     ttft: dict[int, float] = {}
     decode: list[float] = []
+    pad = pad_id_of(session)
     for n, ids in prompts.items():
         steps = new_tokens if n == decode_at else 1
-        cfg = GenerationConfig(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
-        run = decode_loop(session, ids, None, cfg)
+        run = decode_static_batch(session, ids.tolist(), steps, pad)
         session.reset()
         ttft[n] = run.ttft_ms
         if n == decode_at:  # ignore_eos forces the length; generation_profile checks the count
