@@ -25,28 +25,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, so `bench` imports
+
 import edgesmith as es
+from bench.core import cli, machine, results
+from bench.core.rounds import Timed, paired_speedup, run_rounds
+from bench.wordnet_classifier import build_classifier, wordnet_splits
 from edgesmith.early_exit.objective import exit_outputs, single_token_mask
 from edgesmith.early_exit.policy import Budget, calibrate, evaluate_policy
 from edgesmith.inputs import tokenize
 from edgesmith.passes import Context, get_pass
-from edgesmith.profiling import bootstrap_speedup, measure, summarize, verdict_of
 from edgesmith.runtimes.base import get_runtime
+from edgesmith.stats import summarize, verdict_of
 
 log = logging.getLogger("bench.early_exit")
 HERE = Path(__file__).resolve().parent
 LATENCY_BATCHES = 64
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier", type=Path, default=HERE / ".cache" / "minilm-wordnet")
     parser.add_argument("--classifier-steps", type=int, default=400)
@@ -57,26 +61,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget", default="accuracy=0.01")
     parser.add_argument("--encoder-budget", default="cosine=0.98")
     parser.add_argument("--train-rows", type=int, default=8000, help="rows the exit heads train on")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    cli.add_timing_args(parser, rounds=5, threads=2)
     parser.add_argument("--iterations", type=int, default=30, help="timed runs per model per round")
-    parser.add_argument("--out", type=Path, default=None)
-    return parser.parse_args()
+    cli.add_output_args(parser, "early_exit", render_only=False)
+    args = parser.parse_args(argv)
+    cli.check_positive(parser, args, "rounds", "threads", "iterations")
+    return args
 
 
-def latency(models: dict[str, object], texts: list[str], tokenizer, batch: int, args) -> dict[str, list[float]]:
-    """Latencies (ms) per model on the same distinct batches, in blocks, order rotated per round."""
+def latency(models: dict[str, object], texts: list[str], tokenizer, batch: int, args) -> dict[str, Timed]:
+    """Each model's blocks (ms) on the same distinct batches, in rotating rounds (``bench.core.rounds``)."""
     names = ["input_ids", "attention_mask", "token_type_ids"]
     feeds = [tokenize(tokenizer, texts[i * batch:(i + 1) * batch], input_names=names)
              for i in range(min(LATENCY_BATCHES, len(texts) // batch))]
     sessions = {k: get_runtime("onnxruntime").load(m, threads=args.threads) for k, m in models.items()}
-    out: dict[str, list[float]] = {k: [] for k in models}
     stats: dict[str, dict] = {}
-    keys = list(models)
     try:
-        for r in range(args.rounds):
-            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                out[k].extend(measure(sessions[k], feeds, warmup=3, iterations=args.iterations))
+        runners = {k: (lambda i, s=s: s.run(feeds[i % len(feeds)])) for k, s in sessions.items()}
+        out: dict[str, Timed] = run_rounds(runners, rounds=args.rounds, block=args.iterations, warmup=3)
         for k, s in sessions.items():
             if hasattr(s, "exit_stats"):
                 stats[k] = s.exit_stats()
@@ -128,8 +130,8 @@ def encoder_quality(ee, full_onnx, texts) -> dict:
 
 def speed_rows(name: str, lat: dict, batch: int) -> list[str]:
     full, ee = lat["full"], lat["early-exit"]
-    sp, lo, hi = bootstrap_speedup(full, ee)
-    f, e = summarize(full), summarize(ee)
+    sp, lo, hi = paired_speedup(full, ee)
+    f, e = summarize(full.all), summarize(ee.all)
     return [f"| {name} | {batch} | {f['p50']:.2f} | {e['p50']:.2f} | {e['p90']:.2f} | {sp:.2f}x [{lo:.2f}-{hi:.2f}] | "
             f"{verdict_of(lo, hi)} |"]
 
@@ -165,15 +167,11 @@ def _thresholds_text(policy: str, report: dict) -> str:
     return f"{policy} (thresholds per exit layer {pairs})"
 
 
-def main() -> None:
-    args = parse_args()
-    load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rec = machine.record(args.threads)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import sys
-
-    sys.path.insert(0, str(HERE))
-    from wordnet_classifier import build_classifier, wordnet_splits
 
     started = time.perf_counter()
     if not (args.classifier / "config.json").exists():
@@ -215,17 +213,13 @@ def main() -> None:
     enc_lat = {b: latency({"full": full_enc, "early-exit": ee_enc}, test_texts, enc.tokenizer, b, args) for b in (1, 8)}
 
     # -- report ----------------------------------------------------------------------------
-    from edgesmith.profiling.environment import cpu_model
-
-    cpu = cpu_model()
+    machine.finish(rec)
     lines = [
         "# Early exit on MiniLM (ONNX Runtime CPU)", "",
-        f"Command: `.venv/bin/python bench/early_exit_minilm.py --threads {args.threads} --steps {args.steps} "
-        f"--encoder-steps {args.encoder_steps} --thresholds {args.thresholds} --out bench/results/early_exit.md`  ",
-        f"Machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-        f"Python {platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}, "
-        f"{time.strftime('%Y-%m-%d')}; load average before the run {load_before}. Timings on this machine are noisy "
-        "(±20-30 % run to run): read latencies with their intervals. One run.", "",
+        f"Command: `{results.command_line('early_exit_minilm.py', argv)}`  ",
+        f"{machine.line(rec)} onnxruntime {rec['libraries'].get('onnxruntime')}, {time.strftime('%Y-%m-%d')}. "
+        "Timings on this machine are noisy (±20-30 % run to run): read latencies with their intervals. One run; "
+        "speedups paired by round.", "",
         "## The classifier", "",
         f"MiniLM-L6 + classification head, fine-tuned by `bench/wordnet_classifier.py` on the "
         f"{len(summary['classes'])} most frequent WordNet categories ({', '.join(summary['classes'])}); "
@@ -269,12 +263,16 @@ def main() -> None:
     lines += ["", f"## Every classifier policy on the same heads ({args.budget})", ""]
     lines += policies
     lines += ["", f"Total benchmark time {time.perf_counter() - started:.0f} s."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    doc = {"command": results.command_line("early_exit_minilm.py", argv), "created": results.now(), "machine": rec,
+           "classifier": {"quality": cq, "report_calibration": report["calibration"]},
+           "encoder": {"quality": eq, "report_calibration": enc_report["calibration"]},
+           "latency_ms": {name: {str(b): {k: t.rounds for k, t in lat[b].items() if k != "_stats"} for b in lat}
+                          for name, lat in (("classifier", clf_lat), ("encoder", enc_lat))},
+           "markdown": "\n".join(lines)}
+    _, md = results.write(args.out, doc, lambda d: d["markdown"])
+    print(md.read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

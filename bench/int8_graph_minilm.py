@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -39,10 +38,11 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports
 
-import optimum_env
-from rounds import paired_speedup, run_rounds
+from bench import optimum_env
+from bench.core import machine, results
+from bench.core.rounds import paired_speedup, run_rounds
 
 log = logging.getLogger("bench.int8_graph")
 
@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", help="comma-separated variant keys (default: all)")
     p.add_argument("--profile", default="", help="comma-separated variant keys to profile per op (batch 1)")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "int8_graph.md")
+    p.add_argument("--render-only", action="store_true", help="rebuild --out from its JSON; measure nothing")
     return p.parse_args(argv)
 
 
@@ -73,8 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def optimum_int8(work: Path):
     """Optimum's dynamic INT8 (per-channel, the plain export): produced once in its venv."""
-    import contenders as cs
-
+    from bench import contenders as cs
     from edgesmith.artifacts import resolve_model_path
 
     folder = work / "optimum"
@@ -209,6 +209,9 @@ def op_profile(art, feeds: dict[str, np.ndarray], threads: int, folder: Path, ru
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    if args.render_only:
+        print(results.render_only(args.out, render).read_text())
+        return 0
     import torch
 
     from edgesmith.profiling import build_feeds
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    load_start = list(os.getloadavg())
+    rec = machine.record(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
     arts, info = build_variants(args.work, only)
@@ -257,14 +260,11 @@ def main(argv=None) -> int:
             feeds = build_feeds(arts[key].tokenizer, sess.input_names, batch=1, seq=args.seq, texts=texts)[0]
             sess.close()
             profiles[key] = op_profile(arts[key], feeds, args.threads, args.work / "ort-profile")
-    summary = {"command": " ".join([".venv/bin/python bench/int8_graph_minilm.py",
-                                    *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
-               "variants": info, "timing": timing, "profiles": profiles,
-               "load": {"start": load_start, "end": list(os.getloadavg())},
+    machine.finish(rec)
+    summary = {"command": results.command_line("int8_graph_minilm.py", argv), "machine": rec,
+               "variants": info, "timing": timing, "profiles": profiles, "load": rec["load_average"],
                "wall_s": time.perf_counter() - started, "settings": vars(args) | {"work": None, "out": None}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    args.out.write_text(render(summary))
+    results.write(args.out, summary, render, indent=2)
     print(render(summary))
     return 0
 
@@ -274,6 +274,7 @@ def render(s: dict[str, Any]) -> str:
     batches = list(s["timing"])
     lines = ["# The INT8 graph of MiniLM, lever by lever (issue 19)", "",
              f"Command: `{s['command']}`", "",
+             *([machine.line(s["machine"]), ""] if s.get("machine") else []),
              (f"Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in s['load']['start'])}, at end "
               f"{'/'.join(f'{x:.2f}' for x in s['load']['end'])}; 2-core machine shared with other jobs. "
               f"{st['rounds']} rounds × {st['block']} runs per variant, order rotated; seq {st['seq']}, "

@@ -24,43 +24,22 @@ bench/results/llm_gguf.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, so `bench` imports
+
+from bench.core import machine, results
+from bench.core.rounds import rotation
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 GOAL_SPEEDUP = 1.5
 GOAL_TOP1 = 0.90
-
-
-def _cpu() -> str:
-    """CPU model and the ISA flags that decide llama.cpp's kernels."""
-    name, flags = platform.processor() or platform.machine(), set()
-    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(isa)})"
-
-
-def _load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def _bootstrap(ratios: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    rng = np.random.default_rng(seed)
-    draws = np.median(rng.choice(ratios, size=(n, len(ratios)), replace=True), axis=1)
-    return float(np.median(ratios)), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
 def _variants(args, work: Path) -> dict[str, dict]:
@@ -110,7 +89,7 @@ def _variants(args, work: Path) -> dict[str, dict]:
     return out, source
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", action="append", default=[], help="LABEL=FOLDER of a compressed SmolLM2")
     parser.add_argument("--variant", action="append", default=[], help="LABEL=FILE.gguf written elsewhere")
@@ -121,17 +100,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "llm_gguf.md")
-    args = parser.parse_args()
+    parser.add_argument("--render-only", action="store_true", help="rebuild --out from its JSON; measure nothing")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-
+    if args.render_only:
+        print(results.render_only(args.out, render).read_text())
+        return 0
     from edgesmith.artifacts import GgufModel
     from edgesmith.lm_quality import gguf_logits, lm_fidelity
     from edgesmith.profiling import profile_generation
     from edgesmith.profiling.generation import parse_prompt_tokens
     from edgesmith.runtimes.llamacpp import build_info
+    from edgesmith.stats import median_ci
 
     lengths = parse_prompt_tokens(args.prompt_tokens)
-    load_start = _load()
+    rec = machine.record(args.threads)
     work = Path(tempfile.mkdtemp(prefix="llm-gguf-"))
     variants, source = _variants(args, work)
     models, fidelity = {}, {}
@@ -148,8 +131,7 @@ def main() -> None:
     tps = {n: [] for n in names}
     rss = {n: [] for n in names}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:  # each a fresh worker process, llama.cpp's own threading, one warm-up round
+        for name in rotation(names, r):  # each a fresh worker process, llama.cpp's own threading, one warm-up round
             prof = profile_generation(models[name], "llamacpp", prompt_tokens=lengths, new_tokens=args.new_tokens,
                                       rounds=1, warmup=1, threads=args.threads)
             gen = prof.generation
@@ -157,12 +139,12 @@ def main() -> None:
                 ttft[name][k].append(gen.ttft_ms[str(k)][0])
             tps[name].append(gen.decode_tokens_per_s[0])
             rss[name].append(gen.peak_rss_mb)
-        print(f"round {r + 1}/{args.rounds} load {_load():.2f}", file=sys.stderr)
+        print(f"round {r + 1}/{args.rounds} load {machine.load_average()[0]:.2f}", file=sys.stderr)
     base = names[0]
     rows = []
     for name in names:
         ratio = np.asarray(tps[name]) / np.asarray(tps[base])
-        speedup = _bootstrap(ratio)
+        speedup = median_ci(ratio)
         rows.append({"name": name, **{k: v for k, v in variants[name].items() if k != "path"},
                      "tokens_per_s": float(np.median(tps[name])),
                      "ttft_ms": {str(k): float(np.median(v)) for k, v in ttft[name].items()},
@@ -170,15 +152,14 @@ def main() -> None:
                                     for k, v in ttft[name].items()},
                      "peak_rss_mb": float(np.median(rss[name])),
                      "speedup": speedup, "samples_tps": tps[name], "samples_ttft": ttft[name], **fidelity[name]})
-    load_end = _load()
-    info = build_info()
-    summary = {"rows": rows, "load_start": load_start, "load_end": load_end, "cpu": _cpu(), "cores": os.cpu_count(),
-               "llama_cpp": info, "args": {
-                   k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    args.out.write_text(render(summary))
+    machine.finish(rec)
+    summary = {"rows": rows, "load_start": rec["load_average"]["start"][0], "load_end": rec["load_average"]["end"][0],
+               "cpu": f"{rec['cpu_model']} ({rec['isa']})", "cores": rec["cores"], "machine": rec,
+               "command": results.command_line("llm_gguf.py", argv), "llama_cpp": build_info(),
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    results.write(args.out, summary, render)
     print(render(summary))
+    return 0
 
 
 def render(summary: dict) -> str:
@@ -266,4 +247,4 @@ few costliest tensors at Q8_0 (keep_q8 / kl_budget, measured per tensor) traded 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
