@@ -19,8 +19,9 @@ from edgesmith.cli.root import app
 @app.command("profile")
 def profile_command(
     artifact: str = typer.Argument(..., help="Model folder, .onnx or .gguf file, 'minilm' or 'smollm2'."),
-    runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime, tensorrt or llamacpp (a "
-                                       ".gguf file as it is) (default: the artifact's own)."),
+    runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime, tensorrt, llamacpp (a "
+                                       ".gguf file as it is) or ortgenai (an ORT GenAI folder in its own generation "
+                                       "loop) (default: the artifact's own)."),
     provider: str = typer.Option("cpu", "--provider", help="Execution provider / device: cpu, cuda, tensorrt."),
     device: str | None = typer.Option(None, "--device", help="torch device: cpu, cuda or cuda:N (same as --provider "
                                       "for --runtime torch)."),
@@ -29,7 +30,7 @@ def profile_command(
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="torch on CUDA: replay CUDA graphs."),
     provider_option: list[str] = typer.Option([], "--provider-option", help="ONNX Runtime provider option "
                                               "KEY=VALUE (repeatable), e.g. trt_fp16_enable=True."),
-    batch: int = typer.Option(1, "--batch", help="Batch size."),
+    batch_text: str = typer.Option("1", "--batch", help="Batch size; decoders: a list (1,2,4,8), mixed prompts."),
     seq: int = typer.Option(128, "--seq", help="Sequence length (inputs are real sentences padded to it)."),
     warmup: int | None = typer.Option(None, "--warmup", help="Untimed warm-up iterations (default 5); for a "
                                       "decoder, untimed rounds (default 1)."),
@@ -67,23 +68,22 @@ def profile_command(
 
     # read as the runtime reads it (llama.cpp: the GGUF file as it is, never dequantized into a torch model)
     art = get_runtime(runtime).load_artifact(artifact) if runtime is not None else load(artifact)
+    batch, batches = _batch_sizes(art, batch_text)  # a list of sizes: a decoder's batched profiles
     if is_decoder(art):
-        # llama.cpp decoders also profile on a device over ssh
-        remote = runtime is not None and get_runtime(runtime).remote_generation
+        remote = batches is None and runtime is not None and get_runtime(runtime).remote_generation  # llama.cpp
         _refuse_forward_flags(art, remote, (
             ("--seq", seq != 128), ("--iterations", iterations != 50), ("--time-budget", time_budget is not None),
             ("--target", target is not None and not remote), ("--host", host is not None and not remote),
-            ("--ssh-config", ssh_config is not None and not remote),
-            ("--estimate", estimate), ("--per-op", per_op), ("--precision", precision is not None),
-            ("--timeout", timeout is not None and not remote), ("--device", device is not None),
-            ("--dtype", dtype is not None), ("--compile", compile_), ("--cuda-graphs", cuda_graphs),
-            ("--provider-option", bool(provider_option))))
+            ("--ssh-config", ssh_config is not None and not remote), ("--estimate", estimate), ("--per-op", per_op),
+            ("--precision", precision is not None), ("--timeout", timeout is not None and not remote),
+            ("--device", device is not None), ("--dtype", dtype is not None), ("--compile", compile_),
+            ("--cuda-graphs", cuda_graphs), ("--provider-option", bool(provider_option))))
         remote_prof = _remote_generation(art, target=target, host=host, ssh_config=ssh_config,
                                          targets_dir=targets_dir, prompt_tokens=prompt_tokens,
                                          new_tokens=new_tokens, rounds=rounds, warmup=warmup, threads=threads,
                                          timeout=timeout, label=label, batch=batch) \
             if remote and (target, host, ssh_config, timeout) != (None, None, None, None) else None
-        _generation_profile(art, runtime=runtime, provider=provider, batch=batch, warmup=warmup,
+        _generation_profile(art, runtime=runtime, provider=provider, batch=batches or batch, warmup=warmup,
                             prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, threads=threads,
                             label=label, output=output, as_json=as_json, prof=remote_prof)
         return
@@ -97,6 +97,19 @@ def profile_command(
                         per_op=per_op, precision=precision, timeout=timeout, progress=err_console.is_terminal
                         and not as_json, **extra)
     _print_forward_profile(prof, batch=batch, seq=seq, output=output, as_json=as_json)
+
+
+def _batch_sizes(art, batch_text: str) -> tuple[int, list[int] | None]:
+    """--batch: the first size, and the sizes when it is a list (a decoder's batched profiles)."""
+    from edgesmith.errors import BadInput
+    from edgesmith.profiling.batched import is_batch_list, parse_batches
+    from edgesmith.profiling.generation import is_decoder
+
+    batches, batched = parse_batches(batch_text), is_batch_list(batch_text)
+    if batched and not is_decoder(art):
+        raise BadInput(f"--batch {batch_text}: a list of batch sizes applies to decoders (text-generation); "
+                       f"{art.name} is a {art.task} model: give one --batch")
+    return batches[0], (batches if batched else None)
 
 
 def _refuse_remote_gpu_flags(extra: dict, target: str | None) -> None:
@@ -161,14 +174,19 @@ def _refuse_forward_flags(art, remote: bool, flags) -> None:
                        f"{art.name} is a decoder: give --prompt-tokens, --new-tokens and --rounds")
 
 
-def _generation_profile(art, *, runtime: str | None, provider: str, batch: int, warmup: int | None,
+def _generation_profile(art, *, runtime: str | None, provider: str, batch: int | list[int], warmup: int | None,
                         prompt_tokens: str | None, new_tokens: int | None, rounds: int | None, threads: int | None,
                         label: str | None, output: Path | None, as_json: bool, prof=None) -> None:
     """Profile a decoder's generation (unless ``prof`` was measured on a device), write the
-    profile, print TTFT per prompt length and decode speed."""
+    profile, print TTFT per prompt length and decode speed. A list of batch sizes: one profile each."""
     import numpy as np
 
     from edgesmith.profiling import profile
+
+    if isinstance(batch, list):
+        return _batched_profiles(art, runtime=runtime, provider=provider, batches=batch, warmup=warmup,
+                                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, threads=threads,
+                                 label=label, output=output, as_json=as_json)
 
     if prof is None:
         prof = profile(art, runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
@@ -196,6 +214,55 @@ def _generation_profile(art, *, runtime: str | None, provider: str, batch: int, 
     console.print(f"load {gen.load_s:.2f} s  peak RSS {rss} ({gen.rss_source})")
     if output is not None:
         console.print(f"profile: {output}")
+
+
+def _batched_profiles(art, *, runtime: str | None, provider: str, batches: list[int], warmup: int | None,
+                      prompt_tokens: str | None, new_tokens: int | None, rounds: int | None, threads: int | None,
+                      label: str | None, output: Path | None, as_json: bool) -> None:
+    """One generation profile per batch size (static batches of mixed-length prompts): written to
+    OUTPUT-bN.json each, printed as one line per batch size, aggregate decode against batch 1."""
+    import numpy as np
+    from rich.table import Table
+
+    from edgesmith.profiling import profile
+
+    profiles = profile(art, runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
+                       warmup=warmup, provider=provider, batch=batches, threads=threads, label=label,
+                       progress=err_console.is_terminal and not as_json)
+    paths = [batch_output(output, p.shapes.batch) for p in profiles] if output is not None else []
+    for prof, path in zip(profiles, paths):
+        prof.save(path)
+    if as_json:
+        typer.echo("[" + ",\n".join(p.model_dump_json(indent=2) for p in profiles) + "]")
+        return
+    first = profiles[0]
+    gen = first.generation
+    assert gen is not None and gen.batched is not None
+    threads_used = first.environment.threads if first.environment.threads is not None else "default"
+    table = Table(title=f"{escape(first.label.rsplit(' batch ', 1)[0])}: runtime {first.runtime.name}, threads "
+                        f"{threads_used}, prompts {gen.decode_prompt_tokens} ±{gen.batched.spread:.0%} tokens, "
+                        f"{gen.new_tokens} new tokens, {gen.rounds} rounds (medians)")
+    for header in ("batch", "prompt tokens", "aggregate decode tok/s", f"vs batch {first.shapes.batch}",
+                   "TTFT ms (each request)", "ms per output token", "peak RSS MB"):
+        table.add_column(header, justify="left" if header == "prompt tokens" else "right")
+    for prof in profiles:
+        g = prof.generation
+        assert g is not None and g.batched is not None
+        lengths = g.batched.row_prompt_tokens
+        table.add_row(str(prof.shapes.batch), f"{min(lengths)}-{max(lengths)}" if len(lengths) > 1 else str(lengths[0]),
+                      f"{prof.throughput:.1f}", f"{prof.throughput / first.throughput:.2f}x",
+                      f"{np.median(g.ttft_of(g.decode_prompt_tokens)):.1f}",
+                      f"{np.median(g.batched.time_per_output_token_ms):.2f}",
+                      "-" if g.peak_rss_mb is None else f"{g.peak_rss_mb:.0f}")
+    console.print(table)
+    console.print(f"ran in {escape(gen.batched.loop)}")
+    for path in paths:
+        console.print(f"profile: {path}")
+
+
+def batch_output(output: Path, batch: int) -> Path:
+    """Where batch size ``batch``'s profile goes when the user asked for OUTPUT: OUTPUT-bN.json."""
+    return output.with_name(f"{output.stem}-b{batch}{output.suffix or '.json'}")
 
 
 def _remote_generation(art, *, target: str | None, host: str | None, ssh_config: Path | None,

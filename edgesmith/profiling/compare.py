@@ -8,7 +8,10 @@ Generation profiles (decoders) compare on what a user of a language model waits 
 speedup is the ratio of median per-token decode latencies (hundreds of raw samples, so a tight
 interval), and the time-to-first-token ratio per prompt length both profiles have (one sample per
 round: with the default 3 rounds the 95 % interval excludes 1.0 only when every TTFT of one side
-beats every TTFT of the other, so a TTFT verdict is conservative). A generation profile is never
+beats every TTFT of the other, so a TTFT verdict is conservative). Batched profiles (static batches of
+mixed-length prompts, one per batch size) compare across batch sizes: the decode ratio is the
+aggregate throughput's (per-step latency / batch; batch 4 at 2.5x batch 1 makes 2.5x the tokens per
+second), the TTFT ratio each request's wait for its first token. A generation profile is never
 compared with a one-forward-pass profile: the numbers measure different things.
 """
 
@@ -248,6 +251,19 @@ def _same_decode(base: Profile, prof: Profile) -> bool:
     return prof.shapes == base.shapes and prof.generation.new_tokens == base.generation.new_tokens
 
 
+def _batch_sizes(base: Profile, prof: Profile) -> bool:
+    """Two batched profiles (static batches of mixed-length prompts) of the same decode, whatever
+    their batch sizes: their decode compares as aggregate throughput, their TTFT as each request's."""
+    assert base.generation is not None and prof.generation is not None
+    return (base.generation.batched is not None and prof.generation.batched is not None
+            and base.shapes.seq == prof.shapes.seq and base.generation.new_tokens == prof.generation.new_tokens)
+
+
+def _aggregate_ms(prof: Profile) -> list[float]:
+    """Per-step latencies over the batch: ms per generated token of the whole batch."""
+    return [ms / prof.shapes.batch for ms in prof.latencies_ms]
+
+
 def _generation_row(base: Profile, prof: Profile, *, is_base: bool, n_boot: int, seed: int) -> ComparisonRow:
     gen, base_gen = prof.generation, base.generation
     assert gen is not None and base_gen is not None
@@ -255,9 +271,13 @@ def _generation_row(base: Profile, prof: Profile, *, is_base: bool, n_boot: int,
         decode = RatioCI(speedup=1.0, verdict="baseline")
         ttft = {n: RatioCI(speedup=1.0, verdict="baseline") for n in gen.ttft_ms}
     else:
-        decode = (_ratio(base.latencies_ms, prof.latencies_ms, MIN_SAMPLES, n_boot, seed) if _same_decode(base, prof)
-                  else RatioCI(verdict="different shapes"))
-        same_batch = gen.batch == base_gen.batch
+        if _batch_sizes(base, prof):  # batch 4 against batch 1: the aggregate tokens/s ratio
+            decode = _ratio(_aggregate_ms(base), _aggregate_ms(prof), MIN_SAMPLES, n_boot, seed)
+        elif _same_decode(base, prof):
+            decode = _ratio(base.latencies_ms, prof.latencies_ms, MIN_SAMPLES, n_boot, seed)
+        else:
+            decode = RatioCI(verdict="different shapes")
+        same_batch = gen.batch == base_gen.batch or _batch_sizes(base, prof)
         ttft = {n: _ratio(base_gen.ttft_ms[n], v, MIN_TTFT_SAMPLES, n_boot, seed) if same_batch
                 else RatioCI(verdict="different shapes") for n, v in gen.ttft_ms.items() if n in base_gen.ttft_ms}
     summary = GenerationSummary(

@@ -39,7 +39,15 @@ from edgesmith.artifacts import Artifact
 from edgesmith.errors import BadInput
 from edgesmith.profiling.environment import fingerprint
 from edgesmith.profiling.measure import artifact_info
-from edgesmith.profiling.schema import ArtifactInfo, GenerationStats, Profile, RuntimeInfo, Shapes, Stats
+from edgesmith.profiling.schema import (
+    ArtifactInfo,
+    BatchedGeneration,
+    GenerationStats,
+    Profile,
+    RuntimeInfo,
+    Shapes,
+    Stats,
+)
 from edgesmith.profiling.worker import artifact_location, run_worker
 from edgesmith.runtimes.generation import decoder_runtime
 from edgesmith.stats import summarize
@@ -79,7 +87,7 @@ def parse_prompt_tokens(value: str | Sequence[int]) -> list[int]:
     return lengths
 
 
-def _check_arguments(new_tokens: int, batch: int, warmup: int, rounds: int) -> None:
+def check_generation_arguments(new_tokens: int, batch: int, warmup: int, rounds: int) -> None:
     if new_tokens < 2:
         raise BadInput(f"new tokens must be at least 2 (the first is part of the time to first token, the rest "
                        f"are decode steps); got {new_tokens}")
@@ -96,7 +104,7 @@ def _check_arguments(new_tokens: int, batch: int, warmup: int, rounds: int) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def _token_rows(tokenizer, length: int, batch: int, texts: Sequence[str] | None) -> np.ndarray:
+def token_rows(tokenizer, length: int, batch: int, texts: Sequence[str] | None) -> np.ndarray:
     """``batch`` rows of exactly ``length`` ids: consecutive sentences joined and tokenized (special
     tokens such as BOS kept where the tokenizer adds them), each row from other sentences; the
     sentences are read again from the start when there are too few."""
@@ -123,7 +131,7 @@ def prompt_batches(tokenizer, lengths: Sequence[int], batch: int, *, vocab_size:
                    texts: Sequence[str] | None = None, seed: int = 0) -> tuple[dict[int, np.ndarray], str]:
     """{length: ids [batch, length]} and where they came from ("tokenizer" or "random ids")."""
     if tokenizer is not None:
-        return {n: _token_rows(tokenizer, n, batch, texts) for n in lengths}, "tokenizer"
+        return {n: token_rows(tokenizer, n, batch, texts) for n in lengths}, "tokenizer"
     if vocab_size < 1:
         raise BadInput("the model has no tokenizer and no known vocabulary size to draw prompt ids from; save its "
                        "tokenizer beside it")
@@ -136,7 +144,7 @@ def prompt_batches(tokenizer, lengths: Sequence[int], batch: int, *, vocab_size:
 # ---------------------------------------------------------------------------------------------
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
     if not enabled:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -146,7 +154,7 @@ def _progress(enabled: bool):
 
 
 def profile_generation(artifact: Artifact, runtime: str | None = None, *,
-                       prompt_tokens: Sequence[int] | str = DEFAULT_PROMPT_TOKENS,
+                       prompt_tokens: Sequence[int] | str | None = None,
                        new_tokens: int = DEFAULT_NEW_TOKENS, batch: int = 1, warmup: int = DEFAULT_WARMUP,
                        rounds: int = DEFAULT_ROUNDS, threads: int | None = None, label: str | None = None,
                        texts: Sequence[str] | None = None, progress: bool = False, target: str = "cpu-local",
@@ -155,12 +163,18 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
     torch for a TorchModel): TTFT and prefill tokens/s per prompt length, decode tokens/s and raw
     per-token latencies over ``new_tokens`` forced greedy tokens after the first prompt length, for
     ``rounds`` timed rounds after ``warmup`` untimed ones. ``runtime_options`` go to the session
-    (ONNX Runtime: provider, allow_spinning, graph_optimization)."""
+    (ONNX Runtime: provider, allow_spinning, graph_optimization).
+
+    One ``batch`` of equal-length rows; for several batch sizes of mixed-length prompts see
+    :func:`edgesmith.profiling.batched.profile_batched` (``es.profile(..., batch=[1, 2, 4, 8])``)."""
+    if not isinstance(batch, int):
+        raise BadInput(f"batch {batch!r}: profile_generation takes one batch size; for a list of batch sizes "
+                       "use es.profile or edgesmith.profiling.batched.profile_batched")
     if not is_decoder(artifact):
         raise BadInput(f"{artifact.name} is a {artifact.task} model; generation profiles are for causal LMs "
                        "(text-generation): profile it with --batch/--seq instead")
-    lengths = parse_prompt_tokens(prompt_tokens)
-    _check_arguments(new_tokens, batch, warmup, rounds)
+    lengths = parse_prompt_tokens(DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens)
+    check_generation_arguments(new_tokens, batch, warmup, rounds)
     chosen = decoder_runtime(artifact, runtime)
     runtime_name = chosen.name
     chosen.check_decoder_options(runtime_options)
@@ -176,7 +190,7 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
     if artifact.tokenizer is not None:
         prompts, source = prompt_batches(artifact.tokenizer, lengths, batch, vocab_size=0, texts=texts)
         spec["prompts"] = {str(n): ids.tolist() for n, ids in prompts.items()}
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     task = bar.add_task("rounds", total=rounds) if bar else None
     with tempfile.TemporaryDirectory(prefix="edgesmith-profile-") as scratch:
         spec["path"] = str(artifact_location(artifact, runtime_name, Path(scratch)))
@@ -203,11 +217,13 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
 def generation_profile(*, label: str, artifact: ArtifactInfo, runtime: RuntimeInfo, target: str = "cpu-local",
                        threads: int | None, batch: int, new_tokens: int, warmup: int,
                        ttft_ms: Mapping[int, Sequence[float]], decode_ms: Sequence[Sequence[float]], load_s: float,
-                       peak_rss_mb: float | None, rss_source: str, prompt_source: str = "tokenizer") -> Profile:
+                       peak_rss_mb: float | None, rss_source: str, prompt_source: str = "tokenizer",
+                       batched: BatchedGeneration | None = None) -> Profile:
     """A generation Profile from raw samples, measured here or by another runtime's own loop (a
     benchmark's llama.cpp or ORT GenAI side): ``ttft_ms`` {prompt length: one TTFT per round}, the
     first length being the one decode followed; ``decode_ms`` one list of per-token latencies
-    (``new_tokens - 1``) per round. Tokens/s, statistics and the creation time are filled in."""
+    (``new_tokens - 1``) per round. Tokens/s, statistics and the creation time are filled in.
+    ``batched``: a static batch of mixed-length prompts (prefill tokens/s counts its real tokens)."""
     lengths = [int(n) for n in ttft_ms]
     steps = new_tokens - 1
     rounds = [list(map(float, r)) for r in decode_ms]
@@ -220,9 +236,11 @@ def generation_profile(*, label: str, artifact: ArtifactInfo, runtime: RuntimeIn
         prompt_tokens=lengths, new_tokens=new_tokens, decode_prompt_tokens=lengths[0], decode_steps=steps,
         batch=batch, rounds=len(rounds),
         ttft_ms={str(n): [float(ms) for ms in v] for n, v in ttft_ms.items()},
-        prefill_tokens_per_s={str(n): [batch * int(n) * 1000.0 / ms for ms in v] for n, v in ttft_ms.items()},
+        prefill_tokens_per_s={str(n): [(sum(batched.row_prompt_tokens) if batched else batch * int(n)) * 1000.0 / ms
+                                       for ms in v] for n, v in ttft_ms.items()},
         decode_tokens_per_s=[batch * steps * 1000.0 / sum(r) for r in rounds],
-        load_s=round(load_s, 4), peak_rss_mb=peak_rss_mb, rss_source=rss_source, prompt_source=prompt_source)
+        load_s=round(load_s, 4), peak_rss_mb=peak_rss_mb, rss_source=rss_source, prompt_source=prompt_source,
+        batched=batched)
     latencies = [ms for r in rounds for ms in r]
     return Profile(
         kind="generation",

@@ -260,6 +260,10 @@ def _measure_batches(spec: dict[str, Any], on_round: Callable[[int], None] | Non
     try:
         rows = _batch_rows(spec, session.vocab_size)
         longest = max(len(r) for b in batches for r in rows[b])
+        if session.max_positions and longest + new_tokens - 1 > session.max_positions:
+            raise errors.BadInput(f"{spec['name']}: the batch's longest prompt ({longest} tokens) and {new_tokens} new "
+                                  f"tokens exceed the model's context of {session.max_positions} positions; lower "
+                                  "--prompt-tokens (the center of the mixed lengths) or --new-tokens")
         session.reserve(max(batches), longest + new_tokens - 1)
         pad = spec.get("pad_id")
         pad = pad_id_of(session) if pad is None else int(pad)
