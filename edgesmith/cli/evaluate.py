@@ -58,9 +58,10 @@ def evaluate_command(
     tasks: str | None = typer.Option(None, "--tasks", help="Decoders: task accuracy on these tasks, comma-separated "
                                      "(shipped: mmlu-mini, wordnet-mc; any lm-eval task name or task YAML), with "
                                      "the paired delta against the reference. Needs edgesmith[tasks]."),
-    runtime: str | None = typer.Option(None, "--runtime", help="With --tasks: the runtime that runs the artifact "
-                                       "(llamacpp runs a .gguf as it is; default: the artifact's own)."),
-    threads: int | None = typer.Option(None, "--threads", help="With --tasks: threads of the runtime."),
+    runtime: str | None = typer.Option(None, "--runtime", help="Decoders: the runtime that runs the artifact "
+                                       "(llamacpp runs a .gguf as it is, ortgenai an ORT GenAI folder; default: "
+                                       "the artifact's own)."),
+    threads: int | None = typer.Option(None, "--threads", help="Decoders: threads of the runtime."),
     batch_size: int = typer.Option(8, "--batch-size", help="With --tasks: contexts scored per forward pass."),
     gate: list[str] = typer.Option([], "--gate", help="METRIC=MAX_DROP (repeatable): exit 3 when the metric "
                                    "drops by more (kld and perplexity: rises by more) than that."),
@@ -76,8 +77,11 @@ def evaluate_command(
         _evaluate_tasks(model, reference, tasks, gates, limit=limit, runtime=runtime, threads=threads,
                         batch_size=batch_size, as_json=as_json)
         return
-    candidate = load(model)
+    candidate = _load_candidate(model, runtime) if runtime else load(model)
     ref = reference_of(candidate, reference)
+    if runtime and candidate.task == "text-generation":
+        _evaluate_on_runtime(candidate, ref, runtime, threads, gates, as_json)
+        return
     texts, labels = [], None
     if candidate.task != "text-generation":
         rows = load_texts(data, text_field=text_field, label_field=label_field, limit=limit or 512)
@@ -106,16 +110,41 @@ def evaluate_command(
 
 
 def _load_candidate(model: str, runtime: str | None):
-    """The artifact as its runtime runs it: ``--runtime llamacpp`` keeps a .gguf (or smollm2) as it is."""
+    """The artifact as its runtime runs it (``--runtime llamacpp`` keeps a .gguf, or smollm2, as it
+    is); one line when that runtime has no generation loop or cannot run it."""
     from edgesmith.artifacts import load
+    from edgesmith.runtimes.base import get_runtime
+    from edgesmith.runtimes.generation import decoder_runtime
 
-    if runtime == "llamacpp":
-        from edgesmith.runtimes.llamacpp import load_gguf_file
+    if runtime is None:
+        return load(model)
+    artifact = get_runtime(runtime).load_artifact(model)
+    decoder_runtime(artifact, runtime)
+    return artifact
 
-        return load_gguf_file(model)
-    if runtime not in (None, "onnxruntime", "torch"):
-        raise BadInput(f"--runtime {runtime!r}: task accuracy runs on llamacpp, onnxruntime or torch")
-    return load(model)
+
+def _evaluate_on_runtime(candidate, ref, runtime: str, threads: int | None, gates: dict[str, float],
+                         as_json: bool) -> None:
+    """A decoder's fidelity (KL, top-1, perplexity) to its source, scored on ``runtime``'s own logits."""
+    from edgesmith.lm_quality import lm_fidelity, session_logits
+    from edgesmith.quality import check_gates
+
+    logits = session_logits(candidate, runtime=runtime, threads=threads)
+    metrics = lm_fidelity(logits, ref, tokenizer=candidate.tokenizer or ref.tokenizer, threads=threads)
+    failures = check_gates(metrics, {"perplexity": metrics["perplexity_reference"]}, gates) if gates else []
+    if as_json:
+        print_json({"model": candidate.name, "reference": ref.name, "runtime": runtime, "metrics": metrics,
+                    "gate_failures": failures})
+    else:
+        table = Table(title=f"{candidate.name} ({runtime}) against {ref.name}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+    if failures:
+        raise GateFailed("; ".join(f"{f['metric']} {f['value']:.4f} vs {f['reference']:.4f} (limit {f['max_drop']})"
+                                   for f in failures), failures)
 
 
 def _evaluate_tasks(model: str, reference: str | None, tasks: str | None, gates: dict[str, float], *,

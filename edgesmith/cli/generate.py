@@ -26,7 +26,8 @@ def generate_command(
                                      "(default: when the tokenizer has one)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     runtime: str | None = typer.Option(None, "--runtime", help="llamacpp runs a .gguf as it is in llama.cpp "
-                                       "(edgesmith[llamacpp]); default: onnxruntime for ONNX, torch otherwise."),
+                                       "(edgesmith[llamacpp]); ortgenai an ORT GenAI folder (export --to genai) in "
+                                       "ONNX Runtime GenAI; default: onnxruntime for ONNX, torch otherwise."),
     draft: str | None = typer.Option(None, "--draft", help="Speculative decoding (greedy) with this draft decoder "
                                      "(the target's tokenizer; see edgesmith speculate)."),
     prompt_lookup: int | None = typer.Option(None, "--prompt-lookup", help="Speculative decoding (greedy) by n-gram "

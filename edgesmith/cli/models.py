@@ -50,9 +50,10 @@ def inspect_command(
 
 @app.command("export")
 def export_command(
-    model: str = typer.Argument("minilm", help="Model folder, 'minilm' or 'smollm2' (--to onnx, --to gguf); an ONNX "
-                                "model (--to tensorrt)."),
-    to: str = typer.Option("onnx", "--to", help="Target format: onnx, gguf (llama.cpp) or tensorrt."),
+    model: str = typer.Argument("minilm", help="Model folder, 'minilm' or 'smollm2' (--to onnx, genai, gguf); an "
+                                "ONNX model (--to tensorrt)."),
+    to: str = typer.Option("onnx", "--to", help="Target format: onnx, genai (an ONNX Runtime GenAI folder: "
+                           "genai_config.json, fused GroupQueryAttention graph), gguf (llama.cpp) or tensorrt."),
     quant: str = typer.Option("f16", "--quant", help="gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; K-quants "
                               "(q4_k_m, q5_k_m, q6_k, ...) with llama-cpp-python installed."),
     embeddings: str | None = typer.Option(None, "--embeddings", help="gguf: type of the token embedding "
@@ -81,8 +82,9 @@ def export_command(
 ) -> None:
     """Export to ONNX (dynamic batch and sequence), write a GGUF for llama.cpp, or build a TensorRT
     engine from an ONNX model, validated against its source."""
-    if to == "onnx":
-        options = {**({"atol": atol} if atol is not None else {}), **({"opset": opset} if opset else {})}
+    if to in ("onnx", "genai"):
+        options = {**({"atol": atol} if atol is not None else {}), **({"opset": opset} if opset else {}),
+                   **({"backend": "genai"} if to == "genai" else {})}
         run_one_pass(model, "export", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
         return
     if to == "gguf":
@@ -97,7 +99,7 @@ def export_command(
         run_one_pass(model, "gguf", options, output=output, runs_dir=runs_dir, cache_dir=cache_dir, as_json=as_json)
         return
     if to != "tensorrt":
-        raise BadInput(f"--to {to}: only 'onnx', 'gguf' and 'tensorrt' are supported")
+        raise BadInput(f"--to {to}: only 'onnx', 'genai', 'gguf' and 'tensorrt' are supported")
     options = {"precision": precision, "workspace_mib": workspace, "optimization_level": opt_level,
                "backend": backend, "trtexec": trtexec, **({"shapes": shapes} if shapes else {}),
                **({"atol": atol} if atol is not None else {})}

@@ -7,7 +7,7 @@ from typing import Any
 
 from edgesmith.artifacts import Artifact
 
-__all__ = ["to_gguf", "to_onnx", "to_tensorrt"]
+__all__ = ["to_genai", "to_gguf", "to_onnx", "to_tensorrt"]
 
 
 def to_onnx(model: Artifact, ctx=None, **options: Any) -> Artifact:
@@ -15,6 +15,13 @@ def to_onnx(model: Artifact, ctx=None, **options: Any) -> Artifact:
     from edgesmith.passes import get_pass
 
     return get_pass("export")(**options)(model, ctx)
+
+
+def to_genai(model: Artifact, ctx=None, **options: Any) -> Artifact:
+    """Export a causal LM as an ORT GenAI folder (``onnxruntime_genai.Model(folder)`` loads it), built
+    by ORT GenAI's model builder and validated on prompts of different lengths in one batch, in
+    edgesmith's loop and in ORT GenAI (the export pass with ``backend="genai"``)."""
+    return to_onnx(model, ctx, **{**options, "backend": "genai"})
 
 
 def to_tensorrt(model: Artifact, ctx=None, **options: Any) -> Artifact:

@@ -52,9 +52,9 @@ class ExportConfig(PassConfig):
     probe_seq_lengths: list[int] = list(DEFAULT_SEQ_LENGTHS)
     #: decoders (causal LMs): greedy steps that must agree token for token with PyTorch
     decode_steps: int = Field(32, ge=1)
-    #: decoders: ``dynamo`` (edgesmith's own KV-cached graph, any padding) or ``genai`` (ORT GenAI's
-    #: model builder: fused GroupQueryAttention, faster on the CPU, unpadded batches only; see
-    #: :mod:`edgesmith.export.decoder_genai`)
+    #: decoders: ``dynamo`` (edgesmith's own KV-cached graph, any padding) or ``genai`` (an ORT GenAI
+    #: folder from its model builder: fused GroupQueryAttention, faster on the CPU, right padding,
+    #: runs in ONNX Runtime GenAI too; ``export --to genai``; see :mod:`edgesmith.export.decoder_genai`)
     backend: Literal["dynamo", "genai"] = "dynamo"
 
     KEY_OMITS_DEFAULT = ("decode_steps", "backend")

@@ -22,6 +22,7 @@ from edgesmith.runtimes.decoder import (
     positions_from_mask,
     right_align,
 )
+from edgesmith.runtimes.mlas_check import check_asymmetric_int4
 from edgesmith.tensorrt.ep import tensorrt_ep_options
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ class OrtDecoderSession(DecoderSession):
         if wanted not in ort.get_available_providers():
             raise BadInput(f"ONNX Runtime here has no {wanted} (installed: {', '.join(ort.get_available_providers())}); "
                            "install onnxruntime-gpu for cuda")
+        check_asymmetric_int4(model.path, provider=provider)
         so = session_options(threads=threads, graph_optimization=graph_optimization,
                              spinning="default" if allow_spinning else "off", enable_profiling=enable_profiling)
         chain = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]

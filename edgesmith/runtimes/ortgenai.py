@@ -11,8 +11,9 @@ execution providers).
   a row's mask is 1 up to its last token that is not the pad id); ``get_logits`` gives each row's
   last real position. ORT GenAI reads a row that *ends* in the pad id as shorter, so such a batch is
   refused (one line) rather than silently answered wrong.
-- **step** with tokens chosen by edgesmith's sampler: ORT GenAI takes ``append_tokens`` only once
-  for a batch of more than one row, so the chosen tokens go in through its own search —
+- **step** with tokens chosen by edgesmith's sampler: ``append_tokens`` for one row; ORT GenAI takes
+  ``append_tokens`` only once for a batch of more than one row, so there the chosen tokens go in
+  through its own search —
   ``set_logits`` with every other token at -1e9, then ``generate_next_token`` (which picks exactly
   them) — and ``get_logits`` runs the model on them.
 - **decode_rows** (batched profiles, and ``profile --runtime ortgenai``): ORT GenAI's own greedy loop,
@@ -45,6 +46,7 @@ from edgesmith.artifacts import Artifact
 from edgesmith.errors import BadInput, first_line
 from edgesmith.runtimes.base import Availability, Runtime, register_runtime
 from edgesmith.runtimes.decoder import DecoderSession, check_context
+from edgesmith.runtimes.mlas_check import check_asymmetric_int4
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ class OrtGenAIDecoderSession(DecoderSession):
         self.eos_token_ids = _ids(config, "eos_token_id")
         pads = _ids(config, "pad_token_id") or self.eos_token_ids[:1]
         self.pad_token_id = pads[0] if pads else 0
+        check_asymmetric_int4(self.folder / config["model"]["decoder"]["filename"])
         self.max_length = int(max_length or min(self.max_positions, DEFAULT_MAX_LENGTH))
         if self.max_length < 2:
             raise BadInput(f"max_length {self.max_length}: a generator needs room for at least two positions")
@@ -191,6 +194,9 @@ class OrtGenAIDecoderSession(DecoderSession):
             raise BadInput(f"the sequence reached this session's max_length of {self.max_length} positions; "
                            "open the session with a larger max_length (at most the context, "
                            f"{self.max_positions})")
+        if ids.shape[0] == 1:  # one row: ORT GenAI appends as often as asked (also after a rewind)
+            self._append(self._generator, ids.astype(np.int32))
+            return self._logits(self._generator)
         forced = np.full((ids.shape[0], self.vocab_size), _FORBIDDEN, dtype=np.float32)
         forced[np.arange(ids.shape[0]), ids[:, 0]] = 0.0
         self._generator.set_logits(forced)
