@@ -199,6 +199,25 @@ def test_environment_fingerprint():
     assert (env.gpu is None) == (not torch.cuda.is_available())
 
 
+def test_the_local_fingerprint_is_the_agents():
+    """A local profile describes the machine with the device agent's own functions: the same CPU, ISA,
+    OS and memory as ``agent.py fingerprint`` reports over SSH; the ISA is read from cpuinfo's flags."""
+    from edgesmith.profiling import agent
+
+    env, remote = fingerprint(threads=2).model_dump(), agent.fingerprint(2)
+    for key in ("cpu_model", "isa_flags", "cores", "os", "kernel", "machine", "python", "memory_mb"):
+        assert env[key] == remote[key], key
+    assert env["host"] is None  # the machine's name only where it was asked for (over SSH)
+    if platform.system() == "Linux":
+        assert env["memory_mb"] > 0
+    x86 = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_vnni amx_tile amx_int8\n"
+    assert agent.isa_flags(x86) == ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"]
+    assert agent.isa_summary(agent.isa_flags(x86)) == "AVX-512 (VNNI) + AMX"
+    arm = "Features\t: fp asimd asimddp i8mm sve\n"
+    assert agent.isa_summary(agent.isa_flags(arm)) == "NEON (dot, i8mm, SVE)"
+    assert agent.isa_flags("no flags here") == []
+
+
 # ---------------------------------------------------------------------------------------------
 # compare
 # ---------------------------------------------------------------------------------------------

@@ -113,10 +113,48 @@ def cpu_model() -> str:
 
 
 def os_name() -> str:
+    """The distribution's pretty name (Linux), else ``platform``'s system and release."""
     for line in (_read("/etc/os-release") or "").splitlines():
         if line.startswith("PRETTY_NAME="):
             return line.split("=", 1)[1].strip().strip('"')
+    if sys.platform == "darwin":
+        return f"macOS {platform.mac_ver()[0]}"
     return f"{platform.system()} {platform.release()}".strip()
+
+
+#: the instruction-set extensions that decide which kernels ONNX Runtime, PyTorch and llama.cpp run
+#: (x86: SSE to AVX-512 and AMX; Arm: NEON dot products, SVE, int8 matrix multiply), in this order
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+             "asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16")
+
+
+def isa_flags(cpuinfo: str | None = None) -> list:
+    """The extensions of :data:`ISA_FLAGS` this CPU reports (``flags`` on x86, ``Features`` on Arm)."""
+    text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            have = set(value.split())
+            return [f for f in ISA_FLAGS if f in have]
+    return []
+
+
+def isa_summary(flags: list) -> str:
+    """A short name for the widest vector ISA: "AVX-512 (VNNI, BF16) + AMX", "AVX2", "NEON (dot)"..."""
+    have = set(flags)
+    if "avx512f" in have:
+        extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("avx512_fp16", "FP16"))
+                  if flag in have]
+        return "AVX-512" + (f" ({', '.join(extras)})" if extras else "") + (" + AMX" if "amx_tile" in have else "")
+    if "avx2" in have:
+        return "AVX2" + (" + AVX-VNNI" if "avx_vnni" in have else "")
+    if "avx" in have:
+        return "AVX"
+    if "asimd" in have:
+        extras = [name for flag, name in (("asimddp", "dot"), ("i8mm", "i8mm"), ("sve", "SVE")) if flag in have]
+        return "NEON" + (f" ({', '.join(extras)})" if extras else "")
+    return "unknown ISA"
 
 
 def memory_mb() -> float | None:
@@ -126,17 +164,33 @@ def memory_mb() -> float | None:
     return None
 
 
-def library_versions() -> dict:
+#: distributions a device's fingerprint records; of these, ``onnxruntime`` even when absent
+DEVICE_LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt", "llama-cpp-python")
+
+
+def library_versions(dists: tuple = DEVICE_LIBRARIES, always: tuple = ("onnxruntime",)) -> dict:
+    """{distribution: version} of those installed; those in ``always`` are recorded as None when absent
+    (so a reader sees "not installed", not "not asked")."""
     from importlib import metadata
 
     versions: dict = {}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt", "llama-cpp-python"):
+    for dist in dists:
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            continue
-    versions.setdefault("onnxruntime", None)
+            if dist in always:
+                versions[dist] = None
     return versions
+
+
+def _version_in(text: str | None) -> str | None:
+    return next((w for w in (text or "").split() if "." in w and w.replace(".", "").isdigit()), None)
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version, from the kernel module or nvidia-smi; None when neither answers."""
+    return (_version_in(_read("/proc/driver/nvidia/version"))
+            or _version_in(_command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])))
 
 
 def gpu_info() -> dict | None:
@@ -154,25 +208,36 @@ def gpu_info() -> dict | None:
     return {"name": name, "count": len(lines), "driver": driver, "cuda": None, "memory_mb": memory}
 
 
-def fingerprint(threads: int | None = None) -> dict:
+def machine(threads: int | None = None) -> dict:
+    """The machine itself: CPU model, ISA, cores, OS, kernel, memory, Python, and on Jetson the L4T
+    release, ``nvpmodel -q`` and ``jetson_clocks --show``; ``threads`` is what the runtime used."""
     uname = platform.uname()
     l4t = _read("/etc/nv_tegra_release")
     return {
         "cpu_model": cpu_model(),
+        "isa_flags": isa_flags(),
         "cores": os.cpu_count(),
         "threads": threads,
         "os": os_name(),
         "kernel": uname.release,
         "machine": uname.machine,
         "python": platform.python_version(),
-        "libraries": library_versions(),
-        "gpu": gpu_info(),
-        "uname": " ".join(p for p in (uname.system, uname.node, uname.release, uname.version, uname.machine) if p),
         "memory_mb": memory_mb(),
-        "host": uname.node,
         "l4t_release": l4t.strip().splitlines()[0] if l4t and l4t.strip() else None,
         "power_mode": _command(["nvpmodel", "-q"]),
         "clocks": _command(["jetson_clocks", "--show"]),
+    }
+
+
+def fingerprint(threads: int | None = None) -> dict:
+    """The device as a profile records it: :func:`machine`, its runtimes' versions, its GPU, its name."""
+    uname = platform.uname()
+    return {
+        **machine(threads),
+        "libraries": library_versions(),
+        "gpu": gpu_info(),
+        "uname": " ".join(p for p in (uname.system, uname.node, uname.release, uname.version, uname.machine) if p),
+        "host": uname.node,
     }
 
 

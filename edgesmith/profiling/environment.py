@@ -1,22 +1,22 @@
 """The environment fingerprint a profile records: the machine, its OS and the library versions.
 
-A latency is only meaningful next to what produced it: the CPU model and core count, the threads
-the runtime used, the kernel, Python and the versions of the libraries that run the model, and
-the GPU with its driver when one is present.
+A latency is only meaningful next to what produced it: the CPU model, its instruction-set
+extensions and core count, the threads the runtime used, the kernel, Python and the versions of
+the libraries that run the model, and the GPU with its driver when one is present.
+
+The machine facts come from the device agent's standard-library functions
+(:mod:`edgesmith.profiling.agent`), so a local profile and a device's remote one describe the
+machine the same way; here they become a typed :class:`Environment`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-from importlib import metadata
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+
+from edgesmith.profiling import agent
+from edgesmith.profiling.agent import cpu_model, isa_flags, isa_summary, memory_mb, nvidia_driver, os_name
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", 
 #: of these, the ones recorded even when absent (so a reader sees "not installed", not "not asked")
 CORE_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "edgesmith")
 
-NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+__all__ = ["CORE_LIBRARIES", "LIBRARIES", "Environment", "GpuInfo", "cpu_model", "fingerprint", "gpu_info",
+           "isa_flags", "isa_summary", "library_versions", "memory_mb", "nvidia_driver", "os_name"]
 
 
 class GpuInfo(BaseModel):
@@ -52,76 +53,24 @@ class Environment(BaseModel):
     python: str
     libraries: dict[str, str | None]
     gpu: GpuInfo | None = None
-    # recorded for devices profiled over SSH (None where unknown; absent from older profiles)
+    # host and uname: recorded for devices profiled over SSH; the rest below for every profile (None where
+    # unknown; absent from older profiles)
     host: str | None = None
     uname: str | None = None
     memory_mb: float | None = None
+    isa_flags: list[str] | None = None  # the CPU's extensions of agent.ISA_FLAGS (absent from older profiles)
     l4t_release: str | None = None  # Jetson: first line of /etc/nv_tegra_release
     power_mode: str | None = None  # Jetson: `nvpmodel -q`
     clocks: str | None = None  # Jetson: `jetson_clocks --show`
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def os_name() -> str:
-    """The distribution's pretty name (Linux), else ``platform``'s system and release."""
-    try:
-        for line in Path("/etc/os-release").read_text(encoding="utf-8").splitlines():
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        return f"macOS {platform.mac_ver()[0]}"
-    return f"{platform.system()} {platform.release()}".strip()
-
-
 def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for dist in LIBRARIES:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            if dist in CORE_LIBRARIES:
-                versions[dist] = None
+    versions = agent.library_versions(LIBRARIES, CORE_LIBRARIES)
     if versions.get("edgesmith") is None:  # run from a source tree that was never installed
         from edgesmith.version import __version__
 
         versions["edgesmith"] = __version__
     return versions
-
-
-def nvidia_driver() -> str | None:
-    """The NVIDIA driver version, from the kernel module or nvidia-smi; None when neither answers."""
-    try:
-        text = NVIDIA_DRIVER_FILE.read_text(encoding="utf-8", errors="replace")
-        for word in text.split():
-            if word.count(".") >= 1 and word.replace(".", "").isdigit():
-                return word
-    except OSError:
-        pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10, check=False)
-            first = out.stdout.strip().splitlines()
-            if out.returncode == 0 and first:
-                return first[0].strip()
-        except (OSError, subprocess.SubprocessError):
-            log.debug("nvidia-smi did not answer", exc_info=True)
-    return None
 
 
 def gpu_info() -> GpuInfo | None:
@@ -138,15 +87,6 @@ def gpu_info() -> GpuInfo | None:
 
 
 def fingerprint(threads: int | None = None) -> Environment:
-    """Describe this machine; ``threads`` is the thread count the runtime used (None: its default)."""
-    return Environment(
-        cpu_model=cpu_model(),
-        cores=os.cpu_count(),
-        threads=threads,
-        os=os_name(),
-        kernel=platform.release(),
-        machine=platform.machine(),
-        python=platform.python_version(),
-        libraries=library_versions(),
-        gpu=gpu_info(),
-    )
+    """Describe this machine (the agent's :func:`~edgesmith.profiling.agent.machine`, this process's
+    libraries, the GPU torch sees); ``threads`` is the thread count the runtime used (None: its default)."""
+    return Environment(**agent.machine(threads), libraries=library_versions(), gpu=gpu_info())
