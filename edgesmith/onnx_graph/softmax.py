@@ -12,6 +12,11 @@ are padding, and Softmax became the largest op of the INT8 MiniLM graph.
 floor of -80 a masked key keeps a weight of at most e^-80 ≈ 1.8e-35 of the row's largest (zero before;
 far below float32's resolution of 1.2e-7 near 1), so the outputs agree with the original graph to
 float rounding, while every exp argument stays where the fast path computes it.
+
+Whether that is faster depends on the CPU: measured 1.26x on an Intel Xeon (AVX-512, AMX) but
+0.94-0.97x on an AMD EPYC, so the quantize pass's ``softmax_floor: auto`` times the graph both ways
+on the machine it runs on (:mod:`edgesmith.compress.quantization.softmax_choice`).
+:func:`softmax_floor_of` reads back the floor a graph carries.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any
 
 #: the lowest exp argument the rewritten Softmax sees (e^-80 is a normal float32)
 SOFTMAX_FLOOR = -80.0
+#: the initializer holding the floor in a rewritten graph
+FLOOR_INITIALIZER = "edgesmith_softmax_floor"
 
 
 def _opset(model, domain: str = "") -> int:
@@ -40,7 +47,7 @@ def floor_softmax_inputs(model, floor: float = SOFTMAX_FLOOR) -> dict[str, Any]:
              if vi.type.tensor_type.elem_type not in (0, TensorProto.FLOAT)}  # typed, and not float32
     nodes = list(graph.node)
     out, rewritten = [], 0
-    floor_name = "edgesmith_softmax_floor"
+    floor_name = FLOOR_INITIALIZER
     axes_name = "edgesmith_softmax_axes"
     for node in nodes:
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
@@ -66,3 +73,18 @@ def floor_softmax_inputs(model, floor: float = SOFTMAX_FLOOR) -> dict[str, Any]:
         if opset >= 18:
             graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes_name))
     return {"rewritten": rewritten, "floor": floor}
+
+
+def softmax_floor_of(model) -> dict[str, Any] | None:
+    """``{"floor": value, "floored": n}`` for a graph rewritten by :func:`floor_softmax_inputs` (n:
+    the Softmax nodes fed through the floor), None for a graph without it."""
+    from onnx import numpy_helper
+
+    init = next((i for i in model.graph.initializer if i.name == FLOOR_INITIALIZER), None)
+    if init is None:
+        return None
+    producers = {o: n for n in model.graph.node for o in n.output}
+    floored = sum(1 for n in model.graph.node if n.op_type == "Softmax" and n.input
+                  and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Max"
+                  and FLOOR_INITIALIZER in producers[n.input[0]].input)
+    return {"floor": float(numpy_helper.to_array(init)), "floored": floored}

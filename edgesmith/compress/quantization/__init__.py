@@ -62,6 +62,9 @@ from edgesmith.passes import Context, Pass, make_config, register
 
 log = logging.getLogger(__name__)
 
+#: texts the shapes of ``softmax_floor: auto`` are built from (the run's, else the shipped corpus)
+SOFTMAX_TEXTS = 64
+
 __all__ = ["DYNAMIC_WEIGHT_OPS", "FIDELITY_TEXTS", "PROBE_POOL", "STATIC_WEIGHT_OPS", "QuantizeConfig",
            "QuantizePass", "dynamic_supported_ops"]
 
@@ -149,12 +152,22 @@ def build(parent: OnnxModel, folder: Path, cfg: QuantizeConfig, ctx: Context) ->
             report.update(write_fp16(model, folder / ONNX_FILE, cfg))
         else:
             report.update(write_int8(base, model, folder / ONNX_FILE, cfg, ctx, work))
-        if not cfg.keep_node_metadata or cfg.softmax_floor is not None:
-            report.update(finish_graph(folder / ONNX_FILE, cfg))
+        floor = cfg.softmax_floor
+        if floor == "auto":  # measured here: the floor only where it is faster on this machine
+            from edgesmith.compress.quantization.softmax_choice import choose_softmax_floor
+            from edgesmith.onnx_graph.softmax import SOFTMAX_FLOOR
+
+            choice = choose_softmax_floor(folder / ONNX_FILE, parent, ctx.corpus(SOFTMAX_TEXTS), work,
+                                          floor=SOFTMAX_FLOOR)
+            report["softmax_floor_choice"] = choice
+            floor = choice["floor"]
+        if not cfg.keep_node_metadata or floor is not None:
+            report.update(finish_graph(folder / ONNX_FILE, cfg, floor))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     copy_companions(parent.folder, folder)
-    meta = {**copy.deepcopy(parent.meta), "precision": cfg.precision, "quantization": quantization_meta(cfg)}
+    meta = {**copy.deepcopy(parent.meta), "precision": cfg.precision,
+            "quantization": quantization_meta(cfg, floor, report.get("softmax_floor_choice"))}
     quantized = OnnxModel(task=parent.task, name=parent.name, lineage=copy.deepcopy(parent.lineage),
                           meta=meta, folder=folder)
     report["size_after"] = quantized.size_bytes()
@@ -164,9 +177,10 @@ def build(parent: OnnxModel, folder: Path, cfg: QuantizeConfig, ctx: Context) ->
     return quantized, report
 
 
-def finish_graph(path: Path, cfg: QuantizeConfig) -> dict[str, Any]:
-    """Rewrite the ONNX file at ``path``: Softmax inputs floored (``softmax_floor``), node metadata
-    dropped (``keep_node_metadata: false``). Returns what was done, for the report."""
+def finish_graph(path: Path, cfg: QuantizeConfig, floor: float | None) -> dict[str, Any]:
+    """Rewrite the ONNX file at ``path``: Softmax inputs floored at ``floor`` (``softmax_floor``, or what
+    ``auto`` chose; None: not floored), node metadata dropped (``keep_node_metadata: false``). Returns
+    what was done, for the report."""
     import onnx
 
     from edgesmith.onnx_graph.nodes import strip_node_metadata
@@ -174,15 +188,18 @@ def finish_graph(path: Path, cfg: QuantizeConfig) -> dict[str, Any]:
 
     model = onnx.load(str(path))
     done: dict[str, Any] = {}
-    if cfg.softmax_floor is not None:
-        done["softmax_floor"] = floor_softmax_inputs(model, cfg.softmax_floor)
+    if floor is not None:
+        done["softmax_floor"] = floor_softmax_inputs(model, floor)
     if not cfg.keep_node_metadata:
         done["node_metadata_bytes_removed"] = strip_node_metadata(model.graph)
     onnx.save(model, str(path))
     return done
 
 
-def quantization_meta(cfg: QuantizeConfig) -> dict[str, Any]:
+def quantization_meta(cfg: QuantizeConfig, floor: float | None = None,
+                      choice: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``meta["quantization"]``: how the graph was made; ``softmax_floor`` is the floor it carries, and
+    with ``auto`` ``softmax_floor_choice`` the decision, the machine and both timings per shape."""
     if cfg.mode == "fp16":
         return {"mode": "fp16", "keep_io_types": cfg.keep_io_types, "fp32_ops": cfg.fp16_float_ops,
                 "optimized": cfg.optimize}
@@ -190,8 +207,10 @@ def quantization_meta(cfg: QuantizeConfig) -> dict[str, Any]:
                             "reduce_range": cfg.reduce_range, "op_types": cfg.target_ops, "optimized": cfg.optimize}
     if cfg.fusions is not None:
         meta["fusions"] = list(cfg.fusions)
-    if cfg.softmax_floor is not None:
-        meta["softmax_floor"] = cfg.softmax_floor
+    if floor is not None:
+        meta["softmax_floor"] = floor
+    if choice is not None:
+        meta["softmax_floor_choice"] = choice
     if cfg.mode == "static":
         meta.update({"format": "QDQ", "activation_type": cfg.activation_type, "method": cfg.method,
                      "symmetric_activations": cfg.symmetric_activations})

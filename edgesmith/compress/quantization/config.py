@@ -77,7 +77,8 @@ class QuantizeConfig(PassConfig):
     these of its fusions, e.g. ``[layer_norm, skip_layer_norm]``; default all), ``min_cosine`` (floor of the pooled
     cosine to the parent), ``softmax_floor`` (e.g. -80: every last-axis Softmax computes
     ``Softmax(max(x - rowmax, floor))``, which keeps padded attention keys out of ONNX Runtime's slow
-    exp path with outputs unchanged to float rounding; :mod:`edgesmith.onnx_graph.softmax`), ``keep_node_metadata`` (false: drop the exporter's per-node module paths
+    exp path with outputs unchanged to float rounding; :mod:`edgesmith.onnx_graph.softmax`; ``auto``:
+    -80 only where it times faster on this machine, :mod:`edgesmith.compress.quantization.softmax_choice`), ``keep_node_metadata`` (false: drop the exporter's per-node module paths
     from the output, ~0.3 MB of MiniLM's file; the report is made from the input graph), ``speed_check`` (time parent and result, record ``slower_than_parent``).
     """
 
@@ -119,7 +120,7 @@ class QuantizeConfig(PassConfig):
     optimize: bool = False
     fusions: list[str] | None = None
     keep_node_metadata: bool = True
-    softmax_floor: float | None = None
+    softmax_floor: float | Literal["auto"] | None = None
     speed_check: bool = False
     # accuracy-aware
     max_drop: dict[str, float] = {}
@@ -153,8 +154,8 @@ class QuantizeConfig(PassConfig):
 
     @field_validator("softmax_floor")
     @classmethod
-    def _softmax_floor(cls, value: float | None) -> float | None:
-        if value is not None and not -87.0 <= value < 0:
+    def _softmax_floor(cls, value: float | str | None) -> float | str | None:
+        if value is not None and value != "auto" and not -87.0 <= value < 0:
             raise ValueError(f"softmax_floor lies in [-87, 0) so that e^floor is a normal float32, e.g. -80 (got {value})")
         return value
 
@@ -193,6 +194,16 @@ class QuantizeConfig(PassConfig):
 
     KEY_OMITS_DEFAULT = (*_WEIGHT_ONLY, "fusions", "keep_node_metadata", "softmax_floor")
 
+    def key_dump(self) -> dict:
+        """As :meth:`PassConfig.key_dump`; with ``softmax_floor: auto`` the CPU too (model and ISA), since
+        the choice is measured on it: a step cached on one CPU is not reused on another."""
+        data = super().key_dump()
+        if self.softmax_floor == "auto":
+            from edgesmith.profiling.agent import cpu_model, isa_flags
+
+            data["softmax_floor_cpu"] = {"cpu_model": cpu_model(), "isa_flags": isa_flags()}
+        return data
+
     @model_validator(mode="after")
     def _options_fit_mode(self) -> QuantizeConfig:
         given = self.model_fields_set
@@ -209,6 +220,9 @@ class QuantizeConfig(PassConfig):
             bad = [op for op in self.op_types if op not in STATIC_WEIGHT_OPS]
             if bad:
                 raise ValueError(f"static mode quantizes weight op types {', '.join(STATIC_WEIGHT_OPS)}, not {', '.join(bad)}")
+        if self.softmax_floor == "auto" and self.mode == "fp16":
+            raise ValueError("softmax_floor: auto times the graph on this machine's CPU, and fp16 graphs are for GPU "
+                             "targets; give a floor such as -80, or leave it out")
         if self.fusions is not None and not self.optimize:
             raise ValueError("fusions chooses the optimizer's fusions: set optimize: true too")
         if self.method != "percentile" and "percentile" in given:
