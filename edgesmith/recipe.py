@@ -54,7 +54,9 @@ class ProfileTarget(Strict):
 class ProfileSpec(Strict):
     artifacts: list[str | ProfileTarget] | None = Field(
         None, description="ids to profile (source or a step id); default: the source and every step's output")
-    batch: int = Field(1, gt=0)
+    batch: int | list[int] = Field(1, description=(
+        "batch size; decoders may give a list ([1, 2, 4, 8]): a profile per size, static batches of mixed-length "
+        "prompts around the first prompt_tokens length"))
     seq: int = Field(128, gt=0)
     warmup: int = Field(5, ge=0)
     iterations: int = Field(50, gt=0)
@@ -65,6 +67,14 @@ class ProfileSpec(Strict):
         "decoders: prompt lengths timed for the time to first token; decode follows the first"))
     new_tokens: int = Field(128, ge=2, description="decoders: tokens generated greedily (EOS ignored) per round")
     rounds: int = Field(3, gt=0, description="decoders: timed generation rounds (after one warm-up round)")
+
+    @field_validator("batch")
+    @classmethod
+    def _positive_batches(cls, value: int | list[int]) -> int | list[int]:
+        sizes = value if isinstance(value, list) else [value]
+        if not sizes or any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
+            raise ValueError(f"batch sizes must be positive and listed once each, got {value}")
+        return value
 
     @field_validator("prompt_tokens")
     @classmethod

@@ -226,3 +226,31 @@ def test_llamacpp_batched_profiles_and_bad_inputs(tiny_gguf, tmp_path, capsys):
                         "-o", str(tmp_path / "never.json"))
     assert code == 2 and "batch 300 is more than runtime 'llamacpp' runs at once (256 rows)" in " ".join(err.split())
     assert not list(tmp_path.glob("never*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipe_profile_step_takes_a_list_of_batch_sizes(lm, tmp_path):
+    from rich.console import Console
+
+    from edgesmith.pipeline.profiles import profile_all, profiles_manifest
+    from edgesmith.recipe import Recipe
+
+    for bad in ([], [0, 2], [2, 2]):
+        with pytest.raises(BadInput, match="batch"):
+            Recipe.from_dict({"profile": {"batch": bad}})
+    recipe = Recipe.from_dict({"steps": ["export"], "profile": {"batch": [1, 2], "prompt_tokens": [8, 32],
+                                                                "new_tokens": 3, "rounds": 1}})
+    profiles, comparison = profile_all(recipe, {"source": lm[0], "export": lm[1]}, {"export": {"kld": 0.0}},
+                                       tmp_path, Console(quiet=True))
+    assert [(p.runtime.name, p.shapes.batch, p.shapes.seq) for p in profiles] == [
+        ("torch", 1, 8), ("torch", 2, 8), ("onnxruntime", 1, 8), ("onnxruntime", 2, 8)]
+    assert len(comparison.rows) == 4 and len(list((tmp_path / "profiles").glob("*.json"))) == 4
+    assert profiles[3].quality == {"kld": 0.0} and profiles[3].generation.batched.row_prompt_tokens == [4, 12]
+    record = profiles_manifest(recipe, profiles, comparison)
+    assert [(p["artifact"], p["file"].endswith("batch_2.json")) for p in record["profiles"]] == [
+        ("source", False), ("source", True), ("export", False), ("export", True)]
+    assert isinstance(record["warnings"], list)

@@ -27,6 +27,18 @@ def profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[st
         runtime = target.runtime or default_runtime_for(art)
         label = f"{target.artifact} ({get_runtime(runtime).short_name or runtime} {precision_of(art, runtime)})"
         progress = console.is_terminal and not console.quiet
+        if is_decoder(art) and isinstance(spec.batch, list):  # batched generation: a profile per batch size
+            console.print(f"profiling {label} (batched generation: batch {','.join(map(str, spec.batch))}, prompts "
+                          f"around {spec.prompt_tokens[0]} tokens, {spec.new_tokens} new tokens, {spec.rounds} rounds) …")
+            options = {"provider": target.provider} if target.provider != "cpu" else {}
+            batched = profile(art, runtime, prompt_tokens=spec.prompt_tokens[:1], new_tokens=spec.new_tokens,
+                              batch=spec.batch, rounds=spec.rounds, threads=spec.threads, target=spec.target,
+                              label=label, progress=progress, **options)
+            for prof in batched:
+                prof.quality = dict(metrics.get(target.artifact, {}))
+                prof.save(run_dir / "profiles" / profile_filename(prof.label))
+            profiles.extend(batched)
+            continue
         if is_decoder(art):
             lengths = ",".join(map(str, spec.prompt_tokens))
             console.print(f"profiling {label} (generation: prompts {lengths} tokens, {spec.new_tokens} new tokens, "
@@ -49,15 +61,38 @@ def profile_all(recipe: Recipe, artifacts: dict[str, Artifact], metrics: dict[st
 
 def profiles_manifest(recipe: Recipe, profiles: list, comparison: Any) -> dict[str, Any]:
     """The manifest's ``profiles``, ``comparison`` and ``warnings``."""
-    targets = recipe.profile_targets()
+    pairs = _per_target(recipe, profiles)
     return {
         "profiles": [{"artifact": t.artifact, "file": f"profiles/{profile_filename(p.label)}",
                       "runtime": p.runtime.name, "providers": p.runtime.providers,
                       "stats": p.stats.model_dump() if hasattr(p.stats, "model_dump") else p.stats}
-                     for t, p in zip(targets, profiles)],
+                     for t, p in pairs],
         "comparison": json.loads(comparison.to_json()),
-        "warnings": slower_than_parent(recipe, targets, profiles),
+        # a target profiled at several batch sizes is set against its parent at the first
+        "warnings": slower_than_parent(recipe, *map(list, zip(*_first_per_target(pairs)))) if pairs else [],
     }
+
+
+def _per_target(recipe: Recipe, profiles: list) -> list[tuple[Any, Any]]:
+    """(target, profile) pairs in order: a decoder profiled at a list of batch sizes has one profile per size."""
+    spec = recipe.profile
+    sizes = len(spec.batch) if spec is not None and isinstance(spec.batch, list) else 1
+    pairs, at = [], 0
+    for target in recipe.profile_targets():
+        if at >= len(profiles):
+            break
+        batched = profiles[at].generation is not None and profiles[at].generation.batched is not None
+        count = sizes if batched else 1
+        pairs += [(target, p) for p in profiles[at:at + count]]
+        at += count
+    return pairs
+
+
+def _first_per_target(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    seen: dict[str, tuple[Any, Any]] = {}
+    for target, prof in pairs:
+        seen.setdefault(target.artifact, (target, prof))
+    return list(seen.values())
 
 
 def slower_than_parent(recipe: Recipe, targets: list, profiles: list) -> list[str]:
