@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, so `bench` imports
+
 import edgesmith as es
+from bench.core import machine, results
 from edgesmith.data import builtin_corpus
 from edgesmith.passes import Context
 from edgesmith.profiling import compare, profile
@@ -32,7 +35,7 @@ from edgesmith.quality import embed, fidelity
 log = logging.getLogger("bench.distill")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps per student")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -41,8 +44,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-texts", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=40, help="latency samples per model")
-    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, default=results.RESULTS / "distill.md",
+                        help="the Markdown report; its JSON goes beside it")
+    return parser.parse_args(argv)
 
 
 def measure_fidelity(model, reference_embeddings, texts) -> dict[str, float]:
@@ -57,11 +61,12 @@ def distill(student, source, args, **options):
     return out, out.lineage[-1]["report"]
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    rec = machine.record(args.threads)
 
     source = es.load("minilm")
     held = builtin_corpus(limit=args.eval_texts)  # the rows the distill pass holds out
@@ -115,17 +120,15 @@ def main() -> None:
     wall = time.perf_counter() - started
     header = (f"Distillation on the shipped WordNet corpus: {args.steps} steps per student, batch {args.batch_size}, "
               f"≤ {args.max_length} tokens, lr {args.lr}, cosine loss on mean-pooled embeddings; fidelity on the "
-              f"first {args.eval_texts} corpus rows (held out from training). Machine: {platform.processor() or platform.machine()}, "
-              f"{args.threads} threads (torch and ORT), shared with other jobs. Wall time {wall / 60:.1f} min.")
-    print(header)
-    print()
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = (f".venv/bin/python bench/distill_minilm.py --steps {args.steps} --batch-size {args.batch_size} "
-                   f"--max-length {args.max_length} --threads {args.threads} --iterations {args.iterations}")
-        args.out.write_text(f"# Distilling MiniLM-L6\n\nCommand: `{command}`\n\n{header}\n\n{table}\n")
+              f"first {args.eval_texts} corpus rows (held out from training). {machine.line(machine.finish(rec))} "
+              f"Torch and ORT threads {args.threads}, shared with other jobs. Wall time {wall / 60:.1f} min.")
+    command = results.command_line("distill_minilm.py", argv)
+    doc = {"command": command, "created": results.now(), "machine": rec, "settings": vars(args) | {"out": None},
+           "markdown": f"# Distilling MiniLM-L6\n\nCommand: `{command}`\n\n{header}\n\n{table}"}
+    _, md = results.write(args.out, doc, lambda d: d["markdown"])
+    print(md.read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, so `bench` imports
 
-from llamacpp_env import PIN, cmake_args
+from bench.llamacpp_env import PIN, cmake_args
 
 ROOT = HERE / ".cache" / "llamacpp-tools"
 STAMP = ROOT / "stamp.json"

@@ -29,13 +29,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, so `bench` imports
+from bench.core import machine, results
+
 OUT = HERE / ".cache" / "gguf-quant"
 RESULTS = HERE / "results" / "llm_gguf_quant.json"
 
 
 def _load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
+    return machine.load_average()[0]
 
 
 def main() -> None:
@@ -73,13 +75,12 @@ def main() -> None:
         entry = {"label": label, "spec": spec, "learn_scales": False, "format": fmt, "method": method, "steps": steps if method == "qat" else 0,
                  "keep_q8": keep, "lr": args.lr if method == "qat" else None, "seconds": round(seconds, 1),
                  "load_start": load_start, "load_end": _load(), "cpu_count": os.cpu_count(),
+                 "machine": machine.finish(machine.record(args.threads)),
                  "file": str(target.relative_to(HERE.parent)), "size_mb": target.stat().st_size / 1e6,
                  **{k: report.get(k) for k in ("verdict", "q8_tensors", "sensitivity", "val_kl_before",
                                                "val_kl_after", "history", "train_seconds", "tensor_types")}}
         done = [d for d in done if d["label"] != label] + [entry]
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(done, indent=1) + "\n")
-        RESULTS.with_suffix(".md").write_text(render(done))
+        results.write(RESULTS, done, render)  # a list of runs, one entry per label
         v = report["verdict"]
         print(f"{label}: {fmt} {method} steps {entry['steps']} keep_q8 {keep}: KL {v['kld']:.4f} top-1 {v['top1']:.3f} "
               f"ppl {v['perplexity']:.1f} in {seconds:.0f} s (load {load_start:.1f} -> {entry['load_end']:.1f})",
@@ -91,8 +92,7 @@ def llamacpp_imatrix(source, fmt: str, target: Path, *, threads: int) -> dict:
     import subprocess
     import tempfile
 
-    from llamacpp_tools import ensure
-
+    from bench.llamacpp_tools import ensure
     from edgesmith.artifacts import GgufModel
     from edgesmith.gguf.writer import write_gguf
     from edgesmith.lm_quality import calibration_texts, gguf_logits, lm_fidelity

@@ -27,14 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, so `bench` imports
+
 import edgesmith as es
+from bench.core import machine as machine_record
+from bench.core import results as results_io
 from edgesmith.passes import Context
 
 log = logging.getLogger("bench.llm_recovery")
@@ -68,16 +71,15 @@ def load_results() -> dict:
 
 
 def save_results(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    results_io.write_text(RESULTS, json.dumps(results, indent=1))
 
 
 def loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
+    return machine_record.load_average()[0]
 
 
 def machine() -> dict:
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    return machine_record.record(torch.get_num_threads())
 
 
 def pruned(teacher, name: str):
@@ -312,7 +314,7 @@ def render(args: argparse.Namespace) -> None:
             lines += ["", f"Student saved (Hugging Face folder, gitignored): `{rec['saved']}`."]
     if args.notes and Path(args.notes).exists():
         lines += ["", Path(args.notes).read_text().strip()]
-    MARKDOWN.write_text("\n".join(line for line in lines if line is not None) + "\n")
+    results_io.write_text(MARKDOWN, "\n".join(line for line in lines if line is not None) + "\n")
     log.info("wrote %s", MARKDOWN)
 
 

@@ -33,21 +33,17 @@ minutes on 2 shared cores).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import logging
-import os
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(BENCH.parent))  # as a script: the repo root, so `bench` imports
 
-import llm_sources
+from bench import llm_sources
+from bench.core import machine, results
 
 log = logging.getLogger("bench.llm_speculative")
 RESULTS = BENCH / "results"
@@ -60,20 +56,6 @@ def parse_layers(spec: str) -> list[int]:
         lo, _, hi = part.strip().partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
-
-
-def depth_pruned(module, keep: list[int]):
-    """A copy of a Llama-style causal LM with only the layers ``keep`` (no retraining)."""
-    import torch
-
-    draft = copy.deepcopy(module)
-    draft.model.layers = torch.nn.ModuleList([draft.model.layers[i] for i in keep])
-    for j, layer in enumerate(draft.model.layers):
-        layer.self_attn.layer_idx = j
-    draft.config.num_hidden_layers = len(keep)
-    if getattr(draft.config, "layer_types", None):
-        draft.config.layer_types = [draft.config.layer_types[i] for i in keep]
-    return draft.eval()
 
 
 def _export(model, folder: Path) -> Path:
@@ -93,14 +75,16 @@ def build(cache: Path, self_layers: list[int], int4: bool) -> dict[str, Any]:
     """The target's FP32 export, the self-draft (torch module and export), the INT4 target."""
     import edgesmith as es
     from edgesmith.artifacts import TorchModel
+    from edgesmith.compress.distillation.layers import depth_reduced
 
     cache.mkdir(parents=True, exist_ok=True)
     source = es.load("smollm2")
     out: dict[str, Any] = {"source": source, "target": _export(source, cache / "target-fp32")}
     name = "self-draft-" + "_".join(map(str, self_layers[:1] + self_layers[-1:])) + f"-{len(self_layers)}l"
-    module = depth_pruned(source.module, self_layers)
-    out["self_module"] = module
-    out["self_draft"] = _export(TorchModel(task="text-generation", name=name, module=module,
+    draft = depth_reduced(source, self_layers)  # the package's layer cut, no retraining
+    draft.module.eval()
+    out["self_module"] = draft.module
+    out["self_draft"] = _export(TorchModel(task="text-generation", name=name, module=draft.module,
                                            tokenizer=source.tokenizer), cache / name)
     if int4:
         folder = cache / "target-int4-gguf"
@@ -177,7 +161,7 @@ def hf_peer(module, tokenizer, prompts: list[str], *, new_tokens: int, rounds: i
                         "plain_tokens_per_s": float(np.median(plain_tps)),
                         "speculative_tokens_per_s": float(np.median(spec_tps)),
                         "speedup": paired_interval(ratios), "identical": identical, "rounds": rounds,
-                        "load_average": os.getloadavg()[0]})
+                        "load_average": machine.load_average()[0]})
         log.info("%s: %s", results[-1]["name"], results[-1]["speedup"])
     return results
 
@@ -191,6 +175,7 @@ def render(data: dict[str, Any]) -> str:
 
     lines = [
         "# Speculative decoding (SmolLM2-135M, edgesmith's ORT loop)", "",
+        *([machine.line(data["machine"]), ""] if data.get("machine") else []),
         f"Command: `{data['command']}`. Threads {data['threads']}, greedy, up to {data['new_tokens']} new tokens "
         f"(stop at EOS), {data['prompts']} input-grounded prompts from the shipped corpus, each measured in rounds "
         "of pairs (plain, speculative) whose order alternates (rounds per row below). Net speedup: speculative / plain decode tokens/s "
@@ -280,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.render_only:
-        data = json.loads(args.out.with_suffix(".json").read_text())
+        data = results.read(args.out)
         data["notes"] = [n for n in data.get("notes", []) if not n.startswith("Verify drift")]
-        args.out.write_text(render(data))
+        results.write_text(args.out, render(data))
         return 0
 
     import edgesmith as es
@@ -291,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     built = build(args.cache, parse_layers(args.self_draft_layers), args.int4)
     if args.build_only:
         return 0
-    load_start = os.getloadavg()[0]
+    rec = machine.record(args.threads)
     target = es.load(str(built["target"]))
     prompts = {t: grounded_prompts(args.prompts, task=t) for t in ("summarise", "repeat")}
     common = dict(new_tokens=args.new_tokens, threads=args.threads, min_speedup=args.min_speedup)
@@ -317,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, label, artifact, options in runs:
         if only and key not in only:
             continue
-        log.info("%s (load %.2f)", key, os.getloadavg()[0])
+        log.info("%s (load %.2f)", key, machine.load_average()[0])
         rounds = args.draft_rounds if "draft" in options else args.rounds
         report = profile_speculative(artifact, count=args.prompts, rounds=rounds, **common, **options)
         rows.append({"key": key, "label": label, **report.model_dump()})
@@ -335,16 +320,15 @@ def main(argv: list[str] | None = None) -> int:
                      rounds=args.hf_rounds, num_tokens=args.num_tokens,
                      assistant_tokens=args.draft_num_tokens, assistants=assistants,
                      prompt_lookup=not only or "pl-summarise" in only)
-    data = {"command": "python bench/llm_speculative.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "threads": args.threads, "new_tokens": args.new_tokens, "prompts": args.prompts,
-            "min_speedup": args.min_speedup, "load_average": [load_start, os.getloadavg()[0]],
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "edgesmith": rows, "hf": hf,
+    machine.finish(rec)
+    data = {"command": results.command_line("llm_speculative.py", argv), "machine": rec,
+            "threads": args.threads, "new_tokens": args.new_tokens, "prompts": args.prompts, "min_speedup": args.min_speedup,
+            "load_average": [rec["load_average"]["start"][0], rec["load_average"]["end"][0]],
+            "created": results.now(), "edgesmith": rows, "hf": hf,
             "verify_drift": drift,
             "notes": [f"Self-draft: target layers {args.self_draft_layers} kept, no distillation (HF assisted "
                       "generation uses the same module as assistant_model)."]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
-    args.out.write_text(render(data))
+    results.write(args.out, data, render)
     print(render(data))
     return 0
 

@@ -15,10 +15,7 @@ every run, so a partial sweep still leaves its curves.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,9 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports
+
+from bench.core import machine, results
 
 log = logging.getLogger("bench.recovery")
 
@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=REPO / "runs" / "recovery")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "recovery.md")
+    p.add_argument("--render-only", action="store_true", help="rebuild --out from its JSON; measure nothing")
     return p.parse_args(argv)
 
 
@@ -76,7 +77,7 @@ def one_run(key: str, args, source, texts, reference) -> dict[str, Any]:
     pruned = es.compress.prune(source, ctx, **prune)
     prune_s = time.perf_counter() - t0
     start_fid = fidelity(reference, embed(pruned, texts), k=10)
-    load = os.getloadavg()[0]
+    load = machine.load_average()[0]
     distilled = es.compress.distill(pruned, ctx, data="builtin:wordnet", offset=1000, limit=args.limit,
                                     steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                                     lr=args.lr, schedule=args.schedule, eval_every=args.eval_every,
@@ -91,13 +92,14 @@ def one_run(key: str, args, source, texts, reference) -> dict[str, Any]:
     return {"key": key, "label": label, "prune": prune, "losses": losses, "params": params, "prune_s": prune_s,
             "pruned_fidelity": start_fid, "timeline": report["timeline"], "best_step": report["best_step"],
             "train_s": report["train_seconds"], "fp32_fidelity": fp32_fid, "int8_fidelity": int8_fid,
-            "int8_size_mb": int8.size_bytes() / 1e6, "load_1min_at_start": load, "load_1min_at_end": os.getloadavg()[0]}
+            "int8_size_mb": int8.size_bytes() / 1e6, "load_1min_at_start": load, "load_1min_at_end": machine.load_average()[0]}
 
 
 def render(summary: dict[str, Any]) -> str:
     a = summary["settings"]
     lines = ["# Recovery curves: mildly pruned MiniLM, distilled (issue 19)", "",
              f"Command: `{summary['command']}`", "",
+             *([machine.line(summary["machine"]), ""] if summary.get("machine") else []),
              (f"Distillation: {a['steps']} steps, batch {a['batch_size']}, ≤ {a['max_length']} tokens, lr {a['lr']:g} "
               f"({a['schedule']} schedule, 10 % warm-up), length-bucketed batches, corpus rows 1000–{1000 + a['limit']} "
               f"(the first {a['eval_texts']} held out: the curve); torch {a['threads']} threads on a 2-core machine "
@@ -123,6 +125,9 @@ def render(summary: dict[str, Any]) -> str:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    if args.render_only:
+        print(results.render_only(args.out, render).read_text())
+        return 0
     import torch
 
     import edgesmith as es
@@ -135,14 +140,13 @@ def main(argv=None) -> int:
     texts = builtin_corpus()[-args.bench_texts:]
     reference = embed(source, texts)
     summary: dict[str, Any] = {
-        "command": " ".join([".venv/bin/python bench/recovery_minilm.py",
-                             *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")}, "runs": []}
+        "command": results.command_line("recovery_minilm.py", argv), "machine": machine.record(args.threads),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out", "render_only")}, "runs": []}
     for key in [k for k in args.runs.split(",") if k]:
         log.info("run %s: %s", key, RUNS[key][0])
         summary["runs"].append(one_run(key, args, source, texts, reference))
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        args.out.write_text(render(summary))
+        machine.finish(summary["machine"])
+        results.write(args.out, summary, render, indent=2)  # after every run: a killed study keeps its runs
     print(render(summary))
     return 0
 

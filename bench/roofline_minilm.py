@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,9 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports
+
+from bench.core import machine, results
 
 
 def clock_ghz() -> float:
@@ -48,9 +50,7 @@ def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
 
 def per_op_sections(args, paths: dict[str, Path]) -> list[str]:
     """ORT's per-op profile (batch 1 × 128) of each variant in ``--profile``: every op type's share."""
-    sys.path.insert(0, str(BENCH))
-    from int8_graph_minilm import op_profile
-
+    from bench.int8_graph_minilm import op_profile
     from edgesmith.artifacts import OnnxModel
     from edgesmith.data import builtin_corpus
     from edgesmith.profiling import build_feeds
@@ -67,7 +67,7 @@ def per_op_sections(args, paths: dict[str, Path]) -> list[str]:
         sess = get_runtime("onnxruntime").load(art, threads=threads)
         feeds = build_feeds(art.tokenizer, sess.input_names, batch=1, seq=128, texts=texts)[0]
         sess.close()
-        load = os.getloadavg()[0]
+        load = machine.load_average()[0]
         prof = op_profile(art, feeds, threads, args.work / "ort-profile", runs=50)
         out += ["", f"## Per-op profile of `{key}` (batch 1 × 128, {threads} ORT thread(s), ORT profiler, "
                     f"{prof['runs']} runs, load average {load:.1f})", "",
@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from edgesmith.profiling.roofline import graph_work
 
+    rec = machine.record(threads=None)
+
     summary = json.loads(args.results.read_text())
     harness_p50 = {}
     if args.summary.exists():
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     ghz = clock_ghz()
     peaks = {"fp32": args.cores * ghz * 1e9 * 64, "int8 VNNI": args.cores * ghz * 1e9 * 256,
              "int8 AMX": args.cores * ghz * 1e9 * 2048}
-    load = os.getloadavg()[0]
+    load = machine.load_average()[0]
     bandwidth = copy_bandwidth_gbs()
     paths = {"optimum-int8": args.work / "optimum-wrapped" / "model.onnx", "nbits8-b32": args.work / "nbits8-b32" / "model.onnx",
              "nbits8-b128": args.work / "nbits8-b128" / "model.onnx"}
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
         if "folder" in info:
             paths.setdefault(key, Path(info["folder"]) / "model.onnx")
     lines = ["# MiniLM INT8 against this CPU's roofline (issue 19)", "",
-             "Command: `.venv/bin/python bench/roofline_minilm.py` (after `bench/int8_graph_minilm.py`)", "",
-             (f"Derived peaks of this VM ({args.cores} cores at {ghz:.1f} GHz, AVX-512 VNNI and AMX flags): FP32 "
+             f"Command: `{results.command_line('roofline_minilm.py', argv)}` (after `bench/int8_graph_minilm.py`)", "",
+             machine.line(rec), "",
+             (f"Derived peaks of this VM ({args.cores} cores at {ghz:.1f} GHz, {rec['isa']}): FP32 "
               f"{peaks['fp32'] / 1e12:.2f} TFLOP/s, int8 {peaks['int8 VNNI'] / 1e12:.2f} TOP/s with VNNI, "
               f"{peaks['int8 AMX'] / 1e12:.1f} TOP/s with AMX tiles; memory {bandwidth:.1f} GB/s (best of 5 copies of "
               f"512 MB, load average {load:.1f}). Work: MACs of the matrix products at batch 1 × 128 and the "
@@ -137,8 +140,10 @@ def main(argv=None) -> int:
                      f"{mem:.2f} | {ratio} |" if measured else f"| `{key}` | {macs / 1e9:.2f} | {weight_bytes / 1e6:.1f} "
                      f"| - | {floor:.2f} | {amx:.2f} | {mem:.2f} | - |")
     lines += per_op_sections(args, paths)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(args.out.read_text())
+    doc = {"command": results.command_line("roofline_minilm.py", argv), "created": results.now(),
+           "machine": machine.finish(rec), "peaks": peaks, "bandwidth_gbs": bandwidth, "markdown": "\n".join(lines)}
+    _, md = results.write(args.out, doc, lambda d: d["markdown"])
+    print(md.read_text())
     return 0
 
 

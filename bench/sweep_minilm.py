@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,26 +20,20 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE.parent))  # as a script: the repo root, so `bench` imports
+
+from bench.core import machine, results
+
 RECIPE = HERE / "sweep_minilm.yaml"
 RESULTS = HERE / "results" / "sweep.md"
 EDGESMITH = Path(sys.executable).with_name("edgesmith")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_once(workers: int, out: Path) -> dict:
     folder, cache = out / f"workers-{workers}", out / f"cache-{workers}"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    load_before = os.getloadavg()
+    load_before = machine.load_average()
     started = time.perf_counter()
     command = [str(EDGESMITH), "sweep", str(RECIPE), "--parallel", str(workers), "--out", str(folder),
                "--cache-dir", str(cache)]
@@ -49,7 +41,7 @@ def run_once(workers: int, out: Path) -> dict:
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - started
     summary = json.loads((folder / "pareto.json").read_text())
-    return {"workers": workers, "seconds": seconds, "load_before": load_before, "load_after": os.getloadavg(),
+    return {"workers": workers, "seconds": seconds, "load_before": load_before, "load_after": machine.load_average(),
             "summary": summary, "folder": folder,
             # printed in BENCHMARKS.md: paths relative to the repository, never this machine's
             "command": " ".join(command[1:]).replace(str(HERE.parent) + "/", "").replace(str(out), "OUT")}
@@ -90,12 +82,10 @@ def peer_points(out: Path) -> list[dict]:
     import yaml
 
     import edgesmith as es
+    from bench import contenders as cs
+    from bench import optimum_env
     from edgesmith.artifacts import resolve_model_path
     from edgesmith.data import builtin_corpus
-
-    sys.path.insert(0, str(HERE))
-    import contenders as cs
-    import optimum_env
 
     recipe = yaml.safe_load(RECIPE.read_text())
     prof, data = recipe["profile"], recipe["data"]
@@ -137,11 +127,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/edgesmith-sweep-bench"))
     parser.add_argument("--no-peers", action="store_true", help="leave Optimum's points out of the plot")
     args = parser.parse_args()
+    rec = machine.record(threads=None)
     runs = [run_once(w, args.out) for w in args.workers]
     peers = [] if args.no_peers else peer_points(args.out)
     lines = ["# Sweep: 12 variants of the packaged MiniLM", "",
-             (f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
-              "The machine was shared with other jobs while this ran: the load averages below say how busy it was."),
+             (f"{machine.line(machine.finish(rec))} Python {rec['python']}. The machine was shared with other jobs while this ran: the load averages below say how busy it was."),
              ("Recipe: `bench/sweep_minilm.yaml` (prune off / ffn 0.25 / ffn 0.5 x quantize off / dynamic per-channel / "
               "dynamic per-tensor / static; grid sampler; objectives max cosine, min latency_p50 (b1 s128, ORT, "
               "2 threads), min size; constraint cosine >= 0.9). Command: "
@@ -178,9 +168,11 @@ def main() -> None:
         fronts = [sorted(json.dumps(r["params"], sort_keys=True) for r in run["summary"]["front"]) for run in runs]
         same = all(f == fronts[0] for f in fronts)
         lines += ["", f"Same front (variants) in every run: {'yes' if same else 'no (latencies differ run to run)'}."]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print(RESULTS.read_text())
+    doc = {"command": results.command_line("sweep_minilm.py", None), "created": results.now(), "machine": rec,
+           "runs": [{k: v for k, v in r.items() if k != "folder"} for r in runs], "peers": peers,
+           "markdown": "\n".join(lines)}
+    _, md = results.write(RESULTS, doc, lambda d: d["markdown"])
+    print(md.read_text())
 
 
 if __name__ == "__main__":

