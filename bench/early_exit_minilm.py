@@ -167,6 +167,48 @@ def _thresholds_text(policy: str, report: dict) -> str:
     return f"{policy} (thresholds per exit layer {pairs})"
 
 
+def report_lines(args, argv, rec: dict, summary: dict, classifier: tuple, encoder: tuple) -> list[str]:
+    """The report's head: the classifier, the results table, calibration and training; (report, quality,
+    seconds) of the classifier's and the encoder's early-exit pass."""
+    report, cq, ee_seconds = classifier
+    enc_report, eq, enc_seconds = encoder
+    return [
+        "# Early exit on MiniLM (ONNX Runtime CPU)", "",
+        f"Command: `{results.command_line('early_exit_minilm.py', argv)}`  ",
+        f"{machine.line(rec)} onnxruntime {rec['libraries'].get('onnxruntime')}, {time.strftime('%Y-%m-%d')}. "
+        "Timings on this machine are noisy (±20-30 % run to run): read latencies with their intervals. One run; "
+        "speedups paired by round.", "",
+        "## The classifier", "",
+        f"MiniLM-L6 + classification head, fine-tuned by `bench/wordnet_classifier.py` on the "
+        f"{len(summary['classes'])} most frequent WordNet categories ({', '.join(summary['classes'])}); "
+        f"{summary['train_rows']} training rows, {summary['steps']} steps. Test accuracy "
+        f"**{summary['test_accuracy']:.4f}** on 2,000 held-out rows (majority class {summary['majority_class_share']:.4f}).", "",
+        "## Results", "",
+        "| model | policy | budget | avg layers (of 6) | layer share | quality, full model | quality, early exit | change |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"| classifier | {_thresholds_text(args.policy, report)} | {args.budget} | {cq['mean_layers']:.2f} | "
+        f"{cq['mean_layers'] / 6:.0%} | accuracy {cq['accuracy_full']:.4f} | accuracy {cq['accuracy']:.4f} | "
+        f"{cq['accuracy'] - cq['accuracy_full']:+.4f} (agreement {cq['agreement']:.4f}) |",
+        f"| encoder | {_thresholds_text('agreement', enc_report)} | {args.encoder_budget} | {eq['mean_layers']:.2f} | "
+        f"{eq['mean_layers'] / 6:.0%} | cosine 1.0 | cosine {eq['cosine']:.4f} (min {eq['cosine_min']:.3f}) | "
+        f"{eq['cosine'] - 1:+.4f} |", "",
+        f"Test-set exit histograms (layers: samples): classifier {cq['histogram']}; encoder {eq['histogram']}.  ",
+        f"Calibration (1,500 rows): classifier {report['calibration']['expected_layers']:.2f} layers, accuracy drop "
+        f"{report['calibration']['accuracy_drop']:+.4f}; encoder {enc_report['calibration']['expected_layers']:.2f} layers, "
+        f"cosine {enc_report['calibration']['cosine']:.4f}.  ",
+        f"Exit-head training: classifier {report['steps_run']} steps, exit agreement with the final layer "
+        f"{report['exit_agreement_before']:.3f} → {report['exit_agreement_after']:.3f} ({ee_seconds:.0f} s for the whole pass "
+        f"incl. export); encoder {enc_report['steps_run']} steps, exit cosine {enc_report['exit_agreement_before']:.3f} → "
+        f"{enc_report['exit_agreement_after']:.3f} ({enc_seconds:.0f} s).  ",
+        "Segment validation (max abs diff ONNX vs PyTorch per segment): classifier "
+        + ", ".join(f"{s['max_abs']:.1e}" for s in report["segment_validation"]) + "; encoder "
+        + ", ".join(f"{s['max_abs']:.1e}" for s in enc_report["segment_validation"]) + ".", "",
+        "## Latency (ONNX Runtime CPU, test sentences padded to the longest in each batch)", "",
+        "| model | batch | full p50 ms | early exit p50 ms | early exit p90 ms | speedup [95% CI] | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rec = machine.record(args.threads)
@@ -214,41 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- report ----------------------------------------------------------------------------
     machine.finish(rec)
-    lines = [
-        "# Early exit on MiniLM (ONNX Runtime CPU)", "",
-        f"Command: `{results.command_line('early_exit_minilm.py', argv)}`  ",
-        f"{machine.line(rec)} onnxruntime {rec['libraries'].get('onnxruntime')}, {time.strftime('%Y-%m-%d')}. "
-        "Timings on this machine are noisy (±20-30 % run to run): read latencies with their intervals. One run; "
-        "speedups paired by round.", "",
-        "## The classifier", "",
-        f"MiniLM-L6 + classification head, fine-tuned by `bench/wordnet_classifier.py` on the "
-        f"{len(summary['classes'])} most frequent WordNet categories ({', '.join(summary['classes'])}); "
-        f"{summary['train_rows']} training rows, {summary['steps']} steps. Test accuracy "
-        f"**{summary['test_accuracy']:.4f}** on 2,000 held-out rows (majority class {summary['majority_class_share']:.4f}).", "",
-        "## Results", "",
-        "| model | policy | budget | avg layers (of 6) | layer share | quality, full model | quality, early exit | change |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-        f"| classifier | {_thresholds_text(args.policy, report)} | {args.budget} | {cq['mean_layers']:.2f} | "
-        f"{cq['mean_layers'] / 6:.0%} | accuracy {cq['accuracy_full']:.4f} | accuracy {cq['accuracy']:.4f} | "
-        f"{cq['accuracy'] - cq['accuracy_full']:+.4f} (agreement {cq['agreement']:.4f}) |",
-        f"| encoder | {_thresholds_text('agreement', enc_report)} | {args.encoder_budget} | {eq['mean_layers']:.2f} | "
-        f"{eq['mean_layers'] / 6:.0%} | cosine 1.0 | cosine {eq['cosine']:.4f} (min {eq['cosine_min']:.3f}) | "
-        f"{eq['cosine'] - 1:+.4f} |", "",
-        f"Test-set exit histograms (layers: samples): classifier {cq['histogram']}; encoder {eq['histogram']}.  ",
-        f"Calibration (1,500 rows): classifier {report['calibration']['expected_layers']:.2f} layers, accuracy drop "
-        f"{report['calibration']['accuracy_drop']:+.4f}; encoder {enc_report['calibration']['expected_layers']:.2f} layers, "
-        f"cosine {enc_report['calibration']['cosine']:.4f}.  ",
-        f"Exit-head training: classifier {report['steps_run']} steps, exit agreement with the final layer "
-        f"{report['exit_agreement_before']:.3f} → {report['exit_agreement_after']:.3f} ({ee_seconds:.0f} s for the whole pass "
-        f"incl. export); encoder {enc_report['steps_run']} steps, exit cosine {enc_report['exit_agreement_before']:.3f} → "
-        f"{enc_report['exit_agreement_after']:.3f} ({enc_seconds:.0f} s).  ",
-        "Segment validation (max abs diff ONNX vs PyTorch per segment): classifier "
-        + ", ".join(f"{s['max_abs']:.1e}" for s in report["segment_validation"]) + "; encoder "
-        + ", ".join(f"{s['max_abs']:.1e}" for s in enc_report["segment_validation"]) + ".", "",
-        "## Latency (ONNX Runtime CPU, test sentences padded to the longest in each batch)", "",
-        "| model | batch | full p50 ms | early exit p50 ms | early exit p90 ms | speedup [95% CI] | verdict |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
+    lines = report_lines(args, argv, rec, summary, (report, cq, ee_seconds), (enc_report, eq, enc_seconds))
     for b in (1, 8):
         lines += speed_rows("classifier", clf_lat[b], b)
     for b in (1, 8):

@@ -6,7 +6,7 @@ its own venv ``bench/.venv-optimum`` and timed here with edgesmith's ORT session
 edgesmith ONNX FP32, INT8 dynamic per-channel, INT8 static accuracy-aware, pruned + distilled +
 INT8, early exit + INT8 (rows whose passes do not exist yet say "not built yet").
 
-Every contender is timed in this one process, in rounds with a rotating order (see rounds.py), on
+Every contender is timed in this one process, in rounds with a rotating order (bench/core/rounds.py), on
 the same real sentences padded to the same length, with the same thread count. Writes the raw
 profiles (edgesmith's Profile schema) and a summary JSON under ``--profiles-dir`` and rewrites
 BENCHMARKS.md (``--out``) with the machine, this comparison and ``bench/results/*.md``.

@@ -2,7 +2,7 @@
 
 Every variant starts from edgesmith's FP32 export of the packaged MiniLM-L6 and is timed in this one
 process against Optimum's best (dynamic INT8 per-channel on its plain export, produced in
-``bench/.venv-optimum`` by ``optimum_side.py``), in rounds with a rotating order (rounds.py), at
+``bench/.venv-optimum`` by ``optimum_side.py``), in rounds with a rotating order (bench/core/rounds.py), at
 batch 1 and 8 × 128 tokens, 2 threads. Levers:
 
 - size parity: the word-embedding Gather quantized too (``quantize_embeddings``);

@@ -52,7 +52,7 @@ REPO = BENCH.parent
 # PYTHONPATH, to bench a patched copy)
 sys.path.append(str(REPO))
 
-from bench import llm_contenders, llm_peers, llm_profiles, llm_sources
+from bench import llm_contenders, llm_peers, llm_profiles, llm_report, llm_sources
 from bench.core import machine as machine_record
 from bench.core import results as results_io
 from bench.core.rounds import Timed, paired_speedup
@@ -202,12 +202,12 @@ def markdown(doc: dict[str, Any]) -> str:
         q = r.get("quality") or {}
         ag = (r.get("agreement") or {}).get(first)
         cells = [r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})"),
-                 llm_peers._fmt_ci((sm.get(first) or {}).get("decode_tps"), 1, (sm.get(first) or {}).get("best_decode_tps")),
+                 llm_report.fmt_ci((sm.get(first) or {}).get("decode_tps"), 1, (sm.get(first) or {}).get("best_decode_tps")),
                  ratio]
-        cells += [llm_peers._fmt_ci((sm.get(n) or {}).get("ttft_ms"), 0, (sm.get(n) or {}).get("best_ttft_ms"))
+        cells += [llm_report.fmt_ci((sm.get(n) or {}).get("ttft_ms"), 0, (sm.get(n) or {}).get("best_ttft_ms"))
                   for n in lengths]
         cells += [f"{q['kld']:.4f}" if q else "-", f"{q['top1']:.3f}" if q else "-", f"{q['ppl']:.2f}" if q else "-",
-                  ("reference" if key == llm_peers.REFERENCE else
+                  ("reference" if key == llm_report.REFERENCE else
                    f"{ag['identical_prefix']}/{ag['of']} prefix, {ag['matches']}/{ag['of']} equal") if ag else "-",
                   f"{r['size_bytes'] / 1e6:.0f}" if r.get("size_bytes") else "-",
                   f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"]

@@ -239,6 +239,30 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def speculative_runs(args, built: dict[str, Any], target) -> tuple[list[tuple], dict[str, Any]]:
+    """(key, label, target, options) of every edgesmith row, and the HF assistants of the draft rows."""
+    import edgesmith as es
+
+    runs = [("pl-summarise", "FP32", target, dict(prompt_lookup=3, num_tokens=args.num_tokens, task="summarise")),
+            ("pl-repeat", "FP32", target, dict(prompt_lookup=3, num_tokens=args.num_tokens, task="repeat")),
+            ("self-draft", "FP32", target, dict(draft=str(built["self_draft"]), num_tokens=args.draft_num_tokens,
+                                                task="summarise"))]
+    assistants = {"self-draft": built["self_module"]}
+    if args.draft:
+        given = es.load(str(args.draft))
+        draft_folder = args.draft
+        if given.kind == "torch":  # a Hugging Face folder (a distilled student): export it, and assist HF with it
+            if not args.draft_in_torch:
+                draft_folder = _export(given, args.cache / f"draft-{args.draft.name}")
+            assistants[args.draft.name] = given.module
+        runs.append(("draft", "FP32", target, dict(draft=str(draft_folder), num_tokens=args.draft_num_tokens,
+                                                   task="summarise")))
+    if args.int4:
+        runs.append(("int4-pl", "INT4 (gguf repack)", es.load(str(built["target_int4"])),
+                     dict(prompt_lookup=3, num_tokens=args.num_tokens, task="summarise")))
+    return runs, assistants
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, default=llm_sources.CACHE / "speculative")
@@ -280,23 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     target = es.load(str(built["target"]))
     prompts = {t: grounded_prompts(args.prompts, task=t) for t in ("summarise", "repeat")}
     common = dict(new_tokens=args.new_tokens, threads=args.threads, min_speedup=args.min_speedup)
-    runs = [("pl-summarise", "FP32", target, dict(prompt_lookup=3, num_tokens=args.num_tokens, task="summarise")),
-            ("pl-repeat", "FP32", target, dict(prompt_lookup=3, num_tokens=args.num_tokens, task="repeat")),
-            ("self-draft", "FP32", target, dict(draft=str(built["self_draft"]), num_tokens=args.draft_num_tokens,
-                                                task="summarise"))]
-    assistants = {"self-draft": built["self_module"]}
-    if args.draft:
-        given = es.load(str(args.draft))
-        draft_folder = args.draft
-        if given.kind == "torch":  # a Hugging Face folder (a distilled student): export it, and assist HF with it
-            if not args.draft_in_torch:
-                draft_folder = _export(given, args.cache / f"draft-{args.draft.name}")
-            assistants[args.draft.name] = given.module
-        runs.append(("draft", "FP32", target, dict(draft=str(draft_folder), num_tokens=args.draft_num_tokens,
-                                                   task="summarise")))
-    if args.int4:
-        runs.append(("int4-pl", "INT4 (gguf repack)", es.load(str(built["target_int4"])),
-                     dict(prompt_lookup=3, num_tokens=args.num_tokens, task="summarise")))
+    runs, assistants = speculative_runs(args, built, target)
     only = {k for k in args.only.split(",") if k}
     rows = []
     for key, label, artifact, options in runs:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 sys.path.append(str(REPO))
 
-from bench import llamacpp_env, llm_contenders, llm_peers, llm_profiles, llm_worker
+from bench import llamacpp_env, llm_contenders, llm_peers, llm_profiles, llm_report, llm_worker
 
 VOCAB = 50
 
@@ -109,7 +109,7 @@ def test_measure_rotates_records_raw_samples_and_compares(setup, tmp_path):
                                           "warmup_tokens": 2},
            "machine": {"cpu_model": "cpu", "cores": 2}, "versions": {},
            "load_average": {"start": [0.1], "end": [0.2], "rounds": [0.1, 0.3]}, "contenders": res}
-    md = llm_peers.markdown(doc)
+    md = llm_report.markdown(doc)
     assert "| good |" in md and "6/6 identical prefix" in md and "failed" in md and "kernel exploded" in md
     assert "cpu (ISA not recorded)" in md
 
