@@ -59,7 +59,6 @@ import numpy as np
 from edgesmith.artifacts import META_FILE, ONNX_FILE, OnnxModel, TorchModel
 from edgesmith.errors import BadInput, EdgesmithError, ValidationFailed, first_line
 from edgesmith.export.graph import quiet_exporter, root_cause, write_companions
-from edgesmith.export.tokenizer_class import portable_tokenizer_class
 from edgesmith.onnx_graph.lm_head import keep_all_logits_by_default
 from edgesmith.runtimes.decoder import LOGITS_TO_KEEP
 from edgesmith.runtimes.generation import left_pad, load_decoder, open_decoder
@@ -137,7 +136,6 @@ def write_decoder_companions(model: TorchModel, folder: Path) -> None:
     """Config, tokenizer (with its chat template, its class named so that transformers 4 loads it
     too) and generation config beside the graph."""
     write_companions(model, folder)
-    portable_tokenizer_class(folder)
     generation_config = getattr(model.module, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(str(folder))

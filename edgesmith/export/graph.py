@@ -15,6 +15,7 @@ from typing import Any
 
 from edgesmith.artifacts import TorchModel
 from edgesmith.errors import BadInput, EdgesmithError, first_line, no_space, no_space_cause
+from edgesmith.export.tokenizer_class import portable_tokenizer_class
 from edgesmith.inputs import tokenize
 
 log = logging.getLogger(__name__)
@@ -151,12 +152,14 @@ def root_cause(exc: BaseException) -> str:
 
 
 def write_companions(model: TorchModel, folder: Path) -> None:
-    """config.json and tokenizer files beside model.onnx (a deployable, Optimum-like folder)."""
+    """config.json and tokenizer files beside model.onnx (a deployable, Optimum-like folder; the
+    tokenizer's class named so that transformers 4, Optimum's, loads it too)."""
     try:
         if model.config is not None:
             model.config.save_pretrained(str(folder))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(folder))
+            portable_tokenizer_class(folder)
     except OSError as exc:
         if no_space_cause(exc) is not None:
             raise no_space(folder, exc) from exc
