@@ -92,10 +92,9 @@ def quantize_command(
                                        help="Accuracy-aware gate METRIC=DROP, e.g. cosine=0.01 (repeatable)."),
     optimize: bool = typer.Option(False, "--optimize", help="Run ORT's transformer optimizer first (validated)."),
     embeddings: bool = typer.Option(False, "--embeddings", help="Dynamic: 8-bit embedding tables too."),
-    softmax_floor: str | None = typer.Option(None, "--softmax-floor", metavar="FLOOR|auto",
-                                             help="Every attention Softmax computes max(x - rowmax, FLOOR), e.g. -80: "
-                                             "padded keys leave ORT's slow exp path, outputs unchanged. auto: -80 only "
-                                             "if it times faster on this CPU (recorded in the report)."),
+    softmax_floor: str | None = typer.Option(None, "--softmax-floor", metavar="FLOOR|auto", help="Attention Softmax "
+                                             "fed max(x - rowmax, FLOOR), e.g. -80 (padded keys leave ORT's slow exp; "
+                                             "outputs unchanged); auto: -80 only if timed faster on this CPU."),
     drop_node_metadata: bool = typer.Option(False, "--drop-node-metadata", help="Drop the exporter's per-node "
                                             "metadata (module paths; ~0.3 MB on MiniLM)."),
     speed_check: bool = typer.Option(False, "--speed-check", help="Time against the parent; flag if slower."),
