@@ -222,6 +222,7 @@ def test_llamacpp_batched_profiles_and_bad_inputs(tiny_gguf, tmp_path, capsys):
     prof = Profile.load(tmp_path / "gguf-b4.json")
     assert prof.runtime.name == "llamacpp" and prof.runtime.options["n_seq_max"] == 4
     assert prof.generation.batched.row_prompt_tokens == mixed_lengths(12, 4)
+    assert "each row a llama.cpp sequence of its own" in prof.generation.batched.loop
     code, _, err = _cli(capsys, "profile", str(tiny_gguf), "--runtime", "llamacpp", "--batch", "1,300",
                         "-o", str(tmp_path / "never.json"))
     assert code == 2 and "batch 300 is more than runtime 'llamacpp' runs at once (256 rows)" in " ".join(err.split())

@@ -241,7 +241,8 @@ def test_cli_llamacpp_bad_inputs_are_one_line_exit_2(tiny, tmp_path, capsys):
     for args, message in (
         ([str(tiny[2]), "--prompt-tokens", "300", "--new-tokens", "4"], "longer than the model's context of 256"),
         ([str(tiny[2]), "--prompt-tokens", "200", "--new-tokens", "100"], "exceed the model's context of 256"),
-        ([str(tiny[2]), "--batch", "2", "--prompt-tokens", "8", "--new-tokens", "4"], "batch 1"),
+        ([str(tiny[2]), "--batch", "300", "--prompt-tokens", "8", "--new-tokens", "4"],
+         "batch 300 is more than runtime 'llamacpp' runs at once (256 rows)"),
         ([str(onnx_file)], "not a GGUF file"),
         ([str(tiny[2]), "--seq", "64"], "--seq applies to one-forward-pass profiles"),
         ([str(tiny[2]), "--timeout", "5"], "need --target"),

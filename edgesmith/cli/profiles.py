@@ -278,7 +278,7 @@ def _remote_generation(art, *, target: str | None, host: str | None, ssh_config:
     if target is None:
         raise BadInput("--host, --ssh-config and --timeout need --target NAME (list them with `edgesmith targets`)")
     if batch != 1:
-        raise BadInput(f"the llama.cpp runtime runs one sequence at a time; give --batch 1 (got {batch})")
+        raise BadInput(f"a generation profile on a device runs one sequence at a time; give --batch 1 (got {batch})")
     tgt = get_target(target, host=host, extra_dirs=targets_dir)
     if tgt.is_local:
         return None

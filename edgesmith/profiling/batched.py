@@ -40,6 +40,7 @@ from edgesmith.profiling.generation import (
     DEFAULT_ROUNDS,
     DEFAULT_WARMUP,
     check_generation_arguments,
+    check_max_batch,
     generation_profile,
     is_decoder,
     parse_prompt_tokens,
@@ -112,14 +113,6 @@ def _center(prompt_tokens: Sequence[int] | str | None) -> int:
     return lengths[0]
 
 
-def _check_max_batch(runtime, batches: list[int]) -> None:
-    session_class = runtime.decoder_session
-    limit = None if session_class is None else session_class.MAX_BATCH
-    if limit is not None and max(batches) > limit:
-        raise BadInput(f"batch {max(batches)} is more than runtime '{runtime.name}' runs at once ({limit} rows); "
-                       f"give batch sizes up to {limit}")
-
-
 def profile_batched(artifact: Artifact, runtime: str | None = None, *, batch: str | Sequence[int],
                     prompt_tokens: Sequence[int] | str | None = None, new_tokens: int = DEFAULT_NEW_TOKENS,
                     warmup: int = DEFAULT_WARMUP, rounds: int = DEFAULT_ROUNDS, threads: int | None = None,
@@ -136,7 +129,7 @@ def profile_batched(artifact: Artifact, runtime: str | None = None, *, batch: st
     check_generation_arguments(new_tokens, max(batches), warmup, rounds)
     chosen = decoder_runtime(artifact, runtime)
     chosen.check_decoder_options(runtime_options)
-    _check_max_batch(chosen, batches)
+    check_max_batch(chosen, max(batches))
     longest = max(max(mixed_lengths(center, b, spread)) for b in batches)
     runtime_options = chosen.generation_options(artifact, [longest], new_tokens, runtime_options)
     info = artifact_info(artifact)

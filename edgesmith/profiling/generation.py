@@ -99,6 +99,15 @@ def check_generation_arguments(new_tokens: int, batch: int, warmup: int, rounds:
         raise BadInput(f"rounds must be at least 1 (got {rounds})")
 
 
+def check_max_batch(runtime, batch: int) -> None:
+    """One line when ``batch`` rows are more than the runtime's decoder sessions run at once (``MAX_BATCH``)."""
+    session_class = runtime.decoder_session
+    limit = None if session_class is None else session_class.MAX_BATCH
+    if limit is not None and batch > limit:
+        raise BadInput(f"batch {batch} is more than runtime '{runtime.name}' runs at once ({limit} rows); "
+                       f"give batch sizes up to {limit}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +187,7 @@ def profile_generation(artifact: Artifact, runtime: str | None = None, *,
     chosen = decoder_runtime(artifact, runtime)
     runtime_name = chosen.name
     chosen.check_decoder_options(runtime_options)
+    check_max_batch(chosen, batch)
     info = artifact_info(artifact)
     runtime_options = chosen.generation_options(artifact, lengths, new_tokens, runtime_options)
     own_file = chosen.decoder_location(artifact)

@@ -284,9 +284,9 @@ def _measure_batches(spec: dict[str, Any], on_round: Callable[[int], None] | Non
         providers = list(session.providers)
         options = {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
                    for k, v in dict(session.options or {}).items()}
-        own_loop = type(session).decode_rows is not DecoderSession.decode_rows
-        loop = f"{type(session).__name__}'s own batched loop" if own_loop else \
-            "edgesmith's loop (rows left-padded, prefill then step)"
+        loop = type(session).BATCHING
+        if type(session).decode_rows is not DecoderSession.decode_rows and loop == DecoderSession.BATCHING:
+            loop = f"{type(session).__name__}'s own batched loop"  # decode_rows overridden, BATCHING not said
     finally:
         session.close()
     rss_mb, rss_source = peak_rss(was_reset)

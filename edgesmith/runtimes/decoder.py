@@ -88,6 +88,8 @@ class DecoderSession(Session):
     OPTIONS: ClassVar[tuple[str, ...]] = ()
     #: the most rows one call may hold (None: any batch); scorers split larger batches into rows
     MAX_BATCH: ClassVar[int | None] = None
+    #: how a batch of prompts of different lengths runs (a batched profile records it)
+    BATCHING: ClassVar[str] = "edgesmith's loop: rows left-padded into one batch, prefill then step"
 
     num_layers: int
     vocab_size: int

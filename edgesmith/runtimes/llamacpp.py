@@ -9,9 +9,13 @@ without it).
   gives a :class:`~edgesmith.artifacts.TorchModel` (the weights dequantized to FP32); the session
   takes that too and runs its source file (``meta["gguf"]["path"]``).
 - :class:`LlamaCppDecoderSession` is a :class:`~edgesmith.runtimes.decoder.DecoderSession`: one
-  ``llama_context`` whose KV cache holds one sequence (batch 1; a larger batch is one line, exit 2),
-  ``prefill``/``step`` decode with the logits flag on the last token only (the LM head runs once
-  per call, as in llama.cpp's own tools), ``logits`` flags every position. Logits come back as
+  ``llama_context`` whose KV cache holds one sequence per row of a batch (``n_seq_max``, a cache per
+  sequence as llama.cpp makes it by default; grown by ``reserve`` or by a larger prefill, up to
+  llama.cpp's 256 sequences). A batch is decoded as llama.cpp's own batched tools do it: every
+  row's tokens in the same ``llama_decode`` calls, each token tagged with its row's sequence id, a
+  row's padding never decoded (each sequence starts at position 0). ``prefill``/``step`` decode with
+  the logits flag on each row's last token only (the LM head runs once per row and call, as in
+  llama.cpp's own tools), ``logits`` flags every position (one row at a time). Logits come back as
   float32 [batch, positions, vocab], copied out of llama.cpp's buffer. Prompts longer than
   ``n_batch`` are decoded in chunks of ``n_batch``. ``extend`` and ``rollback`` (speculative
   decoding) work too: llama.cpp removes cached positions in place.
@@ -82,15 +86,18 @@ def gguf_path(artifact: Artifact) -> Path:
 
 
 class LlamaCppDecoderSession(DecoderSession):
-    """A GGUF decoder in llama.cpp, one sequence (batch 1) in its KV cache.
+    """A GGUF decoder in llama.cpp, a sequence per row in its KV cache.
 
     ``threads`` sets llama.cpp's threads for decode and for prompt batches (default: every core
-    this process may use); ``n_ctx`` the KV cache's positions; ``n_batch`` tokens per decode call;
+    this process may use); ``n_ctx`` the KV cache's positions per sequence; ``n_batch`` tokens per
+    decode call (all rows together);
     ``flash_attn`` llama.cpp's flash attention (off, llama.cpp's CPU default)."""
 
     runtime = NAME
     OPTIONS = ("n_ctx", "n_batch", "flash_attn")
     MAX_BATCH = 256  # sequences in one KV cache (llama.cpp's LLAMA_MAX_SEQ)
+    BATCHING = ("edgesmith's loop, each row a llama.cpp sequence of its own (no padding decoded, a KV cache per "
+                "sequence), every row's tokens in the same llama_decode calls")
 
     def __init__(self, model: Artifact | str | Path, *, threads: int | None = None, n_ctx: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, flash_attn: bool = False):
