@@ -152,7 +152,9 @@ def section(summary: dict[str, Any]) -> str:
             f"{s['threads']} threads; inputs are real sentences from the shipped corpus padded to {s['seq']} tokens. "
             f"Contenders are timed in up to {s['rounds']} rounds of {s['block']} runs each (after {s['warmup']} untimed "
             "runs per block; fewer rounds, at least 3, when a batch size's "
-            f"{s.get('shape_budget_s', 0):.0f} s timing budget is spent), the order rotated every round; "
+            f"{s.get('shape_budget_s', 0):.0f} s timing budget is spent), the order rotated every round"
+            + ("; each contender in a worker process of its own (its runtime's own threading and peak memory); "
+               if s.get("process_per_contender") else "; ") +
             "p50/p90 over all runs; speedups are medians of per-round ratios with a bootstrap 95 % interval over "
             "rounds. Fidelity: mean cosine of the mean-pooled "
             f"sentence embeddings and neighbour recall@10, against PyTorch FP32, on {s['eval_texts']} held-out "

@@ -6,8 +6,9 @@ its own venv ``bench/.venv-optimum`` and timed here with edgesmith's ORT session
 edgesmith ONNX FP32, INT8 dynamic per-channel, INT8 static accuracy-aware, pruned + distilled +
 INT8, early exit + INT8 (rows whose passes do not exist yet say "not built yet").
 
-Every contender is timed in this one process, in rounds with a rotating order (bench/core/rounds.py), on
-the same real sentences padded to the same length, with the same thread count. Writes the raw
+Every contender is timed in a worker process of its own (``encoder_worker.py``: its runtime's own
+threading, its own peak memory), in rounds with a rotating order (bench/core/rounds.py), on the same
+real sentences padded to the same length, with the same thread count. Writes the raw
 profiles (edgesmith's Profile schema) and a summary JSON under ``--profiles-dir`` and rewrites
 BENCHMARKS.md (``--out``) with the machine, this comparison and ``bench/results/*.md``.
 
@@ -38,8 +39,8 @@ sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports (af
 from bench import benchmarks_md, optimum_env
 from bench import contenders as cs
 from bench.core import machine as machine_record
-from bench.core import results
-from bench.core.rounds import Timed, paired_speedup, run_rounds
+from bench.core import results, workers
+from bench.core.rounds import Timed, paired_speedup, run_block_rounds
 
 log = logging.getLogger("bench.harness")
 
@@ -154,39 +155,50 @@ def measure_quality(rows: list[cs.Contender], texts: list[str], reference: np.nd
 # ---------------------------------------------------------------------------------------------
 
 
-def open_sessions(rows: list[cs.Contender], threads: int) -> dict[str, Any]:
-    from edgesmith.runtimes.base import default_runtime_for, get_runtime
+def start_workers(rows: list[cs.Contender], args) -> dict[str, workers.Worker]:
+    """One worker process per measurable contender (``encoder_worker.py``), its runtime's own threading."""
+    from edgesmith.runtimes.base import default_runtime_for
 
-    sessions = {}
+    started = {}
     for row in rows:
-        if row.measurable:
-            try:
-                sessions[row.key] = get_runtime(default_runtime_for(row.artifact)).load(row.artifact, threads=threads)
-            except Exception as exc:
-                log.exception("cannot open %s", row.key)
-                row.status, row.note = cs.FAILED, f"session: {cs._first_line(exc)}"
-    return sessions
+        if not row.measurable:
+            continue
+        where = args.model if row.family == "pytorch" else str(row.artifact.folder)
+        cmd = [sys.executable, str(BENCH / "encoder_worker.py"), "serve", "--artifact", where,
+               "--runtime", default_runtime_for(row.artifact), "--threads", str(args.threads)]
+        cmd += ["--kind", "onnx"] if row.family == "optimum" else []
+        try:
+            worker = workers.Worker(row.key, cmd, args.work / "worker-logs", timeout=900.0, cwd=REPO)
+            if not worker.ready.get("ready"):
+                worker.close()
+                raise RuntimeError(worker.ready.get("error", "not ready"))
+            started[row.key] = worker
+        except Exception as exc:
+            log.exception("cannot start %s", row.key)
+            row.status, row.note = cs.FAILED, f"worker: {cs._first_line(exc)}"
+    return started
 
 
-def _runner(session, feeds: list[dict[str, np.ndarray]]):
-    """One inference on input batch ``i`` (cycling through the distinct batches)."""
-    return lambda i: session.run(feeds[i % len(feeds)])
-
-
-def time_shape(rows: list[cs.Contender], sessions: dict[str, Any], texts: list[str], *, batch: int, seq: int,
-               rounds: int, block: int, warmup: int, budget_s: float | None) -> dict[str, Timed]:
+def time_shape(rows: list[cs.Contender], running: dict[str, workers.Worker], texts: list[str], *, batch: int,
+               seq: int, rounds: int, block: int, warmup: int, budget_s: float | None, work: Path) -> dict[str, Timed]:
+    """The same real sentences at ``batch`` × ``seq`` for every worker, then rotating rounds of blocks."""
     from edgesmith.profiling import build_feeds
 
-    runners = {}
+    blocks = {}
     for row in rows:
-        if row.key not in sessions:
+        if row.key not in running:
             continue
-        session = sessions[row.key]
-        feeds = build_feeds(row.artifact.tokenizer, session.input_names, batch=batch, seq=seq, texts=texts)
-        runners[row.key] = _runner(session, feeds)
-    log.info("timing batch %d × %d: %d contenders, %d rounds × %d runs", batch, seq, len(runners), rounds, block)
-    return run_rounds(runners, rounds=rounds, block=block, warmup=warmup, time_budget_s=budget_s,
-                      on_round=lambda r: log.info("  round %d/%d done", r + 1, rounds))
+        worker, key = running[row.key], f"b{batch}s{seq}"
+        feeds = build_feeds(row.artifact.tokenizer, worker.ready["info"]["input_names"], batch=batch, seq=seq,
+                            texts=texts)
+        path = work / "feeds" / f"{row.key}-{key}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{f"i{i}__{name}": a for i, f in enumerate(feeds) for name, a in f.items()})
+        worker.request(op="feeds", key=key, path=str(path))
+        blocks[row.key] = lambda n, w, worker=worker, key=key: worker.request(op="block", key=key, n=n, warmup=w)["ms"]
+    log.info("timing batch %d × %d: %d contenders, %d rounds × %d runs", batch, seq, len(blocks), rounds, block)
+    return run_block_rounds(blocks, rounds=rounds, block=block, warmup=warmup, time_budget_s=budget_s,
+                            on_round=lambda r: log.info("  round %d/%d done", r + 1, rounds))
 
 
 def optimum_best(rows: list[cs.Contender], timed: dict[str, Timed]) -> str | None:
@@ -212,20 +224,23 @@ def latency_entry(row: cs.Contender, timed: dict[str, Timed], batch: int, best: 
     return entry
 
 
-def save_profile(row: cs.Contender, session, timed: Timed, *, batch: int, seq: int, args, folder: Path) -> Path:
-    """The contender's latencies at this shape as an edgesmith Profile (``edgesmith compare`` reads it)."""
-    from edgesmith.profiling import RuntimeInfo, artifact_info, peak_host_memory_mb
+def save_profile(row: cs.Contender, worker: workers.Worker, timed: Timed, *, batch: int, seq: int, args,
+                 folder: Path) -> Path:
+    """The contender's latencies at this shape as an edgesmith Profile (``edgesmith compare`` reads it);
+    the runtime and the peak memory are its worker process's."""
+    from edgesmith.profiling import RuntimeInfo, artifact_info
     from edgesmith.profiling.environment import fingerprint
     from edgesmith.profiling.measure import measured_profile
 
-    info = artifact_info(row.artifact)
-    info.size_bytes = row.size_bytes if row.size_bytes is not None else info.size_bytes
+    art = artifact_info(row.artifact)
+    art.size_bytes = row.size_bytes if row.size_bytes is not None else art.size_bytes
+    info = worker.ready["info"]
     prof = measured_profile(
-        label=row.label, artifact=info,
-        runtime=RuntimeInfo(name=session.runtime, providers=list(session.providers),
-                            options=dict(getattr(session, "options", {}) or {})),
+        label=row.label, artifact=art,
+        runtime=RuntimeInfo(name=info["runtime"], providers=info["providers"], options=info["options"]),
         target="cpu-local", environment=fingerprint(threads=args.threads), batch=batch, seq=seq, warmup=args.warmup,
-        iterations=len(timed.all), time_budget_s=None, latencies=timed.all, peak_host_memory_mb=peak_host_memory_mb())
+        iterations=len(timed.all), time_budget_s=None, latencies=timed.all,
+        peak_host_memory_mb=worker.request(op="stats")["peak_rss_mb"])
     prof.quality = dict(row.quality)
     return prof.save(folder / f"b{batch}s{seq}-{row.key}.json")
 
@@ -315,7 +330,7 @@ def interop_check(rows: list[cs.Contender], texts: list[str], args) -> dict[str,
 
 def render(args, summary: dict[str, Any] | None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(benchmarks_md.benchmarks_md(summary, args.results_dir, REPO), encoding="utf-8")
+    results.write_text(args.out, benchmarks_md.benchmarks_md(summary, args.results_dir, REPO))
     log.info("wrote %s", args.out)
 
 
@@ -339,22 +354,22 @@ def run(args, argv: list[str] | None) -> dict[str, Any]:
 
     rows, optimum = build_contenders(args, source, model_dir)
     measure_quality(rows, texts, reference)
-    sessions = open_sessions(rows, args.threads)
+    running = start_workers(rows, args)
 
     latency: dict[str, Any] = {"optimum_best": {}, "rounds_run": {}}
     for batch in args.batch_sizes:
-        timed = time_shape(rows, sessions, texts, batch=batch, seq=args.seq, rounds=args.rounds, block=args.block,
-                           warmup=args.warmup, budget_s=args.shape_budget)
+        timed = time_shape(rows, running, texts, batch=batch, seq=args.seq, rounds=args.rounds, block=args.block,
+                           warmup=args.warmup, budget_s=args.shape_budget, work=args.work)
         latency["rounds_run"][str(batch)] = min((len(t.rounds) for t in timed.values()), default=0)
         best = optimum_best(rows, timed)
         latency["optimum_best"][str(batch)] = best
         latency[str(batch)] = {r.key: latency_entry(r, timed, batch, best) for r in rows if r.key in timed}
         for row in rows:
             if row.key in timed:
-                save_profile(row, sessions[row.key], timed[row.key], batch=batch, seq=args.seq, args=args,
+                save_profile(row, running[row.key], timed[row.key], batch=batch, seq=args.seq, args=args,
                              folder=args.profiles_dir)
-    for session in sessions.values():
-        session.close()
+    for worker in running.values():
+        worker.close()
 
     interop = interop_check(rows, texts, args)
     labels = {r.key: r.label for r in rows}
@@ -374,7 +389,7 @@ def run(args, argv: list[str] | None) -> dict[str, Any]:
         "settings": {"model": args.model, "seq": args.seq, "batches": args.batch_sizes, "rounds": args.rounds,
                      "block": args.block, "warmup": args.warmup, "eval_texts": args.eval_texts,
                      "threads": args.threads, "max_drop": args.max_drop, "shape_budget_s": args.shape_budget,
-                     "rounds_run": latency["rounds_run"]},
+                     "rounds_run": latency["rounds_run"], "process_per_contender": True},
         "rows": summary_rows, "optimum_best": latency["optimum_best"],
         "optimum_errors": (optimum.get("produce") or {}).get("errors", {}),
         "optimum_quantization": (optimum.get("produce") or {}).get("quantization_config"),
@@ -394,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         render(args, summary)
         return 0
     summary = run(args, argv)
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    results.write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     render(args, summary)
     print(benchmarks_md.section(summary))
     return 0

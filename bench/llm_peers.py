@@ -40,9 +40,6 @@ import argparse
 import json
 import logging
 import os
-import select
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,6 +55,7 @@ sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports (af
 from bench import llm_profiles, llm_sources
 from bench.core import machine as machine_record
 from bench.core import results as results_io
+from bench.core import workers
 from bench.core.rounds import Timed, median_ci, paired_speedup, rotation
 from bench.llm_contenders import TABLE, VENVS, Contender, Sources, check_keys, folder_contender
 from bench.llm_report import FULL_SHARE, REFERENCE, markdown  # the table: llm_report.py
@@ -130,51 +128,12 @@ def specs(keys: list[str], sources: Sources, *, threads: int = 2,
 # ---------------------------------------------------------------------------------------------
 
 
-class Worker:
-    """One contender process speaking llm_worker's JSON-lines protocol."""
+class Worker(workers.Worker):
+    """One decoder contender process speaking llm_worker's JSON-lines protocol."""
 
     def __init__(self, spec: Spec, prompts: str, log_dir: Path, timeout: float) -> None:
-        self.name, self.timeout = spec.worker, timeout
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stderr_path = log_dir / f"{spec.worker}.log"
-        self._stderr = self.stderr_path.open("w")
         cmd = [str(spec.python), str(BENCH / spec.script), "serve", prompts, *spec.args]
-        log.info("worker %s: %s", spec.worker, " ".join(shlex.quote(c) for c in cmd))
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     cwd=BENCH)
-        self.ready = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
-        if not ready:
-            raise TimeoutError(f"{self.name}: no answer within {self.timeout:.0f} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            tail = self.stderr_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"{self.name} exited (code {self.proc.poll()}): {' / '.join(tail)[-400:]}")
-        return json.loads(line)
-
-    def request(self, **req) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(req) + "\n").encode())
-        self.proc.stdin.flush()
-        answer = self._read()
-        if "error" in answer:
-            raise RuntimeError(f"{self.name} {req.get('op')}: {answer['error']}")
-        return answer
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.request(op="quit")
-                self.proc.wait(timeout=30)
-        except Exception:
-            pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._stderr.close()
+        super().__init__(spec.worker, cmd, log_dir, timeout, cwd=BENCH)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,8 +7,10 @@ then hits all contenders alike. Ratios are computed round by round (median of th
 over median of the candidate's block in the same round) and their confidence interval comes from
 resampling rounds (:func:`edgesmith.stats.paired_speedup`), so a slow round slows both sides of its ratio.
 
-In-process contenders (encoders) go through :func:`run_rounds`; contenders in worker processes
-(decoders, ``llm_peers.measure``) walk :func:`rotation` themselves and keep :class:`Timed` blocks.
+Contenders in worker processes (the encoder comparison: ``encoder_worker.py``) go through
+:func:`run_block_rounds`, one request per block; in-process ones (the one-off studies) through
+:func:`run_rounds`; the decoder peers (``llm_peers.measure``: a generation per prompt length per
+round) walk :func:`rotation` themselves.
 """
 
 from __future__ import annotations
@@ -47,19 +49,28 @@ def rotation(names: Sequence[str], round_index: int) -> list[str]:
     return list(names[k:]) + list(names[:k])
 
 
-def run_rounds(runners: dict[str, Callable[[int], None]], *, rounds: int, block: int, warmup: int,
-               time_budget_s: float | None = None, min_rounds: int = 3,
-               on_round: Callable[[int], None] | None = None) -> dict[str, Timed]:
-    """Time every runner ``block`` times per round for ``rounds`` rounds, rotating the order.
+def timed_block(run: Callable[[int], object], block: int, warmup: int) -> list[float]:
+    """``warmup`` untimed then ``block`` timed calls of ``run(i)``; the latencies in ms."""
+    for i in range(warmup):
+        run(i)
+    block_ms = []
+    for i in range(block):
+        t0 = time.perf_counter()
+        run(i)
+        block_ms.append((time.perf_counter() - t0) * 1000.0)
+    return block_ms
 
-    ``runners[name](i)`` runs one inference on input batch ``i``. ``warmup`` untimed runs precede
-    each block (they bring the contender's weights back into the caches after the others ran).
-    ``time_budget_s`` stops after the round that spends it, but never before ``min_rounds`` rounds
-    (every contender always has the same number of complete rounds).
-    """
+
+def run_block_rounds(blocks: dict[str, Callable[[int, int], list[float]]], *, rounds: int, block: int, warmup: int,
+                     time_budget_s: float | None = None, min_rounds: int = 3,
+                     on_round: Callable[[int], None] | None = None) -> dict[str, Timed]:
+    """The rotating rounds: ``blocks[name](block, warmup)`` runs one contender's block wherever it lives
+    (in this process: :func:`timed_block`; in a worker process: one request) and returns its latencies.
+    ``time_budget_s`` stops after the round that spends it, never before ``min_rounds`` rounds (every
+    contender always has the same number of complete rounds)."""
     if rounds < 1 or block < 1 or warmup < 0:
         raise ValueError("rounds and block must be at least 1, warmup at least 0")
-    names = list(runners)
+    names = list(blocks)
     timed = {name: Timed(name) for name in names}
     started = time.perf_counter()
     for r in range(rounds):
@@ -67,18 +78,21 @@ def run_rounds(runners: dict[str, Callable[[int], None]], *, rounds: int, block:
             log.info("time budget of %.0f s spent after %d of %d rounds", time_budget_s, r, rounds)
             break
         for name in rotation(names, r):
-            run = runners[name]
-            for i in range(warmup):
-                run(i)
-            block_ms = []
-            for i in range(block):
-                t0 = time.perf_counter()
-                run(i)
-                block_ms.append((time.perf_counter() - t0) * 1000.0)
-            timed[name].rounds.append(block_ms)
+            timed[name].rounds.append(list(blocks[name](block, warmup)))
         if on_round is not None:
             on_round(r)
     return timed
+
+
+def run_rounds(runners: dict[str, Callable[[int], None]], *, rounds: int, block: int, warmup: int,
+               time_budget_s: float | None = None, min_rounds: int = 3,
+               on_round: Callable[[int], None] | None = None) -> dict[str, Timed]:
+    """In-process contenders: ``runners[name](i)`` runs one inference on input batch ``i``, timed
+    ``block`` times per round after ``warmup`` untimed runs (they bring the contender's weights back
+    into the caches after the others ran), in :func:`run_block_rounds`' rotating order."""
+    blocks = {name: (lambda n, w, run=run: timed_block(run, n, w)) for name, run in runners.items()}
+    return run_block_rounds(blocks, rounds=rounds, block=block, warmup=warmup, time_budget_s=time_budget_s,
+                            min_rounds=min_rounds, on_round=on_round)
 
 
 def paired_speedup(baseline: Timed, candidate: Timed, *, n_boot: int = 2000, seed: int = 0,
