@@ -87,6 +87,11 @@ def quantize_command(
                                          "most sensitive layers stay 8-bit until it holds."),
     lm_head: bool | None = typer.Option(None, "--lm-head/--no-lm-head",
                                         help="int4/int8-weight: quantize the LM head too (default) or keep it float."),
+    gguf_file: Path | None = typer.Option(None, "--gguf-file", help="int4 --method gguf: the GGUF whose blocks are "
+                                          "repacked (default: the one the model was read from), e.g. one made by "
+                                          "quantize --to gguf."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="int4/int8-weight: no zero points (rtn, gptq, "
+                                   "k-quant)."),
     samples: int | None = typer.Option(None, "--samples", help="Static: number of calibration texts (256)."),
     max_drop: list[str] = typer.Option([], "--max-drop",
                                        help="Accuracy-aware gate METRIC=DROP, e.g. cosine=0.01 (repeatable)."),
@@ -111,6 +116,7 @@ def quantize_command(
         onnx_only = [flag for flag, value in (("--mode", mode != "dynamic"), ("--per-channel", per_channel is not None),
                                               ("--calibration", calibration), ("--block", block),
                                               ("--lm-head", lm_head is not None), ("--samples", samples),
+                                              ("--gguf-file", gguf_file), ("--symmetric", symmetric),
                                               ("--max-drop", max_drop), ("--optimize", optimize),
                                               ("--embeddings", embeddings), ("--softmax-floor", softmax_floor),
                                               ("--drop-node-metadata", drop_node_metadata),
@@ -123,7 +129,8 @@ def quantize_command(
     _check_onnx_target(to, fmt, steps, lr, keep_q8, kl_budget, min_top1)
     options: dict = {"mode": mode}
     given = {"per_channel": per_channel, "calibration": calibration, "method": method, "calibration_samples": samples,
-             "block": block, "max_kld": max_kld, "quantize_lm_head": lm_head, "softmax_floor": softmax_floor}
+             "block": block, "max_kld": max_kld, "quantize_lm_head": lm_head, "softmax_floor": softmax_floor,
+             "gguf_file": str(gguf_file) if gguf_file is not None else None, "symmetric": symmetric or None}
     options.update({key: value for key, value in given.items() if value is not None})
     if max_drop:
         options["max_drop"] = parse_gates(max_drop)

@@ -1,5 +1,7 @@
-"""Export a causal LM as an ORT GenAI folder, built by ORT GenAI's own model builder and checked
-on a batch of prompts of different lengths, in ONNX Runtime GenAI and in edgesmith's loop.
+"""Export a causal LM as an ORT GenAI folder, validated on a mixed-length batch in ORT GenAI and edgesmith.
+
+ORT GenAI's own model builder writes the graph; the check runs a batch of prompts of different
+lengths in ONNX Runtime GenAI and in edgesmith's loop.
 
 ``edgesmith export MODEL --to genai -o folder/`` (recipe ``export: {backend: genai}``, Python
 ``es.export.to_genai(model)``) writes what ``onnxruntime_genai.Model(folder)`` loads and generates

@@ -42,7 +42,7 @@ and perplexity), ``extend(next_ids, keep)`` (several tokens after the cache in o
 (decoded incrementally, so a character split over several byte-level tokens is printed once it is
 whole) and stops on stop tokens or stop strings; :func:`decode_loop` is the batched loop beneath it
 (left padding). ONNX Runtime's intra-op threads spin while waiting for work by default; decoder
-sessions turn spinning off (``allow_spinning=False``; numbers at :data:`edgesmith.runtimes.onnxruntime.DEFAULT_ALLOW_SPINNING`).
+sessions turn spinning off (``allow_spinning=False``; numbers at :data:`edgesmith.runtimes.onnxruntime_decoder.DEFAULT_ALLOW_SPINNING`).
 PyTorch's OpenMP threads spin the same way, and worse: run the torch baseline with
 ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine (set before torch starts; at load ~9 on 2 cores,
 threads = 2 decoded SmolLM2 at 0.5 tokens/s with OpenMP's default and 8.7 with PASSIVE).

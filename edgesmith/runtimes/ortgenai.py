@@ -1,6 +1,7 @@
-"""ONNX Runtime GenAI: an ORT GenAI folder (``genai_config.json`` beside the graph) run in its own
-C++ generation loop, as the people who ship ONNX decoders run it (Windows apps, ORT Mobile, NPU
-execution providers).
+"""The ortgenai runtime runs an ORT GenAI folder in ONNX Runtime GenAI's own generation loop.
+
+An ORT GenAI folder has ``genai_config.json`` beside the graph; its C++ loop is how the people who
+ship ONNX decoders run them (Windows apps, ORT Mobile, NPU execution providers).
 
 ``edgesmith export MODEL --to genai`` writes such a folder (:mod:`edgesmith.export.decoder_genai`);
 ``edgesmith quantize FOLDER --mode int4`` keeps it one. The session drives ``og.Model`` /

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgesmith.errors import BadInput
+
 #: the options a source's file decides (refused when given with a source)
 FIXED_BY_SOURCE = ("bits", "block", "symmetric", "max_kld", "fallback")
 
@@ -44,6 +46,10 @@ def repack_gguf(original, path: str, candidates, excluded: list[str], *, accurac
     report["gguf"] = {"file": str(path), "types": info["types"], "permuted": info["permuted"],
                       "blocksum_branches": info["blocksum_branches"], "not_matched": info["float"]}
     matched = info["matched"]
+    if candidates.nodes and not any(n in matched for n in candidates.nodes):
+        raise BadInput(f"{path}: none of the graph's {len(candidates.nodes)} MatMul weights equals a tensor of this "
+                       "GGUF (the repack matches values, not names); export that GGUF itself (edgesmith export "
+                       f"{path} --to genai, or --to onnx) and quantize that folder with --method gguf")
     precisions = {n: PRECISION[matched[n]["type"]] if n in matched else "float" for n in candidates.nodes}
     table = "float"
     if candidates.embedding and candidates.embedding in matched:
