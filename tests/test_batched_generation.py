@@ -255,3 +255,28 @@ def test_recipe_profile_step_takes_a_list_of_batch_sizes(lm, tmp_path):
     assert [(p["artifact"], p["file"].endswith("batch_2.json")) for p in record["profiles"]] == [
         ("source", False), ("source", True), ("export", False), ("export", True)]
     assert isinstance(record["warnings"], list)
+
+
+def test_bench_table_names_the_runtime_that_scales_best():
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from bench import llm_batched
+
+    rows = {"a": {"1": {"decode_tokens_per_s": [10.0, 12.0], "ttft_ms": [100.0, 110.0], "tpot_ms": [100.0, 84.0],
+                        "prompt_tokens": [16], "peak_rss_mb": 200.0},
+                  "4": {"decode_tokens_per_s": [30.0, 30.0], "ttft_ms": [300.0, 330.0], "tpot_ms": [133.0, 133.0],
+                        "prompt_tokens": [8, 13, 19, 24], "peak_rss_mb": 220.0}},
+            "b": {"1": {"decode_tokens_per_s": [50.0, 50.0], "ttft_ms": [40.0, 40.0], "tpot_ms": [20.0, 20.0],
+                        "prompt_tokens": [16], "peak_rss_mb": 100.0},
+                  "4": {"decode_tokens_per_s": [60.0, 60.0], "ttft_ms": [90.0, 90.0], "tpot_ms": [66.0, 66.0],
+                        "prompt_tokens": [8, 13, 19, 24], "peak_rss_mb": 120.0}}}
+    summary = llm_batched.summarize(rows, [1, 4])
+    assert summary["a"]["4"]["scaling"][0] == pytest.approx(np.median([3.0, 2.5]))
+    doc = {"batches": [1, 4], "machine": {"cpu_model": "cpu", "threads": 2}, "command": "x", "prompt_tokens": 16,
+           "new_tokens": 8, "rounds": 2, "provisional": "loaded", "summary": summary,
+           "contenders": {"a": {"label": "A", "loop": "edgesmith's loop"}, "b": {"label": "B"}}}
+    text = llm_batched.render(doc)
+    assert "**Scales best: a** — batch 4 decodes 2.75x" in text and "goal ≥ 2.5x at batch 4: met" in text
+    assert "| b | 4 | 8-24 | 60.0" in text and "**Provisional**: loaded" in text
