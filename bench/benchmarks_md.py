@@ -220,7 +220,9 @@ def results_section(path: Path, repo: Path) -> str:
 def benchmarks_md(summary: dict[str, Any] | None, results_dir: Path, repo: Path) -> str:
     intro = ("Every table states the command that produced it. `make bench` reruns the top-level comparison and "
              "rewrites this file (raw profiles: `profiles/bench/`); the sections after it come from "
-             "`bench/results/*.md`, written by the other benchmarks in `bench/`.")
+             "`bench/results/*.md`, written by the other benchmarks in `bench/`. A table measured since the ISA became "
+             "part of the machine record (`bench/core/machine.py`) names the CPU model, its ISA and the load average at "
+             "the start and end; older tables name the CPU only.")
     out = ["# Benchmarks", "", intro, ""]
     if summary is not None:
         out += ["Machine of the top-level comparison:", ""] + machine_lines(summary) + ["", section(summary)]

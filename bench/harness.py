@@ -38,8 +38,8 @@ sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports (af
 
 from bench import benchmarks_md, optimum_env
 from bench import contenders as cs
+from bench.core import encoder_runs, results, workers
 from bench.core import machine as machine_record
-from bench.core import results, workers
 from bench.core.rounds import Timed, paired_speedup, run_block_rounds
 
 log = logging.getLogger("bench.harness")
@@ -164,15 +164,10 @@ def start_workers(rows: list[cs.Contender], args) -> dict[str, workers.Worker]:
         if not row.measurable:
             continue
         where = args.model if row.family == "pytorch" else str(row.artifact.folder)
-        cmd = [sys.executable, str(BENCH / "encoder_worker.py"), "serve", "--artifact", where,
-               "--runtime", default_runtime_for(row.artifact), "--threads", str(args.threads)]
-        cmd += ["--kind", "onnx"] if row.family == "optimum" else []
         try:
-            worker = workers.Worker(row.key, cmd, args.work / "worker-logs", timeout=900.0, cwd=REPO)
-            if not worker.ready.get("ready"):
-                worker.close()
-                raise RuntimeError(worker.ready.get("error", "not ready"))
-            started[row.key] = worker
+            started[row.key] = encoder_runs.start(row.key, where, default_runtime_for(row.artifact), args.threads,
+                                                  args.work / "worker-logs",
+                                                  kind="onnx" if row.family == "optimum" else None)
         except Exception as exc:
             log.exception("cannot start %s", row.key)
             row.status, row.note = cs.FAILED, f"worker: {cs._first_line(exc)}"
@@ -184,18 +179,14 @@ def time_shape(rows: list[cs.Contender], running: dict[str, workers.Worker], tex
     """The same real sentences at ``batch`` × ``seq`` for every worker, then rotating rounds of blocks."""
     from edgesmith.profiling import build_feeds
 
-    blocks = {}
+    blocks, key = {}, f"b{batch}s{seq}"
     for row in rows:
-        if row.key not in running:
-            continue
-        worker, key = running[row.key], f"b{batch}s{seq}"
-        feeds = build_feeds(row.artifact.tokenizer, worker.ready["info"]["input_names"], batch=batch, seq=seq,
-                            texts=texts)
-        path = work / "feeds" / f"{row.key}-{key}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **{f"i{i}__{name}": a for i, f in enumerate(feeds) for name, a in f.items()})
-        worker.request(op="feeds", key=key, path=str(path))
-        blocks[row.key] = lambda n, w, worker=worker, key=key: worker.request(op="block", key=key, n=n, warmup=w)["ms"]
+        if row.key in running:
+            worker = running[row.key]
+            feeds = build_feeds(row.artifact.tokenizer, encoder_runs.input_names(worker), batch=batch, seq=seq,
+                                texts=texts)
+            encoder_runs.send_feeds(worker, key, feeds, work / "feeds")
+            blocks[row.key] = encoder_runs.block_runner(worker, key)
     log.info("timing batch %d × %d: %d contenders, %d rounds × %d runs", batch, seq, len(blocks), rounds, block)
     return run_block_rounds(blocks, rounds=rounds, block=block, warmup=warmup, time_budget_s=budget_s,
                             on_round=lambda r: log.info("  round %d/%d done", r + 1, rounds))

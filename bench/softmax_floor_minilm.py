@@ -4,8 +4,9 @@ against the same INT8 without it, interleaved, on this machine.
 Both artifacts are the encoder comparison's dynamic INT8 row (per-channel, 8-bit embeddings, no node
 metadata: ``contenders.DYNAMIC_INT8``, the ``es-int8-dynamic`` row), one with the quantize pass's
 ``softmax_floor`` (-80: every last-axis Softmax input floored at rowmax - 80, so padded keys skip
-ORT's slow exp path where it has one), one without. They are timed in one process in rotating rounds
-(``bench.core.rounds``), blocks of ``--block`` runs, on held-out corpus sentences, at:
+ORT's slow exp path where it has one), one without. Each runs in a worker process of its own
+(``encoder_worker.py``), timed in rotating rounds (``bench.core.rounds``), blocks of ``--block`` runs,
+on held-out corpus sentences, at:
 
 - batch 1, unpadded (each sentence at its own length);
 - batch 8, padded to the longest of the 8;
@@ -31,8 +32,8 @@ import numpy as np
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, so `bench` imports
 
-from bench.core import cli, machine, results
-from bench.core.rounds import Timed, paired_speedup, run_rounds
+from bench.core import cli, encoder_runs, machine, results
+from bench.core.rounds import Timed, paired_speedup, run_block_rounds
 
 log = logging.getLogger("bench.softmax_floor")
 
@@ -81,18 +82,21 @@ def feeds_for(tokenizer, input_names: list[str], texts: list[str], batch: int, s
 
 
 def measure(args: argparse.Namespace, artifacts: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
-    from edgesmith.runtimes.base import default_runtime_for, get_runtime
+    """Each artifact in a worker process of its own (``encoder_worker.py``), the shapes one after another."""
     from edgesmith.stats import summarize, verdict_of
 
-    sessions = {k: get_runtime(default_runtime_for(a)).load(a, threads=args.threads) for k, a in artifacts.items()}
+    running = {k: encoder_runs.start(k, a.folder, "onnxruntime", args.threads, args.work / "worker-logs")
+               for k, a in artifacts.items()}
     tokenizer = artifacts["no-floor"].tokenizer
     rows = []
     try:
         for key, label, batch, seq in SHAPES:
-            feeds = feeds_for(tokenizer, sessions["no-floor"].input_names, texts, batch, seq)
-            runners = {name: (lambda i, s=session: s.run(feeds[i % len(feeds)])) for name, session in sessions.items()}
+            feeds = feeds_for(tokenizer, encoder_runs.input_names(running["no-floor"]), texts, batch, seq)
+            for worker in running.values():
+                encoder_runs.send_feeds(worker, key, feeds, args.work / "feeds")
             log.info("%s: %d rounds x %d runs", label, args.rounds, args.block)
-            timed: dict[str, Timed] = run_rounds(runners, rounds=args.rounds, block=args.block, warmup=args.warmup)
+            timed: dict[str, Timed] = run_block_rounds({n: encoder_runs.block_runner(w, key) for n, w in running.items()},
+                                                       rounds=args.rounds, block=args.block, warmup=args.warmup)
             speedup = paired_speedup(timed["no-floor"], timed["floor"])
             lengths = [int(f["attention_mask"].shape[1]) for f in feeds]
             real = [float(f["attention_mask"].sum(axis=1).mean()) for f in feeds]
@@ -102,8 +106,8 @@ def measure(args: argparse.Namespace, artifacts: dict[str, Any], texts: list[str
                          "speedup": list(speedup), "verdict": verdict_of(speedup[1], speedup[2]),
                          "rounds": len(timed["floor"].rounds), "rounds_ms": {n: t.rounds for n, t in timed.items()}})
     finally:
-        for session in sessions.values():
-            session.close()
+        for worker in running.values():
+            worker.close()
     return rows
 
 
@@ -125,8 +129,8 @@ def render(doc: dict[str, Any]) -> str:
         "",
         machine.line(doc["machine"]),
         "",
-        f"MiniLM {CONTENDERS['no-floor']} with `softmax_floor` {FLOOR:g} against the same without it, ONNX Runtime CPU, {s['threads']} threads, one "
-        f"process; {s['rounds']} rotating rounds of {s['block']} timed runs each (after {s['warmup']} untimed) on "
+        f"MiniLM {CONTENDERS['no-floor']} with `softmax_floor` {FLOOR:g} against the same without it, ONNX Runtime CPU, {s['threads']} threads, "
+        f"each in a worker process of its own; {s['rounds']} rotating rounds of {s['block']} timed runs each (after {s['warmup']} untimed) on "
         f"{s['texts']} held-out corpus sentences. The ratio is paired by round (median of no floor's block over "
         "the floor's); above 1 the floor is faster.",
         *(["", "**Provisional:** other jobs shared this machine (load average above). Rerun on a quiet machine "

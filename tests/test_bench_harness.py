@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 sys.path.append(str(REPO))
 
-from bench.core import machine, results
+from bench.core import encoder_runs, machine, results
 from bench.core.rounds import Timed, paired_speedup, rotation, run_rounds
 from edgesmith.errors import BadInput
 
@@ -179,3 +179,9 @@ def test_results_writer_is_atomic_and_renders_again(tmp_path):
     assert md_path.read_text() == "x again\n" and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(SystemExit, match="run the benchmark first"):
         results.read("missing", tmp_path)
+
+
+def test_an_encoder_worker_that_cannot_load_says_why(tmp_path):
+    with pytest.raises(RuntimeError, match="BadInput|not found|does not exist|No such"):
+        encoder_runs.start("missing", tmp_path / "no-model-here", "onnxruntime", 1, tmp_path / "logs", timeout=300)
+    assert (tmp_path / "logs" / "missing.log").exists()
