@@ -215,8 +215,18 @@ def test_gguf_repack_on_the_builder_graph(tiny, tmp_path):
         session = OrtDecoderSession(quantized)
         row = _rows(tiny.tokenizer)[1]
         assert session.prefill(row).shape == (1, 400)
-    ops = [n.op_type for n in onnx.load(str(quantized.path), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 15 and ops.count("GatherBlockQuantized") == 1 and "MatMul" in ops  # min terms
+    graph = onnx.load(str(quantized.path), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    # packed (the default on GroupQueryAttention graphs): q/k/v and gate/up one MatMulNBits each per layer,
+    # q/k/v into the attention's packed-QKV input, each group's Q4_1 min terms one MatMul and one Add
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("GatherBlockQuantized") == 1
+    assert ops.count("MatMul") == 2 * 4 + 2 * 4 and ctx.report["packed"]["groups"] == 4  # block sums + min terms
+    assert all(list(n.input[1:3]) == ["", ""] for n in graph.node if n.op_type == "GroupQueryAttention")
+    unpacked = quantize_weight_only(parent, {"method": "gguf", "gguf_file": str(path), "pack": False}, Context())
+    ops = [n.op_type for n in onnx.load(str(unpacked.path), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 15
+    ids, mask = left_pad([r[0].tolist() for r in _rows(tiny.tokenizer)], 0)
+    assert np.array_equal(OrtDecoderSession(unpacked).logits(ids, mask), session.logits(ids, mask))  # exact
 
 
 @pytest.mark.slow

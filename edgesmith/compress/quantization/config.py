@@ -33,7 +33,8 @@ _INT8_ONLY = ("per_channel", "op_types", "reduce_range", "weight_type", "max_dro
 _ONNX_PASS_ONLY = ("softmax_floor", "keep_node_metadata")
 #: weight-only modes (MatMulNBits; edgesmith.compress.quantization.weight_only) and their own options
 WEIGHT_ONLY_MODES = {"int4": 4, "int8-weight": 8}
-_WEIGHT_ONLY = ("block", "symmetric", "accuracy_level", "quantize_lm_head", "gguf_file", "max_kld", "fallback")
+_WEIGHT_ONLY = ("block", "symmetric", "accuracy_level", "quantize_lm_head", "gguf_file", "pack", "max_kld",
+                "fallback")
 #: calibration methods of static mode, and the weight-only methods
 STATIC_METHODS = ("minmax", "entropy", "percentile")
 WEIGHT_METHODS = METHODS
@@ -114,6 +115,7 @@ class QuantizeConfig(PassConfig):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     quantize_lm_head: bool = True
     gguf_file: str | None = None
+    pack: bool | None = None  # q/k/v and gate/up as one MatMulNBits each (default: on GroupQueryAttention graphs)
     max_kld: float | None = None
     fallback: Literal["int8", "float"] = "int8"
     # all modes
@@ -268,4 +270,6 @@ class QuantizeConfig(PassConfig):
                 options.update(max_kld=self.max_kld, fallback=self.fallback)
         if "quantize_embeddings" in given:
             options["quantize_embedding"] = self.quantize_embeddings
+        if self.pack is not None:
+            options["pack"] = self.pack
         return options

@@ -40,6 +40,9 @@ class WeightOnlyConfig(PassConfig):
     quantize_lm_head: bool = True
     quantize_embedding: bool | None = None
     gguf_file: str | None = None
+    #: one MatMulNBits for the projections that read one input (q/k/v, gate/up), exact
+    #: (:mod:`edgesmith.onnx_graph.pack`); None: on GroupQueryAttention graphs (ORT GenAI folders)
+    pack: bool | None = None
     max_kld: float | None = None
     fallback: Literal["int8", "float"] = "int8"
     calibration_passages: int = 8

@@ -22,6 +22,7 @@ from edgesmith.errors import BadInput, first_line
 from edgesmith.onnx_graph.edit import save_graph
 from edgesmith.onnx_graph.lm_head import materialize_transposed_weights
 from edgesmith.onnx_graph.nodes import name_nodes
+from edgesmith.onnx_graph.pack import pack_matmulnbits
 from edgesmith.passes import Context, make_config
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ def quantize_weight_only(model: OnnxModel, config: WeightOnlyConfig | dict, ctx:
         else:
             quantized_proto, precisions, embedding = _quantize_graph(model, original, candidates, excluded, cfg,
                                                                      report, work)
+        if cfg.pack if cfg.pack is not None else _gqa_graph(model):
+            packing = pack_matmulnbits(quantized_proto)
+            report["packed"] = {"groups": len(packing["packed"]), "nodes_before": packing["nodes_before"],
+                                "nodes_after": packing["nodes_after"]}
         quantize_seconds = time.perf_counter() - started
         save_graph(quantized_proto, folder)
         del quantized_proto
@@ -70,6 +75,11 @@ def quantize_weight_only(model: OnnxModel, config: WeightOnlyConfig | dict, ctx:
              report["size_before"] / 1e6, report["size_after"] / 1e6,
              f", KL {report['fidelity']['kld']:.4g}, top-1 {report['fidelity']['top1']:.4f}" if "fidelity" in report else "")
     return result
+
+
+def _gqa_graph(model: OnnxModel) -> bool:
+    """A GroupQueryAttention decoder (ORT GenAI's layout), where packed projections were measured."""
+    return ((model.meta or {}).get("decoder") or {}).get("layout") == "genai"
 
 
 def _read_graph(model: OnnxModel, cfg: WeightOnlyConfig) -> tuple[Any, Candidates, dict[str, Any]]:
