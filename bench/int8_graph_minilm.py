@@ -41,7 +41,7 @@ REPO = BENCH.parent
 sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports
 
 from bench import optimum_env
-from bench.core import machine, results
+from bench.core import cli, machine, results
 from bench.core.rounds import paired_speedup, run_rounds
 
 log = logging.getLogger("bench.int8_graph")
@@ -53,12 +53,9 @@ ONE = {"skip_layer_norm": ["layer_norm", "skip_layer_norm"], "bias_gelu": ["gelu
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "runs" / "int8-graph")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--block", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    cli.add_timing_args(p, rounds=8, threads=2, block=10, warmup=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-texts", type=int, default=512)
     p.add_argument("--only", help="comma-separated variant keys (default: all)")
     p.add_argument("--profile", default="", help="comma-separated variant keys to profile per op (batch 1)")

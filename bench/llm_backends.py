@@ -53,6 +53,7 @@ REPO = BENCH.parent
 sys.path.append(str(REPO))
 
 from bench import llm_contenders, llm_peers, llm_profiles, llm_report, llm_sources
+from bench.core import cli
 from bench.core import machine as machine_record
 from bench.core import results as results_io
 from bench.core.rounds import Timed, paired_speedup
@@ -246,8 +247,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--folder", action="append", default=[], metavar="KEY=RUNTIME:PATH[=LABEL]",
                    help="also measure a prebuilt folder in a runtime's worker (edgesmith, ortgenai, llamacpp, torch)")
     p.add_argument("--build-only", action="store_true", help="build the edgesmith artifacts and stop")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    cli.add_timing_args(p, rounds=3, threads=2)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--lengths", default="128,512")
     p.add_argument("--warmup-tokens", type=int, default=8)

@@ -53,9 +53,9 @@ REPO = BENCH.parent
 sys.path.append(str(REPO))  # as a script: the repo root, so `bench` imports (after the venv and PYTHONPATH)
 
 from bench import llm_profiles, llm_sources
+from bench.core import cli, workers
 from bench.core import machine as machine_record
 from bench.core import results as results_io
-from bench.core import workers
 from bench.core.rounds import Timed, median_ci, paired_speedup, rotation
 from bench.llm_contenders import TABLE, VENVS, Contender, Sources, check_keys, folder_contender
 from bench.llm_report import FULL_SHARE, REFERENCE, markdown  # the table: llm_report.py
@@ -297,8 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimum", action="store_true", help="add optimum-fp32 (builds bench/.venv-optimum once)")
     p.add_argument("--folder", action="append", default=[], metavar="KEY=RUNTIME:PATH[=LABEL]",
                    help="also measure a prebuilt folder or GGUF (RUNTIME: edgesmith, ortgenai, llamacpp, torch)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    cli.add_timing_args(p, rounds=3, threads=2)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--lengths", default="128,512", help="prompt lengths (tokens)")
     p.add_argument("--warmup-tokens", type=int, default=8)
