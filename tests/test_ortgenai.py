@@ -129,9 +129,15 @@ def test_quantized_folder_stays_an_ort_genai_folder(tiny, tmp_path, capsys):
     assert (tmp_path / "q" / "genai_config.json").is_file()
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph.node]
     assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2  # q/k/v and gate/up packed
     _, session = open_decoder(load(tmp_path / "q"), "ortgenai")
     run = session.decode_rows(tiny.rows, 4, 0)
     assert run.tokens.shape == (3, 4)
+    import edgesmith as es  # the same quantization unpacked: the same logits, bit for bit (zero points included)
+
+    unpacked = es.compress.quantize(load(tiny.folder), mode="int4", method="rtn", pack=False)
+    ids, mask = left_pad(tiny.rows, 0)
+    assert np.array_equal(OrtDecoderSession(unpacked).logits(ids, mask), OrtDecoderSession(load(tmp_path / "q")).logits(ids, mask))
 
 
 def test_bad_folders_and_batches_are_one_line(tiny, tmp_path):
