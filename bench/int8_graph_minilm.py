@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -240,7 +239,7 @@ def main(argv=None) -> int:
         for key, sess in sessions.items():
             feeds = build_feeds(arts[key].tokenizer, sess.input_names, batch=batch, seq=args.seq, texts=texts)
             runners[key] = (lambda s, f: (lambda i: s.run(f[i % len(f)])))(sess, feeds)
-        load = os.getloadavg()[0]
+        load = machine.load_average()[0]
         timed = run_rounds(runners, rounds=args.rounds, block=args.block, warmup=args.warmup,
                            on_round=lambda r: log.info("b%d round %d done", batch, r + 1))
         base = timed["optimum-int8"]

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -181,13 +180,13 @@ def measure(contenders: list[Spec], prompts: str, *, rounds: int = 3, new_tokens
                 w.request(op="generate", prompt=lengths[0], new_tokens=warmup_tokens, mode=spec.mode)
                 for n in lengths:
                     run = w.request(op="generate", prompt=n, new_tokens=new_tokens, mode=spec.mode)
-                    run.update(round=r, load1=os.getloadavg()[0])
+                    run.update(round=r, load1=machine_record.load_average()[0])
                     results[key]["runs"][n].append(run)
             except Exception as exc:
                 log.error("%s failed in round %d: %s", key, r, exc)
                 results[key]["status"] = "failed"
                 results[key]["notes"].append(f"round {r}: {_first_line(exc)}")
-        log.info("round %d/%d done (load %.2f)", r + 1, rounds, os.getloadavg()[0])
+        log.info("round %d/%d done (load %.2f)", r + 1, rounds, machine_record.load_average()[0])
     seen = set()
     for spec in live:
         if spec.worker in seen or results[spec.key]["status"] != "ok":
