@@ -185,3 +185,15 @@ def test_mlas_asymmetric_int4_check(tiny, tmp_path, capsys, monkeypatch):
         open_decoder(load(tmp_path / "a"), "ortgenai")
     OrtDecoderSession(load(tiny.folder))  # a float graph loads where the kernel is wrong
     mlas_check.check_asymmetric_int4(graph, provider="cuda")  # other providers do not use MLAS
+
+
+def test_any_ort_genai_folder_runs_without_edgesmiths_record(tiny, tmp_path):
+    """A folder ORT GenAI's builder (or anyone) wrote, without edgesmith.json: --runtime ortgenai reads
+    it as it is, with genai_config.json's facts, and generates what the recorded folder generates."""
+    plain = tmp_path / "builder-folder"
+    shutil.copytree(tiny.folder, plain)
+    (plain / "edgesmith.json").unlink()
+    artifact, session = open_decoder(plain, "ortgenai")
+    assert artifact.meta["decoder"]["padding"] == "right" and artifact.tokenizer is not None
+    _, recorded = open_decoder(load(tiny.folder), "ortgenai")
+    assert np.array_equal(session.decode_rows(tiny.rows, 6, 0).tokens, recorded.decode_rows(tiny.rows, 6, 0).tokens)

@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgesmith.artifacts import Artifact
+from edgesmith.artifacts import META_FILE, Artifact, OnnxModel
 from edgesmith.errors import BadInput, first_line
 from edgesmith.runtimes.base import Availability, Runtime, register_runtime
 from edgesmith.runtimes.decoder import DecoderSession, check_context
@@ -283,6 +283,19 @@ class OrtGenAIRuntime(Runtime):
     def accepts(self, artifact: Artifact) -> bool:
         folder = getattr(artifact, "folder", None)
         return artifact.kind in self.kinds and folder is not None and Path(folder, CONFIG_FILE).is_file()
+
+    def load_artifact(self, source: str | Path) -> Artifact:
+        """An ORT GenAI folder as it is, whoever wrote it (ORT GenAI's builder writes contrib ops in
+        the default domain that onnx's checker rejects; ORT GenAI loads them): edgesmith's record
+        where the folder has one, else the folder with ``genai_config.json``'s facts."""
+        folder = Path(source)
+        if (folder / META_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+            return super().load_artifact(source)
+        config = read_genai_config(folder)
+        decoder = {"layout": "genai", "padding": "right", "vocab_size": int(config["model"]["vocab_size"]),
+                   "max_positions": int(config["model"]["context_length"]),
+                   "num_layers": int(config["model"]["decoder"]["num_hidden_layers"])}
+        return OnnxModel(task="text-generation", name=folder.name, folder=folder, meta={"decoder": decoder})
 
     def check_decoder(self, artifact: Artifact) -> None:
         super().check_decoder(artifact)
