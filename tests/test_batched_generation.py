@@ -226,6 +226,9 @@ def test_llamacpp_batched_profiles_and_bad_inputs(tiny_gguf, tmp_path, capsys):
     code, _, err = _cli(capsys, "profile", str(tiny_gguf), "--runtime", "llamacpp", "--batch", "1,300",
                         "-o", str(tmp_path / "never.json"))
     assert code == 2 and "batch 300 is more than runtime 'llamacpp' runs at once (256 rows)" in " ".join(err.split())
+    code, _, err = _cli(capsys, "profile", str(tiny_gguf), "--runtime", "llamacpp", "--batch", "1,2",
+                        "--prompt-tokens", "200", "-o", str(tmp_path / "never.json"))
+    assert code == 2 and "the batch's longest prompt has 300 tokens (--prompt-tokens 200 +50%)" in " ".join(err.split())
     assert not list(tmp_path.glob("never*"))
 
 

@@ -131,7 +131,11 @@ def profile_batched(artifact: Artifact, runtime: str | None = None, *, batch: st
     chosen.check_decoder_options(runtime_options)
     check_max_batch(chosen, max(batches))
     longest = max(max(mixed_lengths(center, b, spread)) for b in batches)
-    runtime_options = chosen.generation_options(artifact, [longest], new_tokens, runtime_options)
+    try:
+        runtime_options = chosen.generation_options(artifact, [longest], new_tokens, runtime_options)
+    except BadInput as exc:  # the runtime checked the longest prompt against the context: say where it came from
+        raise BadInput(f"the batch's longest prompt has {longest} tokens (--prompt-tokens {center} +{spread:.0%}): "
+                       f"{exc}") from None
     info = artifact_info(artifact)
     own_file = chosen.decoder_location(artifact)
     if own_file is not None:

@@ -181,12 +181,14 @@ class LlamaCppDecoderSession(DecoderSession):
 
     def reserve(self, rows: int, positions: int) -> None:
         """Room for ``rows`` sequences of ``positions`` each: a new context (and KV cache) when this
-        one holds fewer sequences or positions (at most the model's training context)."""
+        one holds fewer sequences or positions (at most the model's training context); a new
+        context starts empty, so a sequence in progress is dropped with the old one."""
         if self.n_ctx_train > 0 and positions > self.n_ctx_train:
             raise BadInput(f"{positions} tokens exceed the model's context of {self.n_ctx_train}; shorten the prompts "
                            "or lower the new tokens")
         super().reserve(rows, min(positions, self.max_positions))
         if rows > self._n_seq or positions > self.max_positions:
+            super().reset()
             self._make_context(max(positions, self.max_positions), max(rows, self._n_seq), self.n_batch)
             self.options.update(n_ctx=self.max_positions, n_seq_max=self._n_seq)
 
