@@ -72,8 +72,10 @@ class ProfileSpec(Strict):
     @classmethod
     def _positive_batches(cls, value: int | list[int]) -> int | list[int]:
         sizes = value if isinstance(value, list) else [value]
-        if not sizes or any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
-            raise ValueError(f"batch sizes must be positive and listed once each, got {value}")
+        if any(b < 1 for b in sizes):
+            raise ValueError(f"Input should be greater than 0 (got {value})")
+        if not sizes or len(set(sizes)) != len(sizes):
+            raise ValueError(f"batch sizes must be listed once each, got {value}")
         return value
 
     @field_validator("prompt_tokens")
