@@ -292,9 +292,12 @@ class OrtGenAIRuntime(Runtime):
         if (folder / META_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
             return super().load_artifact(source)
         config = read_genai_config(folder)
-        decoder = {"layout": "genai", "padding": "right", "vocab_size": int(config["model"]["vocab_size"]),
-                   "max_positions": int(config["model"]["context_length"]),
-                   "num_layers": int(config["model"]["decoder"]["num_hidden_layers"])}
+        model, graph = config["model"], config["model"]["decoder"]
+        decoder = {"layout": "genai", "padding": "right", "vocab_size": int(model["vocab_size"]),
+                   "max_positions": int(model["context_length"]), "num_layers": int(graph["num_hidden_layers"]),
+                   "num_kv_heads": int(graph["num_key_value_heads"]), "head_dim": int(graph["head_size"]),
+                   "eos_token_ids": _ids(config, "eos_token_id"), "bos_token_id": model.get("bos_token_id"),
+                   "pad_token_id": (_ids(config, "pad_token_id") or [None])[0]}
         return OnnxModel(task="text-generation", name=folder.name, folder=folder, meta={"decoder": decoder})
 
     def check_decoder(self, artifact: Artifact) -> None:
