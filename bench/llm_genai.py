@@ -199,7 +199,9 @@ def graph_profile(path: Path, steps: int = 32) -> dict[str, Any]:
     logits = session.prefill(ids)
     for _ in range(steps):
         logits = session.step(logits.argmax(-1))
-    trace = json.loads(Path(session.end_profiling()).read_text())
+    trace_file = Path(session.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
     by_op: Counter = Counter()
     model_runs = sorted((e["ts"], e["dur"]) for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
     prefill_end = model_runs[0][0] + model_runs[0][1]  # the first run is the prefill: decode steps only

@@ -109,6 +109,8 @@ class OrtGenAIDecoderSession(DecoderSession):
 
     runtime = "ortgenai"
     OPTIONS: ClassVar[tuple[str, ...]] = ("max_length",)
+    BATCHING: ClassVar[str] = ("ORT GenAI's own static batch: rows right-padded with its pad id, greedy "
+                               "generate_next_token in C++")
 
     def __init__(self, model: Artifact | str | Path, *, threads: int | None = None, max_length: int | None = None):
         super().__init__()
