@@ -241,7 +241,7 @@ def _batched_profiles(art, *, runtime: str | None, provider: str, batches: list[
     threads_used = first.environment.threads if first.environment.threads is not None else "default"
     table = Table(title=f"{escape(first.label.rsplit(' batch ', 1)[0])}: runtime {first.runtime.name}, threads "
                         f"{threads_used}, prompts {gen.decode_prompt_tokens} ±{gen.batched.spread:.0%} tokens, "
-                        f"{gen.new_tokens} new tokens, {gen.rounds} rounds (medians)")
+                        f"{gen.new_tokens} new tokens, {gen.rounds} round{'s' if gen.rounds != 1 else ''} (medians)")
     for header in ("batch", "prompt tokens", "aggregate decode tok/s", f"vs batch {first.shapes.batch}",
                    "TTFT ms (each request)", "ms per output token", "peak RSS MB"):
         table.add_column(header, justify="left" if header == "prompt tokens" else "right")
