@@ -387,7 +387,7 @@ def test_runtimes_open_decoders_and_their_sessions_declare_their_options(lm):
     from edgesmith.runtimes.torch import TorchDecoderSession
 
     torch_model, onnx_model = lm
-    assert set(decoder_runtime_names()) == {"llamacpp", "onnxruntime", "torch"}
+    assert set(decoder_runtime_names()) == {"llamacpp", "onnxruntime", "ortgenai", "torch"}
     assert decoder_runtime(onnx_model).name == "onnxruntime" and decoder_runtime(torch_model).name == "torch"
     assert get_runtime("onnxruntime").decoder_options() == OrtDecoderSession.OPTIONS
     assert get_runtime("llamacpp").decoder_options() == LlamaCppDecoderSession.OPTIONS and LlamaCppDecoderSession.MAX_BATCH == 256
