@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 #: the other benchmarks' result files, in this order (matched on the file stem's prefix); the rest follow by name
-RESULT_ORDER = ("softmax_floor", "int8_graph", "recovery", "prune", "quantize", "distill", "sweep", "llm_goal", "llm_peers", "llm_backends", "llm_recovery", "llm_gguf", "llm_gguf_quant", "llm_speculative")
+RESULT_ORDER = ("softmax_floor", "int8_graph", "recovery", "prune", "quantize", "distill", "sweep", "llm_goal", "llm_peers", "llm_backends", "llm_recovery", "llm_genai", "llm_batched", "llm_gguf", "llm_gguf_quant", "llm_speculative")
 GOAL_SPEEDUP_TORCH = 12.0
 GOAL_SPEEDUP_OPTIMUM = 1.5
 GOAL_SPEEDUP_INTERMEDIATE = 1.25  # issue 19's intermediate mark (batch 1)

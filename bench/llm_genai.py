@@ -13,6 +13,9 @@ Artifacts (made once into ``bench/.cache/genai``; each command is what a user ru
 - ``es-gptq``: the same from ``bench/.cache/gguf-quant/gptq-q4_0.gguf`` (``edgesmith quantize smollm2
   --to gguf --format q4_0 --method gptq``, issue 23), so the ONNX graph and the llama.cpp file hold
   the same Q4_0 blocks; ``es-gptq-unpacked`` the same without packing (``pack: false``);
+- ``es-gptq-head4``: the GPTQ repack with the LM head left float (``--no-lm-head``), then that head
+  alone to symmetric 4-bit RTN (``quantize --mode int4 --method rtn --symmetric``: the only float
+  MatMul left), as ORT GenAI's builder quantizes its head;
 - ``builder-int4``: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu`` with its defaults;
 - llama.cpp: the shipped Q4_1, llama.cpp's own Q4_0 (``export --to gguf --quant q4_0``), the GPTQ Q4_0.
 
@@ -60,12 +63,13 @@ CONTENDERS = [
     ("genai-q41", "ORT GenAI, edgesmith Q4_1 repack", "ortgenai", "es-q41"),
     ("genai-gptq", "ORT GenAI, edgesmith GPTQ Q4_0 repack", "ortgenai", "es-gptq"),
     ("genai-gptq-unpacked", "ORT GenAI, GPTQ Q4_0, q/k/v unpacked", "ortgenai", "es-gptq-unpacked"),
+    ("genai-gptq-head4", "ORT GenAI, GPTQ Q4_0 repack + 4-bit head", "ortgenai", "es-gptq-head4"),
     ("es-loop-gptq", "edgesmith loop (ORT), GPTQ Q4_0 repack", "onnxruntime", "es-gptq"),
     ("torch-fp32", "PyTorch FP32", "torch", "fp32"),
 ]
 BATCHED = ["llamacpp-gptq", "genai-gptq", "es-loop-gptq", "torch-fp32"]
 BASELINE = "llamacpp-q4_0"
-GRAPHS = ["builder-int4", "es-q41", "es-gptq", "es-gptq-unpacked"]
+GRAPHS = ["builder-int4", "es-q41", "es-gptq", "es-gptq-unpacked", "es-gptq-head4"]
 
 
 def _edgesmith(*args: str) -> None:
@@ -87,13 +91,17 @@ def make_artifacts() -> dict[str, Path]:
     if not GPTQ_GGUF.exists():
         steps.insert(0, ("gptq", ["quantize", "smollm2", "--to", "gguf", "--format", "q4_0", "--method", "gptq"]))
     steps += [("genai-gptq-fp32", ["export", str(GPTQ_GGUF), "--to", "genai"]),
-              ("es-gptq", ["quantize", str(CACHE / "genai-gptq-fp32"), "--mode", "int4", "--method", "gguf"])]
+              ("es-gptq", ["quantize", str(CACHE / "genai-gptq-fp32"), "--mode", "int4", "--method", "gguf"]),
+              ("es-gptq-h8", ["quantize", str(CACHE / "genai-gptq-fp32"), "--mode", "int4", "--method", "gguf",
+                              "--no-lm-head"]),
+              ("es-gptq-head4", ["quantize", str(CACHE / "es-gptq-h8"), "--mode", "int4", "--method", "rtn",
+                                 "--symmetric"])]
     for key, args in steps:
         out = GPTQ_GGUF.parent if key == "gptq" else CACHE / key
         if key == "gptq" or not out.exists():
             _edgesmith(*args, "-o", str(out))
     paths["gguf-q4_0"] = next((CACHE / "gguf-q4_0").glob("*.gguf"))
-    paths["es-q41"], paths["es-gptq"] = CACHE / "es-q41", CACHE / "es-gptq"
+    paths.update({key: CACHE / key for key in ("es-q41", "es-gptq", "es-gptq-head4")})
     paths["es-gptq-unpacked"] = _unpacked(CACHE / "genai-gptq-fp32", CACHE / "es-gptq-unpacked")
     paths["builder-int4"] = _builder(paths["fp32"], CACHE / "builder-int4")
     return paths
@@ -235,6 +243,36 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+GOAL_DECODE, GOAL_BATCH4 = 1.2, 2.5
+
+
+def goal_lines(doc: dict[str, Any], quality: dict[str, dict], arts: dict[str, str], labels: dict[str, str]) -> list[str]:
+    """The issue's goals, read off the measurements: the best ONNX artifact's decode against llama.cpp's
+    Q4_0 at a KL no worse than that file's, its TTFT against the best peer's, batch 4 against batch 1."""
+    s = doc["summary"]
+    limit = quality.get(arts[BASELINE], {}).get("kld", float("inf"))
+    onnx = [k for k in s if k.startswith(("genai-", "es-")) and quality.get(arts[k], {}).get("kld", 1e9) <= limit]
+    if not onnx:
+        return ["Goals: no ONNX artifact was measured at a KL within llama.cpp Q4_0's."]
+    best = max(onnx, key=lambda k: s[k]["decode"][0])
+    ratio = s[best]["vs_baseline"] or [float("nan")] * 3
+    peers = [k for k in s if not k.startswith(("genai-", "es-"))]
+    ttft = {n: min(s[k][f"ttft{n}"][0] for k in peers) for n in (128, 512)}
+    met = "met" if ratio[0] >= GOAL_DECODE else "not met"
+    lines = [f"Goals. Decode ≥ {GOAL_DECODE}× llama.cpp Q4_0 at a KL ≤ its {limit:.3f}: **{met}** — best "
+             f"{labels[best]}, {ratio[0]:.2f}× [{ratio[1]:.2f}–{ratio[2]:.2f}] at KL "
+             f"{quality[arts[best]]['kld']:.3f}. TTFT no worse than the best peer ({ttft[128]:.0f} / {ttft[512]:.0f} ms "
+             f"at 128 / 512): {s[best]['ttft128'][0]:.0f} / {s[best]['ttft512'][0]:.0f} ms, **"
+             + ("met" if s[best]["ttft128"][0] <= ttft[128] and s[best]["ttft512"][0] <= ttft[512] else "not met") + "**."]
+    for key, rows in doc.get("batched", {}).items():
+        one = next(r["decode_tokens_per_s"] for r in rows if r["batch"] == 1)
+        four = next((r["decode_tokens_per_s"] for r in rows if r["batch"] == 4), None)
+        if four is not None:
+            lines.append(f"Batch 4 ≥ {GOAL_BATCH4}× batch 1, {labels[key]}: {four / one:.2f}×, "
+                         f"**{'met' if four / one >= GOAL_BATCH4 else 'not met'}**.")
+    return lines
+
+
 def render(doc: dict[str, Any]) -> str:
     s = doc["summary"]
     labels = {c[0]: c[1] for c in CONTENDERS}
@@ -252,6 +290,7 @@ def render(doc: dict[str, Any]) -> str:
                      + (f"{ratio[0]:.2f} [{ratio[1]:.2f}–{ratio[2]:.2f}]" if ratio else "–")
                      + f" | {row['ttft128'][0]:.0f} | {row['ttft512'][0]:.0f} | "
                      + (f"{q['kld']:.4f} | {q['top1']:.3f}" if q else "– | –") + f" | {row['rss_mb']:.0f} |")
+    lines += ["", *goal_lines(doc, quality_by_art, arts, labels)]
     lines += ["", "Decode tokens/s: median over rounds; × llama.cpp Q4_0: round-paired median ratio with its 95 % "
               "bootstrap interval. KL / top-1 against the FP32 source on 540 held-out tokens, in the artifact's own "
               "runtime (PyTorch FP32 is the source).", "", "## Batched (static batches of mixed-length prompts)", "",
