@@ -513,7 +513,7 @@ def test_cli_flags_that_do_not_fit_the_runtime_are_refused(capsys, token_model):
     code, _, err = _cli(capsys, "export", str(token_model.path), "--to", "tensorrt", "--shapes", "batch=4:2:1")
     assert code == 2 and "MIN <= OPT <= MAX" in err
     code, _, err = _cli(capsys, "export", str(token_model.path), "--to", "coreml")
-    assert code == 2 and "only 'onnx', 'gguf' and 'tensorrt'" in err
+    assert code == 2 and "only 'onnx', 'genai', 'gguf' and 'tensorrt'" in err
 
 
 def test_doctor_names_each_gpu_runtime_with_a_reason(capsys):

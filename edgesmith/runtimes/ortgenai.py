@@ -127,11 +127,11 @@ class OrtGenAIDecoderSession(DecoderSession):
         self.max_length = int(max_length or min(self.max_positions, DEFAULT_MAX_LENGTH))
         if self.max_length < 2:
             raise BadInput(f"max_length {self.max_length}: a generator needs room for at least two positions")
-        og_config = og.Config(str(self.folder))
-        if threads:
-            og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
         try:
+            og_config = og.Config(str(self.folder))
+            if threads:
+                og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                    "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
             self.model = og.Model(og_config)
         except Exception as exc:  # ORT GenAI raises RuntimeError for a folder it cannot load
             raise BadInput(f"{self.folder}: ORT GenAI cannot load it ({first_line(exc)[:300]}); re-export with "
