@@ -11,48 +11,10 @@ the load average at the start and at the end of the run.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-#: the instruction-set extensions that decide which kernels ONNX Runtime, PyTorch and llama.cpp run
-#: (x86: SSE → AVX-512 and AMX; Arm: NEON dot products, SVE, int8 matrix multiply), in this order
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
-             "asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16")
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def isa_flags(cpuinfo: str | None = None) -> list[str]:
-    """The ISA extensions of :data:`ISA_FLAGS` this CPU reports (``flags`` on x86, ``Features`` on Arm)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = CPUINFO.read_text(errors="replace")
-        except OSError:
-            return []
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            have = set(value.split())
-            return [f for f in ISA_FLAGS if f in have]
-    return []
-
-
-def isa_summary(flags: list[str]) -> str:
-    """A short name for the widest vector ISA: "AVX-512 (VNNI, BF16) + AMX", "AVX2", "NEON (dot)"..."""
-    have = set(flags)
-    if "avx512f" in have:
-        extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("avx512_fp16", "FP16"))
-                  if flag in have]
-        text = "AVX-512" + (f" ({', '.join(extras)})" if extras else "")
-        return text + (" + AMX" if "amx_tile" in have else "")
-    if "avx2" in have:
-        return "AVX2" + (" + AVX-VNNI" if "avx_vnni" in have else "")
-    if "avx" in have:
-        return "AVX"
-    if "asimd" in have:
-        extras = [name for flag, name in (("asimddp", "dot"), ("i8mm", "i8mm"), ("sve", "SVE")) if flag in have]
-        return "NEON" + (f" ({', '.join(extras)})" if extras else "")
-    return "unknown ISA"
+#: the ISA flags and their short name are the device agent's (the same record on a device over ssh)
+from edgesmith.profiling.agent import ISA_FLAGS, isa_flags, isa_summary  # noqa: F401 (re-exported)
 
 
 def load_average() -> list[float]:

@@ -95,15 +95,27 @@ def evaluate_command(
             reference_metrics["accuracy"] = evaluate(ref, ref, texts, labels)["accuracy"]
         reference_metrics = {k: v for k, v in reference_metrics.items() if v is not None}
     failures = check_gates(metrics, reference_metrics, gates) if gates else []
+    _report(candidate, ref, metrics, failures, as_json)
+
+
+def _report(candidate, ref, metrics: dict[str, float], failures: list[dict], as_json: bool,
+            runtime: str | None = None) -> None:
+    """The metrics as JSON or a table; exit 3 (GateFailed) when a gate failed."""
     if as_json:
-        print_json({"model": candidate.name, "reference": ref.name, "metrics": metrics, "gate_failures": failures})
+        print_json({"model": candidate.name, "reference": ref.name, **({"runtime": runtime} if runtime else {}),
+                    "metrics": metrics, "gate_failures": failures})
     else:
-        table = Table(title=f"{candidate.name} against {ref.name}")
+        table = Table(title=f"{candidate.name}{f' ({runtime})' if runtime else ''} against {ref.name}")
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in metrics.items():
             table.add_row(name, f"{value:.4f}")
         console.print(table)
+    _fail_on(failures)
+
+
+def _fail_on(failures: list[dict]) -> None:
+    """Exit 3 (GateFailed) naming every gate that failed."""
     if failures:
         raise GateFailed("; ".join(f"{f['metric']} {f['value']:.4f} vs {f['reference']:.4f} (limit {f['max_drop']})"
                                    for f in failures), failures)
@@ -132,19 +144,7 @@ def _evaluate_on_runtime(candidate, ref, runtime: str, threads: int | None, gate
     logits = session_logits(candidate, runtime=runtime, threads=threads)
     metrics = lm_fidelity(logits, ref, tokenizer=candidate.tokenizer or ref.tokenizer, threads=threads)
     failures = check_gates(metrics, {"perplexity": metrics["perplexity_reference"]}, gates) if gates else []
-    if as_json:
-        print_json({"model": candidate.name, "reference": ref.name, "runtime": runtime, "metrics": metrics,
-                    "gate_failures": failures})
-    else:
-        table = Table(title=f"{candidate.name} ({runtime}) against {ref.name}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name, value in metrics.items():
-            table.add_row(name, f"{value:.4f}")
-        console.print(table)
-    if failures:
-        raise GateFailed("; ".join(f"{f['metric']} {f['value']:.4f} vs {f['reference']:.4f} (limit {f['max_drop']})"
-                                   for f in failures), failures)
+    _report(candidate, ref, metrics, failures, as_json, runtime)
 
 
 def _evaluate_tasks(model: str, reference: str | None, tasks: str | None, gates: dict[str, float], *,
@@ -170,9 +170,7 @@ def _evaluate_tasks(model: str, reference: str | None, tasks: str | None, gates:
         print_json({**report.as_dict(), "metrics": metrics, "gate_failures": failures})
     else:
         _print_report(report)
-    if failures:
-        raise GateFailed("; ".join(f"{f['metric']} {f['value']:.4f} vs {f['reference']:.4f} (limit {f['max_drop']})"
-                                   for f in failures), failures)
+    _fail_on(failures)
 
 
 def _print_report(report) -> None:

@@ -43,6 +43,7 @@ from edgesmith.profiling.generation import (
     check_max_batch,
     generation_profile,
     is_decoder,
+    parse_counts,
     parse_prompt_tokens,
     progress_bar,
     token_rows,
@@ -65,22 +66,8 @@ def is_batch_list(value: Any) -> bool:
 
 def parse_batches(value: str | int | Sequence[int]) -> list[int]:
     """"1,2,4,8" (or a list) -> [1, 2, 4, 8]: positive, each once, in the order given."""
-    if isinstance(value, str):
-        try:
-            sizes = [int(p) for p in value.split(",") if p.strip()]
-        except ValueError:
-            raise BadInput(f"--batch '{value}': give batch sizes separated by commas, e.g. 1,2,4,8") from None
-    elif isinstance(value, int):
-        sizes = [value]
-    else:
-        sizes = [int(v) for v in value]
-    if not sizes:
-        raise BadInput("batch: give at least one batch size, e.g. 1,2,4,8")
-    if any(b < 1 for b in sizes):
-        raise BadInput(f"batch sizes {sizes}: every batch size must be at least 1")
-    if len(set(sizes)) != len(sizes):
-        raise BadInput(f"batch sizes {sizes}: a batch size is listed twice; list each once")
-    return sizes
+    return parse_counts(value, flag="--batch", name="batch sizes", noun="batch size", example="1,2,4,8",
+                        how="give batch sizes separated by commas")
 
 
 def mixed_lengths(center: int, batch: int, spread: float = DEFAULT_SPREAD) -> list[int]:

@@ -68,23 +68,33 @@ def is_decoder(artifact: Artifact) -> bool:
     return artifact.task == GENERATION_TASK
 
 
+def parse_counts(value: str | int | Sequence[int], *, flag: str, name: str, noun: str, example: str,
+                 how: str) -> list[int]:
+    """"1,2,4,8" (or one number, or a list) -> [1, 2, 4, 8]: positive, each once, in the order given;
+    one line naming ``flag`` / ``name`` otherwise (prompt lengths, batch sizes; ``how`` says how to
+    write them)."""
+    if isinstance(value, str):
+        try:
+            counts = [int(p) for p in value.split(",") if p.strip()]
+        except ValueError:
+            raise BadInput(f"{flag} '{value}': {how}, e.g. {example}") from None
+    elif isinstance(value, int):
+        counts = [value]
+    else:
+        counts = [int(v) for v in value]
+    if not counts:
+        raise BadInput(f"{name}: give at least one {noun}, e.g. {example}")
+    if any(n < 1 for n in counts):
+        raise BadInput(f"{name} {counts}: every {noun} must be at least 1")
+    if len(set(counts)) != len(counts):
+        raise BadInput(f"{name} {counts}: a {noun} is listed twice; list each once")
+    return counts
+
+
 def parse_prompt_tokens(value: str | Sequence[int]) -> list[int]:
     """"128,512" (or a list) -> [128, 512]: positive, distinct, in the order given."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        try:
-            lengths = [int(p) for p in parts]
-        except ValueError:
-            raise BadInput(f"--prompt-tokens '{value}': give comma-separated token counts, e.g. 128,512") from None
-    else:
-        lengths = [int(v) for v in value]
-    if not lengths:
-        raise BadInput("prompt tokens: give at least one prompt length, e.g. 128,512")
-    if any(n < 1 for n in lengths):
-        raise BadInput(f"prompt tokens {lengths}: every prompt length must be at least 1")
-    if len(set(lengths)) != len(lengths):
-        raise BadInput(f"prompt tokens {lengths}: a prompt length is listed twice; list each once")
-    return lengths
+    return parse_counts(value, flag="--prompt-tokens", name="prompt tokens", noun="prompt length", example="128,512",
+                        how="give comma-separated token counts")
 
 
 def check_generation_arguments(new_tokens: int, batch: int, warmup: int, rounds: int) -> None:

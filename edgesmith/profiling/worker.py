@@ -161,6 +161,29 @@ def _open_session(spec: dict[str, Any]):
     return runtime.load_decoder_at(Path(spec["path"]), threads=spec.get("threads"), **dict(spec.get("options") or {}))
 
 
+def _open_measured(spec: dict[str, Any]):
+    """The session, with this process's peak-RSS mark reset just before loading: (session, whether
+    the mark was reset, seconds to load)."""
+    was_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    session = _open_session(spec)
+    return session, was_reset, time.perf_counter() - t0
+
+
+def _session_facts(session) -> dict[str, Any]:
+    """What the session ran on and with (JSON-ready), read before it closes."""
+    options = {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
+               for k, v in dict(session.options or {}).items()}
+    return {"providers": list(session.providers), "options": options}
+
+
+def _process_facts(was_reset: bool, load_s: float) -> dict[str, Any]:
+    """Load time, and the worker's peak RSS once the session is closed."""
+    rss_mb, rss_source = peak_rss(was_reset)
+    return {"load_s": load_s, "peak_rss_mb": rss_mb, "pid": os.getpid(),
+            "rss_source": rss_source + ", in the profiling worker (the runtime's process, not edgesmith's)"}
+
+
 def _prompts(spec: dict[str, Any], vocab_size: int) -> dict[int, np.ndarray]:
     if spec.get("prompts") is not None:
         return {int(n): np.asarray(rows, dtype=np.int64) for n, rows in spec["prompts"].items()}
@@ -198,10 +221,7 @@ def measure(spec: dict[str, Any], on_round: Callable[[int], None] | None = None)
         return _measure_batches(spec, on_round)
     lengths = [int(n) for n in spec["lengths"]]
     new_tokens, warmup, rounds = int(spec["new_tokens"]), int(spec["warmup"]), int(spec["rounds"])
-    was_reset = reset_peak_rss()
-    t0 = time.perf_counter()
-    session = _open_session(spec)
-    load_s = time.perf_counter() - t0
+    session, was_reset, load_s = _open_measured(spec)
     try:
         from edgesmith.runtimes.decoder import check_context
 
@@ -220,15 +240,10 @@ def measure(spec: dict[str, Any], on_round: Callable[[int], None] | None = None)
             if on_round is not None:
                 on_round(i)
             point(f"profile-worker:round:{i}")
-        providers = list(session.providers)
-        options = {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
-                   for k, v in dict(session.options or {}).items()}
+        facts = _session_facts(session)
     finally:
         session.close()
-    rss_mb, rss_source = peak_rss(was_reset)
-    return {"ttft_ms": ttft, "decode_ms": decode_rounds, "load_s": load_s, "peak_rss_mb": rss_mb,
-            "rss_source": rss_source + ", in the profiling worker (the runtime's process, not edgesmith's)",
-            "providers": providers, "options": options, "pid": os.getpid()}
+    return {"ttft_ms": ttft, "decode_ms": decode_rounds, **facts, **_process_facts(was_reset, load_s)}
 
 
 def _batch_rows(spec: dict[str, Any], vocab_size: int) -> dict[int, list[list[int]]]:
@@ -253,10 +268,7 @@ def _measure_batches(spec: dict[str, Any], on_round: Callable[[int], None] | Non
 
     batches = [int(b) for b in spec["batches"]]
     new_tokens, warmup, rounds = int(spec["new_tokens"]), int(spec["warmup"]), int(spec["rounds"])
-    was_reset = reset_peak_rss()
-    t0 = time.perf_counter()
-    session = _open_session(spec)
-    load_s = time.perf_counter() - t0
+    session, was_reset, load_s = _open_measured(spec)
     try:
         rows = _batch_rows(spec, session.vocab_size)
         longest = max(len(r) for b in batches for r in rows[b])
@@ -281,20 +293,15 @@ def _measure_batches(spec: dict[str, Any], on_round: Callable[[int], None] | Non
                 if on_round is not None:
                     on_round(i)
             point(f"profile-worker:round:{i}")
-        providers = list(session.providers)
-        options = {k: (v if isinstance(v, str | int | float | bool) or v is None else str(v))
-                   for k, v in dict(session.options or {}).items()}
+        facts = _session_facts(session)
         loop = type(session).BATCHING
         if type(session).decode_rows is not DecoderSession.decode_rows and loop == DecoderSession.BATCHING:
             loop = f"{type(session).__name__}'s own batched loop"  # decode_rows overridden, BATCHING not said
     finally:
         session.close()
-    rss_mb, rss_source = peak_rss(was_reset)
     return {"loop": loop, "batches": {str(b): {"ttft_ms": ttft[str(b)], "decode_ms": decode[str(b)],
                                  "row_prompt_tokens": [len(r) for r in rows[b]]} for b in batches},
-            "load_s": load_s, "peak_rss_mb": rss_mb,
-            "rss_source": rss_source + ", in the profiling worker (the runtime's process, not edgesmith's)",
-            "providers": providers, "options": options, "pid": os.getpid()}
+            **facts, **_process_facts(was_reset, load_s)}
 
 
 def _emit(message: dict[str, Any]) -> None:

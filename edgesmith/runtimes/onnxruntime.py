@@ -12,14 +12,16 @@ from typing import Any
 import numpy as np
 
 from edgesmith.artifacts import Artifact, OnnxModel
-from edgesmith.errors import BadInput, first_line
+from edgesmith.errors import BadInput
 from edgesmith.runtimes.base import Availability, Runtime, Session, kind_session, register_runtime
 from edgesmith.runtimes.onnxruntime_decoder import OrtDecoderSession
 from edgesmith.runtimes.onnxruntime_options import (  # noqa: F401 (re-exported)
     GRAPH_OPTIMIZATION,
     PROVIDERS,
     installed_distributions,
+    open_session,
     session_options,
+    wanted_provider,
 )
 from edgesmith.tensorrt.ep import tensorrt_ep_options
 
@@ -35,12 +37,7 @@ class OrtSession(Session):
                  graph_optimization: str = "all", profile_file_prefix: str | None = None):
         import onnxruntime as ort
 
-        if provider not in PROVIDERS:
-            raise BadInput(f"unknown execution provider '{provider}'; use one of: {', '.join(PROVIDERS)}")
-        wanted = PROVIDERS[provider]
-        if wanted not in ort.get_available_providers():
-            raise BadInput(f"ONNX Runtime here has no {wanted} (installed: {', '.join(ort.get_available_providers())}); "
-                           "install onnxruntime-gpu (edgesmith[gpu]) for cuda/tensorrt")
+        wanted = wanted_provider(provider)
         so = session_options(threads=threads, graph_optimization=graph_optimization, enable_profiling=enable_profiling,
                              profile_prefix=profile_file_prefix)
         chain = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
@@ -51,14 +48,8 @@ class OrtSession(Session):
             providers_arg = [(wanted, provider_options)] + chain[1:]
         else:
             providers_arg = chain
-        try:
-            self.session = ort.InferenceSession(str(model.path), sess_options=so, providers=providers_arg)
-        except Exception as exc:  # ORT raises its own exception types for a bad graph
-            raise BadInput(f"{model.path}: ONNX Runtime cannot load it ({first_line(exc)[:300]})") from exc
+        self.session = open_session(model.path, so, providers_arg, wanted)
         self.providers = list(self.session.get_providers())
-        if self.providers[0] != wanted:
-            raise BadInput(f"ONNX Runtime fell back to {self.providers[0]} although {wanted} was asked for "
-                           "(CUDA/TensorRT libraries not loadable); fix the GPU install or use --provider cpu")
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.model = model
         self._ort = ort

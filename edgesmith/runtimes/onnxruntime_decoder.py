@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.artifacts import OnnxModel
-from edgesmith.errors import BadInput, first_line
+from edgesmith.errors import BadInput
 from edgesmith.runtimes.decoder import (
     LOGITS_TO_KEEP,
     RIGHT_PADDED,
@@ -25,7 +25,7 @@ from edgesmith.runtimes.decoder import (
     right_align,
 )
 from edgesmith.runtimes.mlas_check import check_asymmetric_int4
-from edgesmith.runtimes.onnxruntime_options import PROVIDERS, session_options
+from edgesmith.runtimes.onnxruntime_options import open_session, session_options, wanted_provider
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +72,13 @@ class OrtDecoderSession(DecoderSession):
         super().__init__()
         import onnxruntime as ort
 
-        if provider not in PROVIDERS:
-            raise BadInput(f"unknown execution provider '{provider}'; use one of: {', '.join(PROVIDERS)}")
-        wanted = PROVIDERS[provider]
-        if wanted not in ort.get_available_providers():
-            raise BadInput(f"ONNX Runtime here has no {wanted} (installed: {', '.join(ort.get_available_providers())}); "
-                           "install onnxruntime-gpu for cuda")
+        wanted = wanted_provider(provider)
         check_asymmetric_int4(model.path, provider=provider)
         so = session_options(threads=threads, graph_optimization=graph_optimization,
                              spinning="default" if allow_spinning else "off", enable_profiling=enable_profiling)
         chain = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(model.path), sess_options=so, providers=chain)
-        except Exception as exc:  # ORT raises its own exception types for a bad graph
-            raise BadInput(f"{model.path}: ONNX Runtime cannot load it ({first_line(exc)[:300]})") from exc
+        self.session = open_session(model.path, so, chain, wanted)
         self.providers = list(self.session.get_providers())
-        if self.providers[0] != wanted:
-            raise BadInput(f"ONNX Runtime fell back to {self.providers[0]} although {wanted} was asked for; "
-                           "fix the GPU install or use provider cpu")
         self._ort = ort
         self.model = model
         self.device = "cpu" if provider == "cpu" else "cuda"
@@ -149,20 +138,27 @@ class OrtDecoderSession(DecoderSession):
     def _value(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def _bind(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any], keep: int) -> list[Any]:
-        """Bind one run's inputs and outputs; returns the input OrtValues (kept alive over the run)."""
+    def _bind_tokens(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None, keep: int) -> list[Any]:
+        """Clear the binding and bind one run's token inputs (ids, mask, positions where the graph
+        takes them, logits_to_keep); returns their OrtValues (kept alive over the run)."""
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         alive = [self._value(ids), self._value(mask)]
         binding.bind_ortvalue_input("input_ids", alive[0])
         binding.bind_ortvalue_input("attention_mask", alive[1])
-        if self._has_positions:
+        if self._has_positions and positions is not None:
             alive.append(self._value(positions))
             binding.bind_ortvalue_input("position_ids", alive[-1])
         if self._has_keep:
             alive.append(self._value(np.array(keep, dtype=np.int64)))
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, alive[-1])
+        return alive
+
+    def _bind(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any], keep: int) -> list[Any]:
+        """Bind one run's inputs and outputs; returns the input OrtValues (kept alive over the run)."""
+        binding = self._binding
+        alive = self._bind_tokens(ids, mask, positions, keep)
         for name, value in zip(self._past_names, past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
@@ -217,14 +213,7 @@ class OrtDecoderSession(DecoderSession):
         elif total > self._capacity:
             self._allocate(ids.shape[0], total, keep_from=self._buffers)
         binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
-        alive = [self._value(ids), self._value(mask)]
-        binding.bind_ortvalue_input("input_ids", alive[0])
-        binding.bind_ortvalue_input("attention_mask", alive[1])
-        if self._has_keep:
-            alive.append(self._value(np.array(keep, dtype=np.int64)))
-            binding.bind_ortvalue_input(LOGITS_TO_KEEP, alive[-1])
+        alive = self._bind_tokens(ids, mask, None, keep)  # GroupQueryAttention takes positions from the mask
         for past, present, buffer in zip(self._past_names, self._present_names, self._buffers):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)

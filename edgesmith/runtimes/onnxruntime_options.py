@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from edgesmith.errors import BadInput
+from edgesmith.errors import BadInput, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -65,3 +65,33 @@ def session_options(*, threads: int | None = None, graph_optimization: str = "al
     elif spinning == "off":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
+
+
+def wanted_provider(provider: str) -> str:
+    """ONNX Runtime's name for ``provider`` (cpu, cuda, tensorrt); one line when it is unknown or
+    this ONNX Runtime does not have it."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise BadInput(f"unknown execution provider '{provider}'; use one of: {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise BadInput(f"ONNX Runtime here has no {wanted} (installed: {', '.join(ort.get_available_providers())}); "
+                       "install onnxruntime-gpu (edgesmith[gpu]) for cuda/tensorrt")
+    return wanted
+
+
+def open_session(path, so, providers: list, wanted: str):
+    """``InferenceSession`` on ``path``, proved to run on ``wanted`` (onnxruntime-gpu silently falls
+    back to the CPU when CUDA libraries are missing): one line when it cannot load or fell back."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types for a bad graph
+        raise BadInput(f"{path}: ONNX Runtime cannot load it ({first_line(exc)[:300]})") from exc
+    used = session.get_providers()[0]
+    if used != wanted:
+        raise BadInput(f"ONNX Runtime fell back to {used} although {wanted} was asked for "
+                       "(CUDA/TensorRT libraries not loadable); fix the GPU install or use --provider cpu")
+    return session
